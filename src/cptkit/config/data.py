@@ -1,0 +1,92 @@
+"""The `data` section: what `cptkit prepare` reads and how it chunks, splits and mixes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cptkit.config.fields import opt
+
+READABLE = "a folder of .txt/.md/.rst/.jsonl/.json/.parquet/.csv (optionally .gz/.zst), one such file, or a saved HF dataset"
+
+
+@dataclass
+class SourceConfig:
+    """One named input corpus."""
+
+    name: str = opt(help="short name of the source, used in the manifest and the held-out set's folder")
+    path: str = opt(help=READABLE)
+    weight: float = opt(1.0, "share of trained tokens this source should have (weights are normalised)")
+    role: Literal["domain", "general"] = opt(
+        "domain", "domain: what the model should learn; general: what it should not forget (eval reports both)"
+    )
+    text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/.csv rows and saved datasets")
+    heldout_fraction: float | None = opt(None, "overrides data.heldout_fraction for this source")
+
+    def check(self, path: str):
+        problems = []
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            problems.append((f"{path}.name", f"{self.name!r}: use letters, digits, '-' and '_' only"))
+        if not Path(self.path).exists():
+            problems.append((f"{path}.path", f"{self.path} does not exist (expected {READABLE})"))
+        if self.weight < 0:
+            problems.append((f"{path}.weight", f"{self.weight} is negative; use 0 to keep a source for held-out only"))
+        if self.heldout_fraction is not None and not 0 <= self.heldout_fraction < 1:
+            problems.append((f"{path}.heldout_fraction", f"{self.heldout_fraction} must be in [0, 1)"))
+        return problems
+
+
+@dataclass
+class FilterConfig:
+    """Document filters; every drop is counted by reason in the manifest."""
+
+    min_chars: int = opt(20, "drop documents shorter than this many characters after normalisation")
+    max_chars: int | None = opt(None, "drop documents longer than this many characters (none: keep all)")
+    min_words: int = opt(3, "drop documents with fewer whitespace-separated words")
+    max_non_text_fraction: float = opt(
+        0.3, "drop documents whose share of characters that are neither letters, digits, punctuation nor space exceeds this"
+    )
+
+
+@dataclass
+class DataConfig:
+    """`cptkit prepare`: raw corpora -> tokenized, chunked, mixed, packed dataset + held-out sets."""
+
+    tokenizer: str = opt(help="HF tokenizer: a local folder or a hub name")
+    sources: list[SourceConfig] = opt(help="input corpora, each {name, path, weight, role, text_field}")
+    output_dir: str | None = opt(None, "where the prepared dataset goes (default: RUN_DIR/data)")
+    seq_length: int = opt(2048, "tokens per training row")
+    chunking: Literal["packing", "chars", "tokens", "sentences"] = opt(
+        "packing",
+        "packing: whole documents packed best-fit (long ones split, never truncated); chars: the seed's "
+        "fixed character chunks; tokens: fixed token windows; sentences: sentence/paragraph chunks up to a token budget",
+    )
+    chunk_chars: int = opt(512, "characters per chunk for chunking=chars (the seed's 512)")
+    chunk_tokens: int | None = opt(None, "token budget per chunk for chunking=tokens/sentences (default: seq_length)")
+    heldout_fraction: float = opt(0.02, "share of each source's documents held out for evaluation")
+    heldout_max_documents: int | None = opt(2000, "cap on held-out documents per source (none: no cap)")
+    dedup: Literal["exact", "none"] = opt("exact", "exact: drop documents identical after normalisation")
+    filters: FilterConfig = opt(factory=FilterConfig, help="document filters")
+    seed: int = opt(1234, "seed for the held-out split and the mix")
+    num_proc: int | None = opt(None, "tokenizer processes (default: all cores)")
+    trust_remote_code: bool = opt(False, "allow tokenizers with custom code")
+
+    def check(self, path: str):
+        problems = []
+        if not self.sources:
+            problems.append((f"{path}.sources", "at least one source is needed, e.g. - {name: domain, path: corpus/}"))
+        names = [s.name for s in self.sources]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append((f"{path}.sources", f"source name {dup!r} is used twice; names must be unique"))
+        if self.sources and sum(s.weight for s in self.sources) <= 0:
+            problems.append((f"{path}.sources", "all weights are 0: give at least one source a positive weight"))
+        if self.seq_length < 8:
+            problems.append((f"{path}.seq_length", f"{self.seq_length} is too small (at least 8)"))
+        if not 0 <= self.heldout_fraction < 1:
+            problems.append((f"{path}.heldout_fraction", f"{self.heldout_fraction} must be in [0, 1)"))
+        if self.chunk_chars < 1:
+            problems.append((f"{path}.chunk_chars", "must be positive"))
+        if self.chunk_tokens is not None and not 1 <= self.chunk_tokens <= self.seq_length:
+            problems.append((f"{path}.chunk_tokens", f"must be between 1 and seq_length ({self.seq_length})"))
+        return problems

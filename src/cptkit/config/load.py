@@ -1,0 +1,254 @@
+"""Load a YAML config into typed dataclasses, with every problem reported at once.
+
+Each problem names its YAML path (and line, where the file gives one) and what to do. Unknown keys
+suggest the nearest known key. Overrides `section.key=value` (values parsed as YAML, list items as
+`data.sources[1].weight=0.5`) are applied before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from cptkit.errors import ConfigError
+
+_OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][\w.\[\]-]*)=(?P<value>.*)$", re.S)
+_PART = re.compile(r"([A-Za-z_][\w-]*)|\[(\d+)\]")
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """Parse a YAML file, returning the data and a map from YAML path to 1-based line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"], source=str(path))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], source=str(path)) from None
+    lines: dict[str, int] = {}
+    if node is None:
+        return {}, lines
+    _collect_lines(node, "", lines)
+    return yaml.safe_load(text) or {}, lines
+
+
+def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    lines[prefix] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            _collect_lines(value_node, key, lines)
+            lines[key] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _collect_lines(item, f"{prefix}[{i}]", lines)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
+    """Apply `a.b[0].c=value` overrides in place; returns problems instead of raising."""
+    problems = []
+    for override in overrides:
+        match = _OVERRIDE.match(override)
+        if not match:
+            problems.append(f"override {override!r}: expected KEY.PATH=VALUE, e.g. train.hf.learning_rate=1e-4")
+            continue
+        parts = [(name, int(index) if index else None) for name, index in _PART.findall(match["key"])]
+        try:
+            value = yaml.safe_load(match["value"]) if match["value"] != "" else ""
+        except yaml.YAMLError:
+            value = match["value"]
+        node: Any = data
+        for i, (name, index) in enumerate(parts):
+            last = i == len(parts) - 1
+            if name:
+                if not isinstance(node, dict):
+                    problems.append(f"override {override!r}: {name} is not inside a mapping")
+                    break
+                if last:
+                    node[name] = value
+                else:
+                    node = node.setdefault(name, {} if parts[i + 1][0] else [])
+            else:
+                if not isinstance(node, list) or index >= len(node):
+                    problems.append(f"override {override!r}: index [{index}] does not exist")
+                    break
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+    return problems
+
+
+class _Builder:
+    """Turns plain YAML data into dataclass instances, collecting problems with their paths."""
+
+    def __init__(self, lines: dict[str, int]):
+        self.lines = lines
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        line = self.lines.get(path)
+        where = f"{path} (line {line})" if line else path
+        self.problems.append(f"{where}: {message}")
+
+    def build(self, tp: Any, value: Any, path: str) -> Any:
+        origin = get_origin(tp)
+        if tp is Any:
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.build_dataclass(tp, value, path)
+        if origin in (Union, types.UnionType):
+            options = get_args(tp)
+            if value is None and type(None) in options:
+                return None
+            non_none = [o for o in options if o is not type(None)]
+            for option in non_none:
+                trial = _Builder(self.lines)
+                result = trial.build(option, value, path)
+                if not trial.problems:
+                    return result
+            if len(non_none) == 1:
+                return self.build(non_none[0], value, path)
+            self.problem(path, f"expected {_describe(tp)}, got {value!r}")
+            return value
+        if origin is Literal:
+            choices = get_args(tp)
+            if value not in choices:
+                hint = _nearest(str(value), [str(c) for c in choices])
+                self.problem(path, f"{value!r} is not one of {', '.join(map(str, choices))}{hint}")
+            return value
+        if origin is list:
+            (item_tp,) = get_args(tp) or (Any,)
+            if not isinstance(value, list):
+                self.problem(path, f"expected a list, got {type(value).__name__} {value!r}")
+                return []
+            return [self.build(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                self.problem(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+                return {}
+            return dict(value)
+        if tp is bool:
+            if not isinstance(value, bool):
+                self.problem(path, f"expected true or false, got {value!r}")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.problem(path, f"expected an integer, got {value!r}")
+            return value
+        if tp is float:
+            if isinstance(value, bool):
+                self.problem(path, f"expected a number, got {value!r}")
+                return value
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            self.problem(path, f"expected a number, got {value!r}")
+            return value
+        if tp is str:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            if not isinstance(value, str):
+                self.problem(path, f"expected a string, got {value!r}")
+            return value
+        return value
+
+    def build_dataclass(self, cls: type, value: Any, path: str) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.problem(path or "(top level)", f"expected a mapping of {cls.__name__} fields, got {value!r}")
+            value = {}
+        hints = get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        for key in value:
+            if key not in fields:
+                hint = _nearest(str(key), list(fields))
+                known = "" if hint else f" (known keys: {', '.join(fields)})"
+                self.problem(_join(path, key), f"unknown key{hint}{known}")
+        kwargs = {}
+        for name, f in fields.items():
+            sub = _join(path, name)
+            if name in value:
+                kwargs[name] = self.build(hints[name], value[name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.problem(sub, f"required: {f.metadata.get('help', 'missing')}")
+        try:
+            obj = cls(**kwargs)
+        except TypeError as e:
+            self.problem(path or "(top level)", str(e))
+            return None
+        return obj
+
+    def check(self, obj: Any, path: str) -> None:
+        """Run each dataclass's own `check(path)` (cross-field and filesystem checks), depth first."""
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                self.check(getattr(obj, f.name), _join(path, f.name))
+            checker = getattr(obj, "check", None)
+            if callable(checker):
+                for sub, message in checker(path) or []:
+                    self.problem(sub, message)
+        elif isinstance(obj, list):
+            for i, item in enumerate(obj):
+                self.check(item, f"{path}[{i}]")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _nearest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(tp: Any) -> str:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
+
+
+T = typing.TypeVar("T")
+
+
+def build_config(cls: type[T], data: dict, lines: dict[str, int] | None = None, source: str = "config") -> T:
+    """Build and check a config dataclass from plain data; raise ConfigError listing every problem."""
+    builder = _Builder(lines or {})
+    obj = builder.build_dataclass(cls, data, "")
+    if not builder.problems:
+        builder.check(obj, "")
+    if builder.problems:
+        raise ConfigError(builder.problems, source=source)
+    return obj
+
+
+def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read `path`, apply overrides, and build `cls`; every problem is reported at once."""
+    data, lines = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError([f"expected a mapping of sections at the top level, got {type(data).__name__}"], str(path))
+    problems = apply_overrides(data, overrides or [])
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return build_config(cls, data, lines, source=str(path))
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass config as plain YAML-ready data."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)

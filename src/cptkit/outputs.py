@@ -1,0 +1,47 @@
+"""What every output folder records about how it was made: the resolved config and the versions."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cptkit import __version__
+from cptkit.config import dump_yaml
+
+_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "peft", "accelerate", "trl", "bitsandbytes",
+             "liger-kernel", "deepspeed")
+
+
+def versions() -> dict[str, str]:
+    found = {"cptkit": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_config(folder: str | Path, config: Any) -> None:
+    """Write the resolved config (`config.yaml`) into an output folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
