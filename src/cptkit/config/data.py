@@ -19,9 +19,12 @@ class SourceConfig:
     path: str = opt(help=READABLE)
     weight: float = opt(1.0, "share of trained tokens this source should have (weights are normalised)")
     role: Literal["domain", "general"] = opt(
-        "domain", "domain: what the model should learn; general: what it should not forget (eval reports both)"
+        "domain",
+        "domain: what the model should learn; general: what it should not forget (eval reports both)",
     )
-    text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/.csv rows and saved datasets")
+    text_field: str = opt(
+        "text", "field holding the text in .jsonl/.json/.parquet/.csv rows and saved datasets"
+    )
     heldout_fraction: float | None = opt(None, "overrides data.heldout_fraction for this source")
 
     def check(self, path: str):
@@ -31,7 +34,9 @@ class SourceConfig:
         if not Path(self.path).exists():
             problems.append((f"{path}.path", f"{self.path} does not exist (expected {READABLE})"))
         if self.weight < 0:
-            problems.append((f"{path}.weight", f"{self.weight} is negative; use 0 to keep a source for held-out only"))
+            problems.append(
+                (f"{path}.weight", f"{self.weight} is negative; use 0 to keep a source for held-out only")
+            )
         if self.heldout_fraction is not None and not 0 <= self.heldout_fraction < 1:
             problems.append((f"{path}.heldout_fraction", f"{self.heldout_fraction} must be in [0, 1)"))
         return problems
@@ -45,7 +50,8 @@ class FilterConfig:
     max_chars: int | None = opt(None, "drop documents longer than this many characters (none: keep all)")
     min_words: int = opt(3, "drop documents with fewer whitespace-separated words")
     max_non_text_fraction: float = opt(
-        0.3, "drop documents whose share of characters that are neither letters, digits, punctuation nor space exceeds this"
+        0.3,
+        "drop documents whose share of characters that are neither letters, digits, punctuation nor space exceeds this",
     )
 
 
@@ -63,10 +69,20 @@ class DataConfig:
         "fixed character chunks; tokens: fixed token windows; sentences: sentence/paragraph chunks up to a token budget",
     )
     chunk_chars: int = opt(512, "characters per chunk for chunking=chars (the seed's 512)")
-    chunk_tokens: int | None = opt(None, "token budget per chunk for chunking=tokens/sentences (default: seq_length)")
+    chunk_tokens: int | None = opt(
+        None, "token budget per chunk for chunking=tokens/sentences (default: seq_length)"
+    )
     heldout_fraction: float = opt(0.02, "share of each source's documents held out for evaluation")
     heldout_max_documents: int | None = opt(2000, "cap on held-out documents per source (none: no cap)")
-    dedup: Literal["exact", "none"] = opt("exact", "exact: drop documents identical after normalisation")
+    mix: Literal["downsample", "upsample"] = opt(
+        "downsample",
+        "how weights are met: downsample keeps every token of the source that binds the ratio and drops whole "
+        "segments of the others (nothing repeated); upsample keeps every token of every source and repeats "
+        "whole segments of the others (nothing dropped)",
+    )
+    dedup: Literal["exact", "none"] = opt(
+        "exact", "exact: drop documents identical after normalisation (across all sources, first one kept)"
+    )
     filters: FilterConfig = opt(factory=FilterConfig, help="document filters")
     seed: int = opt(1234, "seed for the held-out split and the mix")
     num_proc: int | None = opt(None, "tokenizer processes (default: all cores)")
@@ -75,12 +91,16 @@ class DataConfig:
     def check(self, path: str):
         problems = []
         if not self.sources:
-            problems.append((f"{path}.sources", "at least one source is needed, e.g. - {name: domain, path: corpus/}"))
+            problems.append(
+                (f"{path}.sources", "at least one source is needed, e.g. - {name: domain, path: corpus/}")
+            )
         names = [s.name for s in self.sources]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append((f"{path}.sources", f"source name {dup!r} is used twice; names must be unique"))
         if self.sources and sum(s.weight for s in self.sources) <= 0:
-            problems.append((f"{path}.sources", "all weights are 0: give at least one source a positive weight"))
+            problems.append(
+                (f"{path}.sources", "all weights are 0: give at least one source a positive weight")
+            )
         if self.seq_length < 8:
             problems.append((f"{path}.seq_length", f"{self.seq_length} is too small (at least 8)"))
         if not 0 <= self.heldout_fraction < 1:

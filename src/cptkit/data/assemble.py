@@ -1,0 +1,156 @@
+"""From cached, tokenized documents to training rows: dedup -> held-out split -> chunk -> mix -> pack.
+
+Everything here works on ids already on disk (memory-mapped Arrow), so changing `seq_length`,
+`chunking` between token strategies, the weights or the held-out split costs seconds, not a
+re-tokenization.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cptkit.config.data import DataConfig, SourceConfig
+from cptkit.data.chunk import segments
+from cptkit.data.dedup import Deduper
+from cptkit.data.mix import sample, sampling_factors
+from cptkit.data.pack import best_fit_pack
+from cptkit.data.split import heldout_mask
+from cptkit.data.tokenize import Encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeldOut:
+    """One source's held-out documents: text, whole-document ids, UTF-8 sizes."""
+
+    texts: list[str]
+    ids: list[np.ndarray]
+    num_bytes: list[int]
+
+
+@dataclass
+class Rows:
+    """Packed training rows as flat arrays: row r is values[offsets[r]:offsets[r+1]]."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    offsets: np.ndarray
+
+
+@dataclass
+class Assembled:
+    rows: Rows
+    heldout: dict[str, HeldOut]
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(all values, per-row lengths) of a list<int32> column."""
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
+    flat = np.concatenate(values).astype(np.int32, copy=False) if values else np.empty(0, np.int32)
+    return flat, lengths
+
+
+def _starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray] | None:
+    if column.null_count == len(column):
+        return None
+    flat, lengths = _flat(column)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [flat[bounds[d] : bounds[d + 1]] for d in docs]
+
+
+def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> Assembled:
+    """Dedup across sources, split held-out documents, chunk, mix by weight and pack best-fit."""
+    deduper = Deduper(cfg.dedup == "exact")
+    rng = np.random.default_rng(cfg.seed)
+    by_name: dict[str, SourceConfig] = {s.name: s for s in cfg.sources}
+    flats, seg_starts, seg_lens, stats, heldout = [], {}, {}, {}, {}
+    base = 0
+    for name, table in tables.items():
+        src = by_name[name]
+        hashes = table.column("hash").to_pylist()
+        keep = deduper.keep_mask(hashes)
+        kept = np.flatnonzero(keep)
+        fraction = cfg.heldout_fraction if src.heldout_fraction is None else src.heldout_fraction
+        held = kept[heldout_mask([hashes[i] for i in kept], fraction, cfg.heldout_max_documents, cfg.seed)]
+        train = np.setdiff1d(kept, held, assume_unique=True)
+        flat, lengths = _flat(table.column("input_ids"))
+        doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        heldout[name] = _heldout(table, held, flat, doc_start, lengths, cfg, encoder)
+        doc, off, length = segments(
+            lengths[train],
+            _starts(table.column("starts"), train),
+            cfg.chunking,
+            cfg.seq_length,
+            cfg.chunk_tokens,
+        )
+        seg_starts[name] = base + doc_start[train][doc] + off
+        seg_lens[name] = length
+        flats.append(flat)
+        base += len(flat)
+        chars = table.column("num_chars").to_numpy()
+        stats[name] = {
+            "documents": int(len(kept)),
+            "characters": int(chars[kept].sum()),
+            "tokens": int(lengths[kept].sum()),
+            "duplicates": int(len(hashes) - len(kept)),
+            "heldout_documents": int(len(held)),
+            "heldout_tokens": int(sum(len(a) for a in heldout[name].ids)),
+            "train_documents": int(len(train)),
+            "train_tokens": int(length.sum()),
+            "segments": int(len(length)),
+        }
+    factors = sampling_factors(
+        {n: stats[n]["train_tokens"] for n in tables}, {n: by_name[n].weight for n in tables}, cfg.mix
+    )
+    picked_starts, picked_lens = [], []
+    for name in tables:
+        picked = sample(seg_lens[name], factors[name], rng)
+        picked_starts.append(seg_starts[name][picked])
+        picked_lens.append(seg_lens[name][picked])
+        stats[name]["sampling_factor"] = round(factors[name], 6)
+        stats[name]["mixed_tokens"] = int(seg_lens[name][picked].sum())
+        stats[name]["mixed_segments"] = int(len(picked))
+    total = sum(s["mixed_tokens"] for s in stats.values()) or 1
+    for s in stats.values():
+        s["mixed_share"] = round(s["mixed_tokens"] / total, 6)
+    flat_all = np.concatenate(flats) if flats else np.empty(0, np.int32)
+    rows = _pack(flat_all, np.concatenate(picked_starts), np.concatenate(picked_lens), cfg.seq_length, rng)
+    return Assembled(rows=rows, heldout=heldout, stats=stats)
+
+
+def _heldout(table, held, flat, doc_start, lengths, cfg: DataConfig, encoder: Encoder) -> HeldOut:
+    texts = table.column("text").take(pa.array(held, pa.int64())).to_pylist() if len(held) else []
+    num_bytes = table.column("num_bytes").to_numpy()[held].tolist()
+    if cfg.chunking == "chars":  # cached ids are per character chunk: evaluate on whole documents
+        ids = encoder.encode(texts) if texts else []
+    else:
+        ids = [flat[doc_start[d] : doc_start[d] + lengths[d]] for d in held]
+    return HeldOut(texts=texts, ids=ids, num_bytes=num_bytes)
+
+
+def _pack(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, seq_length: int, rng) -> Rows:
+    """Pack segments best-fit into rows, shuffle the rows, and gather their ids and position ids."""
+    rows = best_fit_pack(lens.tolist(), seq_length)
+    order_rows = rng.permutation(len(rows))
+    seg_order = np.fromiter((i for r in order_rows for i in rows[r]), dtype=np.int64, count=len(lens))
+    per_row = np.fromiter((len(rows[r]) for r in order_rows), dtype=np.int64, count=len(rows))
+    seg_len = lens[seg_order].astype(np.int64)
+    seg_src = starts[seg_order].astype(np.int64)
+    out_start = np.cumsum(seg_len) - seg_len
+    positions = np.arange(int(seg_len.sum()), dtype=np.int64) - np.repeat(out_start, seg_len)
+    input_ids = flat[np.repeat(seg_src, seg_len) + positions]
+    seg_bounds = np.concatenate([[0], np.cumsum(per_row)])
+    token_bounds = np.concatenate([[0], np.cumsum(seg_len)])
+    offsets = token_bounds[seg_bounds]
+    return Rows(
+        input_ids=input_ids.astype(np.int32), position_ids=positions.astype(np.int32), offsets=offsets
+    )

@@ -1,0 +1,54 @@
+"""Content hashes of input files, computed as streams and remembered by (size, mtime).
+
+The manifest records each input's sha256; the tokenization cache is keyed on them, so a rerun on
+unchanged inputs must not re-read hundreds of GB just to learn that nothing changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+_BLOCK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashCache:
+    """sha256 of files, reused while a file's size and modification time are unchanged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.entries: dict[str, list] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        key = os.path.realpath(file)
+        entry = self.entries.get(key)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        digest = sha256_file(file)
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        return digest
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def digest(*parts: object) -> str:
+    """A short stable hash of JSON-serialisable parts (cache keys, run fingerprints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
