@@ -72,7 +72,7 @@ class Shard:
 class ShardStats:
     """What reading a shard found: documents read and kept, characters, tokens, and the ledger."""
 
-    read: int = 0
+    read: int = 0  # documents (files or rows) found, including those dropped
     kept: int = 0
     characters: int = 0
     tokens: int = 0
@@ -241,6 +241,7 @@ def tokenize_shard(
             if n:
                 writer.write_batch(_record_batch(result, n))
     tmp.replace(target)
+    stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
     tmp_stats = shard.stats_path(cache_dir).with_suffix(".json.tmp")
     tmp_stats.write_text(json.dumps(stats.to_dict()), encoding="utf-8")
     tmp_stats.replace(shard.stats_path(cache_dir))

@@ -1,0 +1,339 @@
+"""`cptkit prepare` end to end on small corpora: token accounting, position ids, mixing, caching,
+resume, bad input, and the CLI (prepare + inspect)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from io import StringIO
+
+import numpy as np
+import pytest
+import yaml
+
+from cptkit.cli import main as cli
+from cptkit.commands import prepare
+from cptkit.config import Config, build_config
+from cptkit.config.data import FilterConfig
+from cptkit.data.filters import build_filters, first_reason
+from cptkit.data.manifest import read_manifest
+from cptkit.data.normalize import normalize
+from cptkit.data.tokenize import Encoder
+from cptkit.errors import CptkitError
+from cptkit.testing.tiny import sample_texts
+
+
+@pytest.fixture(scope="module")
+def paragraphs() -> list[str]:
+    """Unique real paragraphs that pass the default filters unchanged by normalisation."""
+    filters = build_filters(FilterConfig())
+    seen, out = set(), []
+    for text in sample_texts():
+        for p in text.split("\n\n"):
+            p = normalize(p)
+            if 60 <= len(p) and p not in seen and first_reason(p, filters) is None:
+                seen.add(p)
+                out.append(p)
+    return out
+
+
+def write_jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def config(tmp_path, tokenizer_dir, sources, **data) -> Config:
+    d = {"tokenizer": str(tokenizer_dir), "seq_length": 64, "num_proc": 1, "sources": sources}
+    d.update(data)
+    return build_config(Config, {"run_dir": str(tmp_path / "run"), "data": d})
+
+
+def train_rows(out):
+    import datasets
+
+    ds = datasets.load_from_disk(str(out / "train"))
+    return ds["input_ids"], ds["position_ids"]
+
+
+def row_segments(out) -> list[tuple[int, ...]]:
+    """Each row cut where position_ids restart at 0; checks the positions count up inside a segment."""
+    segs = []
+    for ids, pos in zip(*train_rows(out), strict=True):
+        assert pos[0] == 0
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in zip(starts, starts[1:], strict=False):
+            assert pos[a:b] == list(range(b - a))
+            segs.append(tuple(ids[a:b]))
+    return segs
+
+
+def heldout(out, name):
+    import datasets
+
+    return datasets.load_from_disk(str(out / "heldout" / name))
+
+
+def doc_ids(tok, text):
+    return tok(text)["input_ids"] + [tok.eos_token_id]
+
+
+def windows(ids, size):
+    return [tuple(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+@pytest.mark.parametrize("chunking", ["packing", "tokens", "sentences", "chars"])
+def test_every_token_of_every_kept_document_once(
+    tmp_path, tiny_tokenizer_dir, tiny_tokenizer, paragraphs, chunking
+):
+    texts = paragraphs[:150]
+    write_jsonl(tmp_path / "c" / "a.jsonl", texts[:100])
+    for i, t in enumerate(texts[100:]):
+        (tmp_path / "c" / "docs" / f"{i}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / "docs" / f"{i}.txt").write_text(t, encoding="utf-8")
+    cfg = config(
+        tmp_path,
+        tiny_tokenizer_dir,
+        [{"name": "med", "path": str(tmp_path / "c")}],
+        chunking=chunking,
+        chunk_tokens=32,
+        chunk_chars=100,
+        heldout_fraction=0.1,
+    )
+    m = prepare.run(cfg)
+    out = cfg.stage_dir("prepare")
+    s = m["sources"]["med"]
+    assert s["documents"] == len(texts) and s["drops"] == {} and s["duplicates"] == 0
+    held = heldout(out, "med")
+    assert 0 < len(held) == s["heldout_documents"] < len(texts)
+    for text, ids in zip(held["text"], held["input_ids"], strict=True):
+        assert ids == doc_ids(tiny_tokenizer, text)  # BOS as the tokenizer adds it, EOS at the end
+    train_texts = [t for t in texts if t not in set(held["text"])]
+    if chunking == "chars":
+        expected = [
+            w
+            for t in train_texts
+            for i in range(0, len(t), 100)
+            for w in windows(doc_ids(tiny_tokenizer, t[i : i + 100]), 64)
+        ]
+    else:
+        assert s["train_tokens"] + s["heldout_tokens"] == s["tokens"]
+        whole = [doc_ids(tiny_tokenizer, t) for t in train_texts]
+        expected = [w for ids in whole for w in windows(ids, 64 if chunking == "packing" else 32)]
+    got = row_segments(out)
+    assert sum(map(len, got)) == s["train_tokens"] == m["totals"]["trained_tokens"]
+    if chunking == "sentences":  # grouping differs from fixed windows: compare the token multiset
+        assert Counter(t for seg in got for t in seg) == Counter(t for seg in expected for t in seg)
+        assert max(map(len, got)) <= 32
+    else:
+        assert Counter(got) == Counter(expected)
+    rows = train_rows(out)[0]
+    assert max(map(len, rows)) <= 64 and m["totals"]["rows"] == len(rows)
+    assert m["totals"]["padding_tokens"] == len(rows) * 64 - s["train_tokens"]
+
+
+@pytest.mark.parametrize("policy", ["downsample", "upsample"])
+def test_mix_ratio_within_one_percent(tmp_path, tiny_tokenizer_dir, paragraphs, policy):
+    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:300])
+    write_jsonl(tmp_path / "gen.jsonl", paragraphs[300:500])
+    cfg = config(
+        tmp_path,
+        tiny_tokenizer_dir,
+        [
+            {"name": "dom", "path": str(tmp_path / "dom.jsonl"), "weight": 0.7},
+            {"name": "gen", "path": str(tmp_path / "gen.jsonl"), "weight": 0.3, "role": "general"},
+        ],
+        mix=policy,
+        chunking="tokens",
+        chunk_tokens=16,
+    )
+    m = prepare.run(cfg)
+    src = m["sources"]
+    assert abs(src["dom"]["mixed_share"] - 0.7) < 0.01 and abs(src["gen"]["mixed_share"] - 0.3) < 0.01
+    assert src["dom"]["mixed_tokens"] + src["gen"]["mixed_tokens"] == m["totals"]["trained_tokens"]
+    factors = [src["dom"]["sampling_factor"], src["gen"]["sampling_factor"]]
+    assert (max(factors) if policy == "downsample" else min(factors)) == pytest.approx(1.0)
+    for s in src.values():
+        assert s["mixed_tokens"] == pytest.approx(s["train_tokens"] * s["sampling_factor"], rel=0.02)
+    assert m["heldout"]["gen"]["role"] == "general"
+
+
+def _forbid_tokenizing(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the tokenizer was called")
+
+    monkeypatch.setattr(Encoder, "encode", boom)
+    monkeypatch.setattr(prepare, "tokenize_shard", boom)
+
+
+def test_rerun_does_nothing_and_new_seq_length_does_not_retokenize(
+    tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch, caplog
+):
+    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:120])
+    write_jsonl(tmp_path / "gen.jsonl", paragraphs[120:200])
+    sources = [
+        {"name": "dom", "path": str(tmp_path / "dom.jsonl"), "weight": 0.5},
+        {"name": "gen", "path": str(tmp_path / "gen.jsonl"), "weight": 0.5},
+    ]
+    cfg = config(tmp_path, tiny_tokenizer_dir, sources)
+    first = prepare.run(cfg)
+    out = cfg.stage_dir("prepare")
+    arrow = sorted((out / "train").glob("*.arrow"))
+    before = [p.stat().st_mtime_ns for p in arrow]
+    _forbid_tokenizing(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        again = prepare.run(cfg)
+    assert again == first and [p.stat().st_mtime_ns for p in arrow] == before
+    assert "nothing to do" in caplog.text
+    sources[0]["weight"] = 0.7
+    longer = prepare.run(config(tmp_path, tiny_tokenizer_dir, sources, seq_length=128))
+    assert longer["seq_length"] == 128 and longer["fingerprint"] != first["fingerprint"]
+    assert max(map(len, train_rows(out)[0])) <= 128
+    assert longer["sources"]["dom"]["tokens"] == first["sources"]["dom"]["tokens"]
+
+
+def test_interrupted_run_resumes(tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch):
+    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:100])
+    write_jsonl(tmp_path / "gen.jsonl", paragraphs[100:180])
+    sources = [
+        {"name": "dom", "path": str(tmp_path / "dom.jsonl")},
+        {"name": "gen", "path": str(tmp_path / "gen.jsonl")},
+    ]
+    reference = prepare.run(config(tmp_path / "ref", tiny_tokenizer_dir, sources))
+    cfg = config(tmp_path, tiny_tokenizer_dir, sources)
+    real = prepare.tokenize_shard
+    calls = []
+
+    def killed_after_first(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[0].source)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "tokenize_shard", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.run(cfg)
+    out = cfg.stage_dir("prepare")
+    with pytest.raises(CptkitError):
+        read_manifest(out)
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].source)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "tokenize_shard", counting)
+    from cptkit.data import write
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(write, "write_heldout", crash)  # killed again, while writing
+    with pytest.raises(KeyboardInterrupt):
+        prepare.run(cfg)
+    assert calls == ["dom", "gen"]  # the first source came from the cache
+    monkeypatch.undo()
+    _forbid_tokenizing(monkeypatch)
+    resumed = prepare.run(cfg)
+    assert resumed["totals"] == reference["totals"] and resumed["sources"] == reference["sources"]
+    assert train_rows(out)[0] == train_rows(tmp_path / "ref" / "run" / "data")[0]
+
+
+def test_bad_input_is_counted_and_named(tmp_path, tiny_tokenizer_dir, paragraphs):
+    c = tmp_path / "mess"
+    (c / "deep" / "er").mkdir(parents=True)
+    import os
+
+    os.symlink(c, c / "deep" / "er" / "loop")
+    write_jsonl(c / "good.jsonl", paragraphs[:40])
+    (c / "rows.jsonl").write_bytes(b'{"text": broken\n{"body": "no text here"}\n')
+    (c / "empty.txt").write_text("", encoding="utf-8")
+    (c / "blank.md").write_text(" \n\t\n  \n", encoding="utf-8")
+    (c / "deep" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (c / "deep" / "latin1.txt").write_bytes(("Ein sch\u00f6ner Tag in der Stadt, " * 10).encode("latin-1"))
+    (c / "deep" / "er" / "one_line.txt").write_text("many words on one line " * 150_000, encoding="utf-8")
+    cfg = config(tmp_path, tiny_tokenizer_dir, [{"name": "mess", "path": str(c)}], num_proc=2, seq_length=512)
+    m = prepare.run(cfg)
+    s = m["sources"]["mess"]
+    assert s["drops"] == {"malformed_json": 1, "no_text_field": 1, "empty": 2, "binary_file": 1}
+    assert s["repairs"] == {"encoding_errors": 1}
+    assert s["examples"]["malformed_json"] == f"{c / 'rows.jsonl'}:1"
+    assert s["examples"]["no_text_field"] == f"{c / 'rows.jsonl'}:2"
+    assert s["examples"]["binary_file"] == str(c / "deep" / "image.txt")
+    assert "latin1.txt" in s["examples"]["encoding_errors"]
+    assert s["documents"] == 42 and s["read"] == 47
+    from rich.console import Console
+
+    from cptkit.data.summary import print_summary
+
+    buf = StringIO()
+    print_summary(m, Console(file=buf, width=200))
+    assert "binary_file (dropped)" in buf.getvalue() and "rows.jsonl:1" in buf.getvalue()
+
+
+def test_a_source_with_nothing_left_stops_with_a_clear_message(
+    tmp_path, tiny_tokenizer_dir, paragraphs, capsys
+):
+    write_jsonl(tmp_path / "ok.jsonl", paragraphs[:20])
+    write_jsonl(tmp_path / "short.jsonl", ["tiny", "too small"])
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {
+            "tokenizer": str(tiny_tokenizer_dir),
+            "num_proc": 1,
+            "sources": [
+                {"name": "ok", "path": str(tmp_path / "ok.jsonl")},
+                {"name": "short", "path": str(tmp_path / "short.jsonl")},
+            ],
+        },
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    assert cli(["prepare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.sources[1] (short): no documents left" in err and "too_short: 2" in err
+    assert "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    assert cli(["prepare", str(path), f"data.sources[1].path={tmp_path / 'empty'}"]) == 2
+    assert "holds no files" in capsys.readouterr().err
+
+
+def test_cli_prepare_and_inspect(tmp_path, tiny_tokenizer_dir, paragraphs, capsys):
+    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:60])
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {
+            "tokenizer": str(tiny_tokenizer_dir),
+            "seq_length": 128,
+            "num_proc": 1,
+            "sources": [{"name": "dom", "path": str(tmp_path / "dom.jsonl")}],
+        },
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    assert cli(["prepare", str(path), "data.chunking=sentences"]) == 0
+    out = tmp_path / "run" / "data"
+    assert (out / "config.yaml").is_file() and "sentences" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert cli(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "sources (chunking: sentences" in shown and "packing efficiency" in shown
+    assert cli(["inspect", str(out), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["status"] == "complete" and manifest["inputs"][0]["sha256"]
+    for key in (
+        "format_version",
+        "seq_length",
+        "chunking",
+        "train_dir",
+        "tokenizer",
+        "heldout",
+        "sources",
+        "totals",
+    ):
+        assert key in manifest
+    assert cli(["inspect", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cli(["prepare", str(path), "--force"]) == 0
+    rows = train_rows(out)[0]
+    assert np.mean([len(r) for r in rows]) > 64

@@ -1,0 +1,145 @@
+"""Readers: every supported format, and every kind of bad input counted with its file:line."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+
+import pytest
+
+from cptkit.data.document import Ledger
+from cptkit.data.readers import plan_source, read_documents, walk
+from cptkit.errors import CptkitError
+
+
+def _read(path, text_field="text"):
+    plan = plan_source(path, text_field, "data.sources[0]")
+    ledger = Ledger()
+    docs = list(read_documents(plan, plan.files, text_field, ledger))
+    return docs, ledger
+
+
+def test_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    (tmp_path / "a.txt").write_text("text file", encoding="utf-8")
+    (tmp_path / "b.md").write_text("# markdown", encoding="utf-8")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "gz row 1"}) + "\n\n" + json.dumps({"text": "gz row 2"}) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps([{"body": "x", "text": "array row"}]), encoding="utf-8")
+    with open(tmp_path / "e.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerow([1, "csv row,\nwith a newline"])
+    pq.write_table(pa.table({"text": ["parquet row"]}), tmp_path / "f.parquet")
+    (tmp_path / "g.rst.zst").write_bytes(zstandard.ZstdCompressor().compress(b"zst text"))
+    (tmp_path / "notes.bin").write_bytes(b"ignored")
+    docs, ledger = _read(tmp_path)
+    assert [d.text for d in docs] == [
+        "text file",
+        "# markdown",
+        "gz row 1",
+        "gz row 2",
+        "array row",
+        "csv row,\nwith a newline",
+        "parquet row",
+        "zst text",
+    ]
+    assert docs[3].where.endswith("c.jsonl.gz:3") and not ledger.drops
+
+
+def test_saved_dataset_and_datasetdict(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"content": ["one", None, "two"]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    docs, ledger = _read(tmp_path / "ds", text_field="content")
+    assert [d.text for d in docs] == ["one", "two"] and ledger.drops == {"no_text_field": 1}
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(CptkitError, match="without a 'train' split.*validation"):
+        plan_source(tmp_path / "dd", "content", "data.sources[0]")
+    with pytest.raises(CptkitError, match="'text' is not a column"):
+        plan_source(tmp_path / "ds", "text", "data.sources[0]")
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dt"))
+    assert len(_read(tmp_path / "dt", text_field="content")[0]) == 2
+
+
+def test_bad_rows_are_counted_with_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(
+        b'{"text": "good"}\n{not json\n{"other": 1}\n{"text": 5}\n[1, 2]\n{"text": "caf\xe9 latin-1"}\n'
+    )
+    docs, ledger = _read(path)
+    assert [d.text for d in docs] == ["good", "caf\ufffd latin-1"]
+    assert ledger.drops == {
+        "malformed_json": 1,
+        "no_text_field": 1,
+        "text_not_a_string": 1,
+        "row_not_an_object": 1,
+    }
+    assert ledger.examples["malformed_json"] == f"{path}:2"
+    assert ledger.examples["no_text_field"] == f"{path}:3"
+    assert ledger.repairs == {"encoding_errors": 1} and ledger.examples["encoding_errors"].startswith(
+        f"{path}:6"
+    )
+
+
+def test_binary_and_non_utf8_files(tmp_path):
+    (tmp_path / "blob.txt").write_bytes(b"\x89PNG\x00\x00\x01binary")
+    (tmp_path / "latin.txt").write_bytes("na\u00efve caf\u00e9".encode("latin-1"))
+    (tmp_path / "blob.jsonl").write_bytes(b"\x00\x01\x02" * 100)
+    docs, ledger = _read(tmp_path)
+    assert [d.text for d in docs] == ["na\ufffdve caf\ufffd"]
+    assert ledger.drops == {"binary_file": 2}
+    assert "latin.txt (2 undecodable bytes replaced)" in ledger.examples["encoding_errors"]
+
+
+def test_missing_text_field_in_csv_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.csv").write_text("id,body\n1,hello\n2,world\n", encoding="utf-8")
+    pq.write_table(pa.table({"body": ["x", "y", "z"]}), tmp_path / "b.parquet")
+    docs, ledger = _read(tmp_path)
+    assert docs == [] and ledger.drops == {"no_text_field": 5}
+    assert ledger.examples["no_text_field"] == f"{tmp_path / 'a.csv'}:2"
+
+
+def test_truncated_gzip_is_counted_not_raised(tmp_path):
+    data = gzip.compress(("\n".join(json.dumps({"text": f"row {i}"}) for i in range(2000))).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    docs, ledger = _read(tmp_path)
+    assert len(docs) > 0 and ledger.drops["unreadable_file"] == 1
+
+
+def test_symlink_loops_end(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "doc.txt").write_text("hello", encoding="utf-8")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")
+    os.symlink(tmp_path, tmp_path / "a" / "up")
+    os.symlink(tmp_path / "missing", tmp_path / "a" / "dangling.txt")
+    readable, ignored = walk(tmp_path)
+    assert [p.name for p in readable] == ["doc.txt"] and [p.name for p in ignored] == ["dangling.txt"]
+
+
+def test_empty_folder_and_unreadable_file_stop_before_work(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CptkitError, match="holds no files"):
+        plan_source(tmp_path / "empty", "text", "data.sources[0]")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.pdf").write_bytes(b"%PDF")
+    with pytest.raises(CptkitError, match="none readable"):
+        plan_source(tmp_path / "other", "text", "data.sources[0]")
+    with pytest.raises(CptkitError, match="unreadable extension"):
+        plan_source(tmp_path / "other" / "x.pdf", "text", "data.sources[0]")
+
+
+def test_one_line_file_of_many_megabytes_is_one_document(tmp_path):
+    line = "word " * ((3 << 20) // 5)  # 3 MB on one line
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": line}) + "\n", encoding="utf-8")
+    docs, _ = _read(tmp_path / "big.jsonl")
+    assert len(docs) == 1 and len(docs[0].text) == len(line)
