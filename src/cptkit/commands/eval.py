@@ -1,0 +1,143 @@
+"""`cptkit eval CONFIG.yaml`: loss, perplexity and bits-per-byte of models on the held-out sets, and the
+change against the base model (domain gain, general forgetting). Writes results.json and results.md."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cptkit.config import Config, load_config
+from cptkit.config.evaluate import EvalConfig, EvalModel
+from cptkit.errors import CptkitError
+from cptkit.eval.models import load_model, load_tokenizer, pick_device, pick_dtype
+from cptkit.eval.perplexity import score_documents, summarize
+from cptkit.eval.results import deltas, markdown, print_summary
+from cptkit.eval.sets import EvalSet, heldout_sets, text_set, token_docs
+from cptkit.outputs import now, versions, write_config, write_json
+
+log = logging.getLogger(__name__)
+
+
+def main(args) -> int:
+    run(load_config(Config, args.config, args.overrides))
+    return 0
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Score every model on every set; returns results.json's content."""
+    ec = cfg.eval or EvalConfig()
+    models = ec.models or default_models(cfg)
+    if not models:
+        raise CptkitError("eval.models: nothing to evaluate: list models, or set model.name_or_path")
+    sets, seq_length = _sets(cfg, ec)
+    device = pick_device(ec.device)
+    dtype = pick_dtype(device, cfg.model.dtype if cfg.model else "auto")
+    rows = []
+    for spec in models:
+        model = load_model(spec.path, device, dtype, adapter=spec.adapter, nf4=_nf4(spec))
+        tokenizer = load_tokenizer(spec.adapter or spec.path, fallback=spec.path)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for s in sets:
+            scores = score_documents(
+                model,
+                token_docs(s, tokenizer),
+                seq_length,
+                ec.batch_size,
+                pad,
+                desc=f"{spec.name} / {s.name}",
+            )
+            rows.append(
+                {
+                    "model": spec.name,
+                    "set": s.name,
+                    "role": s.role,
+                    **summarize(scores.total_nats, scores.total_tokens, s.total_bytes),
+                    "tokens": scores.total_tokens,
+                    "bytes": s.total_bytes,
+                    "documents": len(s.texts),
+                    "nats": scores.total_nats,
+                }
+            )
+        del model
+        gc.collect()
+    result = {
+        "results": rows,
+        "deltas": deltas(rows),
+        "seq_length": seq_length,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "models": [vars(m) for m in models],
+        "created": now(),
+        "versions": versions(),
+    }
+    out = cfg.stage_dir("eval")
+    write_config(out, cfg)
+    write_json(out / "results.json", result)
+    (out / "results.md").write_text(markdown(rows, result["deltas"]), encoding="utf-8")
+    print_summary(rows, result["deltas"])
+    log.info("eval results in %s", out)
+    return result
+
+
+def default_models(cfg: Config) -> list[EvalModel]:
+    """base; the trained adapter on the base (or the trained full model); the merged model if it exists."""
+    if cfg.model is None:
+        return []
+    base = cfg.model.name_or_path
+    models = [EvalModel(name="base", path=base)]
+    train = (
+        cfg.train.output_dir
+        if cfg.train and cfg.train.output_dir
+        else (Path(cfg.run_dir) / "train" if cfg.run_dir else None)
+    )
+    if train is not None and (Path(train) / "adapter_config.json").is_file():
+        models.append(EvalModel(name="adapted", path=base, adapter=str(train)))
+    elif train is not None and (Path(train) / "config.json").is_file():
+        models.append(EvalModel(name="adapted", path=str(train)))
+    else:
+        log.warning("no trained model in %s: evaluating without it", train)
+    merged = (
+        cfg.merge.output_dir
+        if cfg.merge and cfg.merge.output_dir
+        else (Path(cfg.run_dir) / "merged" if cfg.run_dir else None)
+    )
+    if merged is not None and (Path(merged) / "config.json").is_file():
+        models.append(EvalModel(name="merged", path=str(merged)))
+    return models
+
+
+def _sets(cfg: Config, ec: EvalConfig) -> tuple[list[EvalSet], int]:
+    from cptkit.data.manifest import read_manifest
+
+    dataset = ec.dataset or (str(cfg.stage_dir("prepare")) if (cfg.data is not None or cfg.run_dir) else None)
+    sets: list[EvalSet] = []
+    seq_length = ec.seq_length or (cfg.data.seq_length if cfg.data else None)
+    if dataset and (ec.dataset or Path(dataset).exists() or not ec.extra_texts):
+        sets += heldout_sets(dataset, ec.max_documents)
+        seq_length = seq_length or read_manifest(dataset).get("seq_length")
+    sets += [text_set(t.name, t.path, t.role, t.text_field, ec.max_documents) for t in ec.extra_texts]
+    if not sets:
+        raise CptkitError(
+            f"eval: no sets to evaluate: {dataset} has no held-out sets and eval.extra_texts is empty"
+        )
+    return sets, seq_length or 2048
+
+
+def _nf4(spec: EvalModel) -> dict[str, Any] | None:
+    """The NF4 settings when the adapter is evaluated on the 4-bit base it was trained on."""
+    if spec.adapter is None or spec.nf4_base is False:
+        return None
+    from cptkit.merge.adapter import training_mode
+
+    mode, quant = training_mode(spec.adapter)
+    if not (spec.nf4_base or mode == "qlora"):
+        return None
+    return {
+        "quant_type": quant.get("quant_type", "nf4"),
+        "double_quant": bool(quant.get("double_quant", True)),
+        "dtype": getattr(torch, str(quant.get("compute_dtype", "bfloat16"))),
+    }

@@ -1,0 +1,201 @@
+"""What a run folder says about itself: data (manifest), training (metrics.jsonl, run_meta.json), and
+evaluation (results.json), gathered into one dict (report.json) and a one-page report.md.
+
+Every part is optional: a report of a run that has not been trained yet still shows its data, and
+says which parts are missing and which command makes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def gather(run_dir: str | Path) -> dict[str, Any]:
+    """report.json's content: the numbers of each stage found under run_dir, and what is missing."""
+    run_dir = Path(run_dir)
+    report: dict[str, Any] = {"run_dir": str(run_dir), "missing": []}
+    manifest = run_dir / "data" / "manifest.json"
+    if manifest.is_file():
+        report["data"] = data_summary(json.loads(manifest.read_text(encoding="utf-8")))
+    else:
+        report["missing"].append(f"data: no {manifest} (run `cptkit prepare`)")
+    metrics = run_dir / "train" / "metrics.jsonl"
+    if metrics.is_file():
+        report["train"] = train_summary(metrics, run_dir / "train" / "run_meta.json")
+    else:
+        report["missing"].append(f"train: no {metrics} (run `cptkit train`)")
+    results = run_dir / "eval" / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text(encoding="utf-8"))
+        report["eval"] = {"results": data.get("results", []), "deltas": data.get("deltas", [])}
+    else:
+        report["missing"].append(f"eval: no {results} (run `cptkit eval`)")
+    merge = run_dir / "merged" / "merge_report.json"
+    if merge.is_file():
+        m = json.loads(merge.read_text(encoding="utf-8"))
+        report["merge"] = {
+            k: m.get(k) for k in ("kept", "why", "mode", "dtype", "comparison", "resources", "notes")
+        }
+    return report
+
+
+def data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    sources = {}
+    for name, s in (manifest.get("sources") or {}).items():
+        sources[name] = {
+            k: s.get(k)
+            for k in (
+                "role",
+                "weight",
+                "documents",
+                "tokens",
+                "train_tokens",
+                "mixed_tokens",
+                "heldout_documents",
+                "duplicates",
+            )
+        }
+        sources[name]["dropped"] = sum((s.get("drops") or {}).values())
+        sources[name]["drops"] = s.get("drops") or {}
+    mixed = sum(s.get("mixed_tokens") or 0 for s in sources.values())
+    for s in sources.values():
+        s["mix_share"] = (s.get("mixed_tokens") or 0) / mixed if mixed else None
+    return {
+        "sources": sources,
+        "totals": manifest.get("totals") or {},
+        "seq_length": manifest.get("seq_length"),
+        "chunking": manifest.get("chunking"),
+        "tokenizer": (manifest.get("tokenizer") or {}).get("name_or_path"),
+    }
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train lines, eval lines) of metrics.jsonl; a torn last line (a run still writing) is skipped."""
+    train, evals = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        (evals if row.get("type") == "eval" else train).append(row)
+    return train, evals
+
+
+def train_summary(metrics: Path, meta_path: Path) -> dict[str, Any]:
+    train, evals = read_metrics(metrics)
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+
+    def values(key: str) -> list[float]:
+        return [r[key] for r in train if isinstance(r.get(key), (int, float))]
+
+    tps, mem, mfu = values("tokens_per_second"), values("peak_memory_gb"), values("mfu")
+    heldout: dict[str, dict[str, Any]] = {}
+    for r in evals:
+        s = heldout.setdefault(r["set"], {"role": r.get("role"), "steps": [], "loss": []})
+        s["steps"].append(r["step"])
+        s["loss"].append(r["loss"])
+    return {
+        "steps": [r.get("step") for r in train],
+        "loss": [r.get("loss") for r in train],
+        "learning_rate": [r.get("learning_rate") for r in train],
+        "tokens_per_second": [r.get("tokens_per_second") for r in train],
+        "peak_memory_gb": [r.get("peak_memory_gb") for r in train],
+        "heldout": heldout,
+        "final_step": train[-1]["step"] if train else None,
+        "final_loss": train[-1].get("loss") if train else None,
+        "median_tokens_per_second": statistics.median(tps) if tps else None,
+        "max_peak_memory_gb": max(mem) if mem else None,
+        "median_mfu": statistics.median(mfu) if mfu else None,
+        "trained_tokens": train[-1].get("trained_tokens") if train else None,
+        "mode": meta.get("mode"),
+        "attention": meta.get("attention"),
+        "hardware": meta.get("hardware"),
+    }
+
+
+def _num(x: Any, fmt: str = ".4g") -> str:
+    return "-" if x is None else (format(x, fmt) if isinstance(x, (int, float)) else str(x))
+
+
+def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    """One page: the verdict first (gain, forgetting), then data, training, evaluation, with the plots."""
+    out = [f"# cptkit report: {report['run_dir']}", ""]
+    deltas = (report.get("eval") or {}).get("deltas") or []
+    if deltas:
+        out += ["## In one line per set", ""]
+        for d in deltas:
+            change = (
+                (d["perplexity_after"] / d["perplexity_before"] - 1) * 100 if d["perplexity_before"] else 0
+            )
+            word = (
+                ("gain" if d["loss_delta"] < 0 else "no gain")
+                if d["role"] == "domain"
+                else ("forgetting" if d["loss_delta"] > 0 else "no forgetting")
+            )
+            out.append(
+                f"- **{d['model']}** on {d['role']} set `{d['set']}`: perplexity {d['perplexity_before']:.3f} -> "
+                f"{d['perplexity_after']:.3f} ({change:+.1f}%), bits/byte {d['bpb_delta']:+.4f}: {word}"
+            )
+        out.append("")
+    if report.get("missing"):
+        out += ["## Missing", ""] + [f"- {m}" for m in report["missing"]] + [""]
+    if "data" in report:
+        d = report["data"]
+        out += [
+            "## Data",
+            "",
+            f"chunking `{d['chunking']}`, seq_length {d['seq_length']}, tokenizer `{d['tokenizer']}`; "
+            f"rows {_num(d['totals'].get('rows'))}, trained tokens {_num(d['totals'].get('trained_tokens'))}, "
+            f"packing efficiency {_num(d['totals'].get('packing_efficiency'), '.3f')}",
+            "",
+            "| source | role | weight | documents | tokens | mixed tokens | mix share | held-out docs | duplicates | dropped |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, s in d["sources"].items():
+            drops = ", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "0"
+            out.append(
+                f"| {name} | {s['role']} | {_num(s['weight'])} | {_num(s['documents'])} | {_num(s['tokens'])} | "
+                f"{_num(s['mixed_tokens'])} | {_num(s['mix_share'], '.1%')} | {_num(s['heldout_documents'])} | "
+                f"{_num(s['duplicates'])} | {drops} |"
+            )
+        out.append("")
+    if "train" in report:
+        t = report["train"]
+        out += [
+            "## Training",
+            "",
+            f"mode {_num(t['mode'])}, attention {_num(t['attention'])}, {_num(t['final_step'])} steps, "
+            f"final loss {_num(t['final_loss'])}, trained tokens {_num(t['trained_tokens'])}, median "
+            f"{_num(t['median_tokens_per_second'], '.0f')} tokens/s, MFU {_num(t['median_mfu'], '.1%')}, "
+            f"peak memory {_num(t['max_peak_memory_gb'], '.1f')} GB",
+            "",
+        ]
+        out += [f"![{k}]({v})" for k, v in plots.items() if k in ("training", "heldout", "throughput")] + [""]
+    if "eval" in report:
+        out += [
+            "## Evaluation",
+            "",
+            "| model | set | role | loss | perplexity | bits/byte | tokens |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
+        out += [
+            f"| {r['model']} | {r['set']} | {r['role']} | {r['loss']:.4f} | {r['perplexity']:.3f} | "
+            f"{r['bits_per_byte']:.4f} | {r['tokens']} |"
+            for r in report["eval"]["results"]
+        ]
+        out += [""] + ([f"![perplexity]({plots['perplexity']})", ""] if "perplexity" in plots else [])
+    if "merge" in report:
+        m = report["merge"]
+        out += [
+            "## Merge",
+            "",
+            f"kept `{m['kept']}` ({m['why']}); {_num((m.get('resources') or {}).get('wall_seconds'))} s",
+            "",
+        ]
+    return "\n".join(out)

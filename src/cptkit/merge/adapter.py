@@ -1,0 +1,208 @@
+"""A LoRA adapter folder read as plain tensors: the weight delta of every adapted module.
+
+peft saves `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (Linear),
+`<module>.lora_embedding_A` / `_B` (Embedding), full copies of `modules_to_save` under the module's own
+name, and with `save_embedding_layers` a copy of the base embedding as `<module>.base_layer.weight`.
+Reading the tensors directly (instead of `PeftModel.merge_and_unload`) is what lets the merge stream the
+base one shard at a time instead of holding a whole model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cptkit.errors import CptkitError
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "base_model.model."
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: its A and B factors and the scale of B @ A."""
+
+    name: str
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """scale * B @ A in float32, shaped like the base weight it is added to."""
+        a = self.a.to(device, torch.float32)
+        b = self.b.to(device, torch.float32)
+        d = (b @ a) * self.scale  # (out, in); embeddings store (dim, vocab) this way round
+        return d.T if (self.embedding or self.fan_in_fan_out) else d
+
+    def delta_shape(self) -> tuple[int, int]:
+        shape = (self.b.shape[0], self.a.shape[1])
+        return (shape[1], shape[0]) if (self.embedding or self.fan_in_fan_out) else shape
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter folder: its peft config, its modules, and full tensors that replace base tensors."""
+
+    folder: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # keyed by base weight key
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save, by base key
+
+    @property
+    def base_name(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.folder / n for n in _TOKENIZER_FILES if (self.folder / n).is_file()]
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def read_adapter(folder: str | Path) -> LoraAdapter:
+    """Read a peft LoRA adapter folder; refuse kinds whose merge is not a plain W += scale * B @ A."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CptkitError(f"{folder}: no such adapter folder; run `cptkit train` first or set merge.adapter")
+    if not is_adapter_folder(folder):
+        what = (
+            "a full model (config.json), not an adapter: nothing to merge"
+            if (folder / "config.json").is_file()
+            else "not a LoRA adapter folder (no adapter_config.json)"
+        )
+        raise CptkitError(f"{folder}: {what}")
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CptkitError(f"{folder}: peft_type {config.get('peft_type')}: only LoRA adapters can be merged")
+    for flag, why in (
+        ("use_dora", "DoRA"),
+        ("lora_bias", "lora_bias"),
+        ("trainable_token_indices", "trainable tokens"),
+    ):
+        if config.get(flag):
+            raise CptkitError(
+                f"{folder}: {why} adapters are not supported by the streaming merge; "
+                "merge with peft's merge_and_unload instead"
+            )
+    tensors = _load_tensors(folder)
+    adapter = LoraAdapter(folder=folder, config=config)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    embedding: set[str] = set()
+    for key, tensor in tensors.items():
+        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        name = re.sub(r"\.(modules_to_save|original_module)\.default", "", name)
+        for suffix, part, emb in (
+            (".lora_A.weight", "a", False),
+            (".lora_B.weight", "b", False),
+            (".lora_embedding_A", "a", True),
+            (".lora_embedding_B", "b", True),
+        ):
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                factors.setdefault(module, {})[part] = tensor
+                if emb:
+                    embedding.add(module)
+                break
+        else:
+            if ".lora_" in name or name.endswith("lora_magnitude_vector"):
+                raise CptkitError(f"{folder}: unexpected adapter tensor {key}; merge with peft instead")
+            if name.endswith(".base_layer.weight"):  # a saved copy of the base embedding: the base has it
+                continue
+            adapter.replacements[name] = tensor
+    for module, parts in sorted(factors.items()):
+        if set(parts) != {"a", "b"}:
+            raise CptkitError(
+                f"{folder}: module {module} has only lora_{'A' if 'a' in parts else 'B'}; the adapter is incomplete"
+            )
+        rank = parts["a"].shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        lm = LoraModule(
+            module,
+            parts["a"],
+            parts["b"],
+            float(scale),
+            embedding=module in embedding,
+            fan_in_fan_out=bool(config.get("fan_in_fan_out")) and module not in embedding,
+        )
+        adapter.modules[lm.weight_key] = lm
+    if not adapter.modules and not adapter.replacements:
+        raise CptkitError(f"{folder}: the adapter holds no LoRA weights")
+    log.info(
+        "adapter %s: %d LoRA modules, %d replaced tensors",
+        folder,
+        len(adapter.modules),
+        len(adapter.replacements),
+    )
+    return adapter
+
+
+def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    pt = folder / "adapter_model.bin"
+    if pt.is_file():
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise CptkitError(
+        f"{folder}: adapter_config.json but no adapter_model.safetensors: the adapter has no weights"
+    )
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rank/alpha_pattern: a key matches a module whose name ends with it (as a regex)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def training_mode(adapter_dir: str | Path, fallback: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The mode (`lora`/`qlora`/`full`) and quantisation settings the adapter was trained with.
+
+    Read from the train folder's run_meta.json, else its config.yaml; `fallback` when neither says.
+    """
+    folder = Path(adapter_dir)
+    quant: dict[str, Any] = {}
+    mode = None
+    meta = folder / "run_meta.json"
+    if meta.is_file():
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        mode = data.get("mode") or (data.get("train") or {}).get("mode")
+        quant = data.get("quantization") or {}
+    cfg = folder / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        train = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("train") or {}
+        mode = mode or train.get("mode")
+        quant = quant or train.get("quantization") or {}
+    return (mode or fallback or "lora"), quant

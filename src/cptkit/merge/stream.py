@@ -1,0 +1,202 @@
+"""The streaming merge: base shards are read one tensor at a time, W += scale * B @ A applied, and the
+output written shard by shard, so an 8B merge holds one output shard in memory, never a whole model.
+
+One pass can write several variants (for QLoRA: into the original base and into its NF4 round trip),
+reading each base tensor and computing each LoRA delta once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cptkit.errors import CptkitError
+from cptkit.merge.adapter import LoraAdapter
+from cptkit.merge.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, Checkpoint
+from cptkit.merge.nf4 import is_quantized_key, nf4_roundtrip
+from cptkit.merge.write import ShardWriter, plan_shards
+
+log = logging.getLogger(__name__)
+
+_CONFIG_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "intermediate_size",
+)
+
+
+@dataclass
+class Variant:
+    """One merged model to write: into the base as stored, or into its NF4 round trip (`quant` settings)."""
+
+    name: str
+    folder: Path
+    quant: dict[str, Any] | None = None
+
+
+def check_adapter_fits(base: Checkpoint, adapter: LoraAdapter) -> None:
+    """Refuse an adapter trained on another model: architecture, module names and shapes must all match."""
+    problems = []
+    base_cfg = base.config()
+    trained_on = adapter.base_name
+    if trained_on and (Path(trained_on) / "config.json").is_file():
+        other = json.loads((Path(trained_on) / "config.json").read_text(encoding="utf-8"))
+        problems += [
+            f"{k}: adapter's base has {other[k]}, this base {base_cfg.get(k)}"
+            for k in _CONFIG_KEYS
+            if k in other and other[k] != base_cfg.get(k)
+        ]
+    cls = (adapter.config.get("auto_mapping") or {}).get("base_model_class")
+    if cls and base_cfg.get("architectures") and cls not in base_cfg["architectures"]:
+        problems.append(
+            f"architecture: adapter trained on {cls}, base is {', '.join(base_cfg['architectures'])}"
+        )
+    for key, module in adapter.modules.items():
+        info = base.tensors.get(key)
+        if info is None:
+            problems.append(f"module {module.name}: not in the base (no tensor {key})")
+        elif tuple(info.shape) != tuple(module.delta_shape()):
+            problems.append(
+                f"module {module.name}: base weight {list(info.shape)}, adapter update {list(module.delta_shape())}"
+            )
+    for key, tensor in adapter.replacements.items():
+        info = base.tensors.get(key)
+        if info is not None and tuple(info.shape) != tuple(tensor.shape):
+            problems.append(f"{key}: base {list(info.shape)}, adapter's trained copy {list(tensor.shape)}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CptkitError(
+            f"{adapter.folder}: this adapter does not belong to the base {base.folder}: {shown}"
+        )
+
+
+def output_bytes(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype) -> list[tuple[str, int]]:
+    """(key, bytes) of every output tensor, in the order they are written."""
+    out_size = torch.empty(0, dtype=dtype).element_size()
+    sizes = []
+    for key, info in base.tensors.items():
+        t = adapter.replacements.get(key)
+        numel = t.numel() if t is not None else info.numel
+        sizes.append(
+            (key, numel * (out_size if info.dtype in FLOAT_DTYPES else DTYPE_BYTES.get(info.dtype, 4)))
+        )
+    sizes += [(k, t.numel() * out_size) for k, t in adapter.replacements.items() if k not in base.tensors]
+    return sizes
+
+
+def merge_stream(
+    base: Checkpoint,
+    adapter: LoraAdapter,
+    variants: list[Variant],
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Write every variant's weights into its folder; returns the NF4 round-trip error of the base."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    sizes = output_bytes(base, adapter, dtype)
+    shards = plan_shards(sizes, max_shard_bytes)
+    writers = [ShardWriter(v.folder, shards) for v in variants]
+    skip = set(adapter.replacements)
+    err = {"squared_error": 0.0, "squared_norm": 0.0, "tensors": 0}
+    merged = 0
+    bar = tqdm(total=len(sizes), desc="merge", unit="tensor", disable=None)
+    for file in base.files():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                outputs = _merge_one(key, tensor, adapter, variants, dtype, device, skip, err)
+                merged += key in adapter.modules
+                for writer, out in zip(writers, outputs, strict=True):
+                    writer.add(key, out)
+                del tensor, outputs
+                bar.update()
+    for key, t in adapter.replacements.items():
+        if key not in base.tensors:
+            for writer in writers:
+                writer.add(key, t.to(dtype))
+            bar.update()
+    bar.close()
+    if merged != len(adapter.modules):
+        raise CptkitError(
+            f"{base.folder}: {len(adapter.modules) - merged} adapted modules were not found while merging"
+        )
+    for writer in writers:
+        writer.finish()
+    rel = (err["squared_error"] / err["squared_norm"]) ** 0.5 if err["squared_norm"] else None
+    return {
+        "merged_modules": merged,
+        "replaced_tensors": len(adapter.replacements),
+        "nf4_relative_error": rel,
+        "nf4_quantized_tensors": err["tensors"],
+        "output_bytes": sum(s for _, s in sizes),
+    }
+
+
+def _merge_one(key, tensor, adapter, variants, dtype, device, skip, err) -> list[torch.Tensor]:
+    if key in adapter.replacements:
+        return [adapter.replacements[key].to(dtype)] * len(variants)
+    if not tensor.is_floating_point():
+        return [tensor] * len(variants)
+    module = adapter.modules.get(key)
+    delta = module.delta(device) if module is not None else None
+    outputs = []
+    for variant in variants:
+        if variant.quant is not None and is_quantized_key(key, tuple(tensor.shape), skip):
+            w = nf4_roundtrip(
+                tensor.to(device),
+                variant.quant["quant_type"],
+                variant.quant["double_quant"],
+                variant.quant["dtype"],
+            ).float()
+            original = tensor.to(device, torch.float32)
+            err["squared_error"] += float((w - original).pow(2).sum())
+            err["squared_norm"] += float(original.pow(2).sum())
+            err["tensors"] += 1
+        else:
+            w = tensor.to(device, torch.float32, copy=True)  # a copy: the next variant needs the original
+        if delta is not None:
+            w += delta
+        outputs.append(w.to(dtype).cpu())
+    return outputs
+
+
+def write_model_files(folder: Path, base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype) -> str:
+    """config.json (dtype updated), generation_config.json, and the tokenizer; returns the tokenizer's source."""
+    config = base.config()
+    name = str(dtype).replace("torch.", "")
+    for k in ("dtype", "torch_dtype"):
+        if k in config:
+            config[k] = name
+    config.setdefault("dtype", name)
+    if config.get("tie_word_embeddings") and any(k.startswith("lm_head") for k in adapter.replacements):
+        config["tie_word_embeddings"] = False  # the trained head is written separately
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    gen = base.folder / "generation_config.json"
+    if gen.is_file():
+        shutil.copy2(gen, folder / gen.name)
+    else:
+        from transformers import GenerationConfig, PretrainedConfig
+
+        GenerationConfig.from_model_config(PretrainedConfig.from_dict(config)).save_pretrained(folder)
+    files = adapter.tokenizer_files()
+    source = adapter.folder
+    if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in files):
+        from cptkit.merge.adapter import _TOKENIZER_FILES
+
+        files = [base.folder / n for n in _TOKENIZER_FILES if (base.folder / n).is_file()]
+        source = base.folder
+    for f in files:
+        shutil.copy2(f, folder / f.name)
+    return str(source)

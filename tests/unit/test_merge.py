@@ -1,0 +1,198 @@
+"""cptkit merge: merged logits equal the adapter's, shards and files are standard, bad input is refused
+with nothing half-written, and QLoRA adapters are merged into both bases and compared."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cptkit.commands import merge
+from cptkit.config import Config, build_config
+from cptkit.errors import CptkitError
+from cptkit.merge.adapter import LoraModule
+from cptkit.merge.write import parse_size, plan_shards
+from cptkit.testing.stages import make_lora_adapter, write_prepared
+from cptkit.testing.tiny import make_tiny_llama, sample_texts
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """All linear layers and the embedding adapted, rank-stabilised scaling, a trained lm_head copy."""
+    return make_lora_adapter(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("adapter"),
+        r=4,
+        alpha=8,
+        target_modules=TARGETS,
+        use_rslora=True,
+        modules_to_save=["lm_head"],
+        scale=0.1,
+    )
+
+
+def config(tmp_path, base, adapter, **merge_opts) -> Config:
+    return build_config(
+        Config,
+        {
+            "run_dir": str(tmp_path / "run"),
+            "model": {"name_or_path": str(base)},
+            "merge": {"adapter": str(adapter), **merge_opts},
+        },
+    )
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def adapter_on_base(base, adapter, dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype), str(adapter)
+    ).eval()
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_merged_logits_equal_adapter_on_base(tmp_path, tiny_model_dir, adapter_dir, dtype, tol):
+    """fp32: equal to 1e-5 (measured 2e-7). bf16 (merged weights rounded once to bf16; the reference is the
+    unmerged adapter computed in bf16): logits of about +-0.4 agree to 2e-2 absolute (measured 5e-3), while
+    the adapter itself moves them by about 0.7, which the first assertion checks."""
+    from transformers import AutoModelForCausalLM
+
+    report = merge.run(config(tmp_path, tiny_model_dir, adapter_dir, dtype=dtype))
+    assert report["merged_modules"] == 2 * 7 + 1 and report["replaced_tensors"] == 1
+    torch_dtype = getattr(torch, dtype)
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = logits(adapter_on_base(tiny_model_dir, adapter_dir, torch_dtype), ids)
+    base = logits(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch_dtype), ids)
+    merged_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run/merged"), dtype=torch_dtype)
+    assert next(merged_model.parameters()).dtype == torch_dtype
+    merged = logits(merged_model, ids)
+    assert (reference - base).abs().max() > 10 * tol  # the adapter matters
+    assert (merged - reference).abs().max() < tol
+
+
+def test_output_is_a_plain_sharded_model_folder(tmp_path, tiny_model_dir, adapter_dir):
+    merge.run(config(tmp_path, tiny_model_dir, adapter_dir, max_shard_size="40KB"))
+    out = tmp_path / "run/merged"
+    names = sorted(p.name for p in out.iterdir())
+    assert "adapter_config.json" not in names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+        "merge_report.json",
+        "config.yaml",
+    } <= set(names)
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert not any(p.name.startswith(".") for p in (tmp_path / "run").iterdir())  # no temp folder left
+
+
+def test_qlora_adapter_merged_into_both_bases_and_the_closer_kept(tmp_path, tiny_model_dir, tiny_tokenizer):
+    adapter = make_lora_adapter(
+        tiny_model_dir, tmp_path / "qlora", r=4, target_modules="all-linear", mode="qlora"
+    )
+    texts = sample_texts(8)
+    write_prepared(
+        tmp_path / "run/data",
+        {"docs": ("domain", texts[:3]), "prose": ("general", texts[3:6])},
+        tiny_tokenizer,
+    )
+    report = merge.run(config(tmp_path, tiny_model_dir, adapter, dtype="float32", compare_tokens=512))
+    cands = report["comparison"]["candidates"]
+    assert set(cands) == {"bf16", "dequantized"} and report["mode"] == "qlora"
+    assert report["nf4_relative_error"] > 0.01
+    # the adapter was trained against the NF4 weights: merging into them is (much) closer
+    assert cands["dequantized"]["mean_kl"] < cands["bf16"]["mean_kl"]
+    assert report["kept"] == "dequantized"
+    assert sorted(p.name for p in (tmp_path / "run/merged").iterdir() if p.is_dir()) == []
+    forced = merge.run(config(tmp_path, tiny_model_dir, adapter, qlora_base="bf16", compare_tokens=64))
+    assert forced["kept"] == "bf16" and forced["why"] == "merge.qlora_base: bf16"
+
+
+def test_qlora_without_bitsandbytes_falls_back_to_the_original_base(tmp_path, tiny_model_dir, monkeypatch):
+    import cptkit.merge.qlora as qlora
+
+    monkeypatch.setattr(
+        qlora, "nf4_available", lambda device: "bitsandbytes cannot quantise to NF4 on cpu: test"
+    )
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "qlora", mode="qlora")
+    report = merge.run(config(tmp_path, tiny_model_dir, adapter))
+    assert report["kept"] == "bf16" and "cannot quantise" in report["notes"][0]
+
+
+def assert_nothing_written(tmp_path):
+    run = tmp_path / "run"
+    assert not (run / "merged").exists()
+    assert not run.exists() or not any(p.name.startswith(".merged") for p in run.iterdir())
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, tiny_tokenizer, adapter_dir):
+    other = make_tiny_llama(tmp_path / "other", tokenizer=tiny_tokenizer, hidden_size=48, num_heads=4)
+    with pytest.raises(CptkitError, match="does not belong to the base"):
+        merge.run(config(tmp_path, other, adapter_dir))
+    assert_nothing_written(tmp_path)
+
+
+def test_model_folder_without_weights_is_refused(tmp_path, tiny_model_dir, adapter_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(CptkitError, match="without weights"):
+        merge.run(config(tmp_path, empty, adapter_dir))
+    with pytest.raises(CptkitError, match="not an adapter"):
+        merge.run(config(tmp_path, tiny_model_dir, empty))
+    assert_nothing_written(tmp_path)
+
+
+def test_no_disk_space_is_refused_before_writing(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CptkitError, match="not enough disk space"):
+        merge.run(config(tmp_path, tiny_model_dir, adapter_dir))
+    assert_nothing_written(tmp_path)
+
+
+def test_failure_while_writing_leaves_no_partial_model(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
+    merge.run(config(tmp_path, tiny_model_dir, adapter_dir))  # a previous, complete merge
+    before = sorted(p.name for p in (tmp_path / "run/merged").iterdir())
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(merge, "write_model_files", boom)
+    with pytest.raises(OSError):
+        merge.run(config(tmp_path, tiny_model_dir, adapter_dir))
+    assert sorted(p.name for p in (tmp_path / "run/merged").iterdir()) == before
+    assert not any(p.name.startswith(".merged") for p in (tmp_path / "run").iterdir())
+
+
+def test_fan_in_fan_out_delta_is_transposed():
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    plain = LoraModule("m", a, b, 0.5)
+    conv1d = LoraModule("m", a, b, 0.5, fan_in_fan_out=True)
+    assert plain.delta().shape == (5, 6) and conv1d.delta().shape == (6, 5)
+    assert torch.allclose(conv1d.delta(), 0.5 * (b @ a).T)
+
+
+def test_shard_plan_and_sizes():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100KB") == 10**5
+    with pytest.raises(CptkitError):
+        parse_size("lots")
+    assert plan_shards([("a", 6), ("b", 5), ("c", 20), ("d", 1)], 10) == [["a"], ["b"], ["c"], ["d"]]
+    assert plan_shards([("a", 3), ("b", 5), ("c", 2), ("d", 1)], 10) == [["a", "b", "c"], ["d"]]
