@@ -7,8 +7,13 @@ from cptkit.errors import CptkitError
 
 
 def load_for(args, *sections: str) -> Config:
-    """Load the config of a config command and check that the sections it needs are there."""
-    cfg = load_config(Config, args.config, args.overrides)
+    """Load the config of a config command and check that the sections it needs are there.
+
+    `args.config` is a YAML path or the name of a shipped preset (`python -m cptkit.presets` lists them).
+    """
+    from cptkit.presets import resolve
+
+    cfg = load_config(Config, resolve(args.config), args.overrides)
     missing = [s for s in sections if getattr(cfg, s) is None]
     if missing:
         raise CptkitError(

@@ -1,0 +1,63 @@
+"""Every shipped config loads and validates (torchtune style), and the seed preset keeps the seed's values."""
+
+from __future__ import annotations
+
+import pytest
+
+from cptkit import presets
+from cptkit.config import Config, load_config
+from cptkit.config.load import read_yaml
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def load_preset(name: str, root):
+    """Load a preset as a user would, with the folders it names created under `root`."""
+    data, _ = read_yaml(presets.path(name))
+    for source in (data.get("data") or {}).get("sources", []):
+        (root / source["path"]).mkdir(parents=True, exist_ok=True)
+    return load_config(Config, presets.path(name))
+
+
+def test_presets_are_shipped():
+    assert {"demo", "demo-gpu", "seed-llama3-8b-qlora", "lora-all-linear-8b", "full-zero3-8b"} <= set(
+        presets.names()
+    )
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_loads_and_validates(name, in_tmp):
+    cfg = load_preset(name, in_tmp)
+    assert cfg.data is not None and cfg.model is not None and cfg.train is not None
+    assert cfg.stage_dir("train").name == "train"
+
+
+def test_seed_preset_reproduces_run_7b_cpt(in_tmp):
+    cfg = load_preset("seed-llama3-8b-qlora", in_tmp)
+    assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+    assert (cfg.data.chunking, cfg.data.chunk_chars, cfg.data.seq_length) == ("chars", 512, 512)
+    assert cfg.train.mode == "qlora" and cfg.train.quantization.quant_type == "nf4"
+    assert (cfg.train.lora.r, cfg.train.lora.alpha) == (32, 8)
+    assert (cfg.train.schedule.type, cfg.train.schedule.warmup) == ("cosine", 0.1)
+    hf = cfg.train.hf
+    assert float(hf["learning_rate"]) == 2e-5 and hf["per_device_train_batch_size"] == 4
+    assert hf["num_train_epochs"] == 1 and hf["logging_steps"] == 1 and hf["bf16"] is True
+
+
+def test_demo_mixes_domain_and_general_at_70_30(in_tmp):
+    cfg = load_preset("demo", in_tmp)
+    weights = {s.role: s.weight for s in cfg.data.sources}
+    assert weights == {"domain": 0.7, "general": 0.3}
+
+
+def test_preset_names_resolve_and_unknown_names_are_explained(tmp_path):
+    assert presets.resolve("demo").endswith("demo.yaml")
+    own = tmp_path / "mine.yaml"
+    own.write_text("run_dir: x\n")
+    assert presets.resolve(str(own)) == str(own)
+    with pytest.raises(Exception, match="shipped presets: .*seed-llama3-8b-qlora"):
+        presets.path("nope")
