@@ -1,0 +1,113 @@
+"""`cptkit train CONFIG.yaml`: base model + prepared dataset -> LoRA/QLoRA adapter or full checkpoint.
+
+Every check that needs no weights runs first (dataset, tokenizer, base model, hardware, positions,
+output folder); then the model loads, the Trainer trains (resuming where an interrupted run of the
+same config stopped), and the folder gets the model, config.yaml, run_meta.json and metrics.jsonl.
+Scale out with `accelerate launch --config_file $(python -m cptkit.presets.accelerate fsdp2) -m cptkit
+train CONFIG.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cptkit.commands import load_for
+from cptkit.config import Config
+from cptkit.errors import CptkitError
+
+log = logging.getLogger(__name__)
+
+
+def main(args) -> int:
+    run(load_for(args, "model", "train"))
+    return 0
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train as `cfg.train` says; returns the run's summary (also in run_meta.json)."""
+    from transformers import set_seed
+
+    from cptkit.model.attention import describe
+    from cptkit.model.flops import flops_per_token
+    from cptkit.model.load import load_model_and_tokenizer
+    from cptkit.outputs import write_config
+    from cptkit.train.build import build_trainer
+    from cptkit.train.checks import preflight, resume_checkpoint
+    from cptkit.train.heldout import load_heldout_sets
+    from cptkit.train.meta import write_run_meta
+
+    train_cfg, model_cfg = cfg.train, cfg.model
+    dataset_dir = Path(train_cfg.dataset) if train_cfg.dataset else cfg.stage_dir("prepare")
+    output_dir = cfg.stage_dir("train")
+    checked = preflight(train_cfg, model_cfg, dataset_dir, output_dir)
+    manifest, resume_from = checked["manifest"], resume_checkpoint(train_cfg, output_dir)
+    set_seed(cfg.seed)
+    loaded = load_model_and_tokenizer(model_cfg, train_cfg)
+    rows = _train_rows(dataset_dir, manifest)
+    eval_sets = load_heldout_sets(dataset_dir, manifest, manifest["seq_length"], train_cfg.eval_max_tokens)
+    flops = flops_per_token(loaded.model, manifest["seq_length"])
+    trainer, callbacks = build_trainer(
+        train_cfg, loaded, rows, eval_sets, output_dir, flops_per_token=flops, seed=cfg.seed
+    )
+    main_process = trainer.args.process_index == 0
+    meta = {
+        "identity": checked["identity"],
+        "mode": train_cfg.mode,
+        "base_model": model_cfg.name_or_path,
+        "quantization": asdict(train_cfg.quantization) if train_cfg.mode == "qlora" else None,
+        "dataset": str(dataset_dir),
+        "dataset_manifest_hash": checked["manifest_hash"],
+        "attention": describe(loaded.attention),
+        "fused_cross_entropy": loaded.fused_cross_entropy,
+        "flops_per_token": flops,
+        "causal_halving": False,
+        "world_size": trainer.args.world_size,
+    }
+    if main_process:
+        write_config(output_dir, cfg)
+        write_run_meta(output_dir, status="running", resumed_from=resume_from, **meta)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+        callbacks["throughput"].restore(resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if callbacks["non_finite"].message:
+        if main_process:
+            write_run_meta(output_dir, status="failed", error=callbacks["non_finite"].message)
+        raise CptkitError(callbacks["non_finite"].message)
+    trainer.save_model(str(output_dir))
+    summary = _summary(result, callbacks, output_dir, meta)
+    if main_process:
+        write_run_meta(output_dir, status="complete", final=summary)
+    log.info("trained %s steps; model in %s", summary["steps"], output_dir)
+    return summary
+
+
+def _train_rows(dataset_dir: Path, manifest: dict) -> Any:
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(dataset_dir / manifest.get("train_dir", "train")))
+    if len(rows) == 0:
+        raise CptkitError(
+            f"{dataset_dir}: the prepared dataset has no training rows; add data and prepare again"
+        )
+    return rows.select_columns(["input_ids", "position_ids"])
+
+
+def _summary(result: Any, callbacks: dict, output_dir: Path, meta: dict) -> dict[str, Any]:
+    last_eval: dict[str, dict] = {}
+    for r in callbacks["heldout"].results:
+        last_eval[r["set"]] = {k: r[k] for k in ("role", "loss", "perplexity", "tokens", "step")}
+    return {
+        "output_dir": str(output_dir),
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "trained_tokens": callbacks["throughput"].trained_tokens,
+        **{k: callbacks["throughput"].last.get(k) for k in ("tokens_per_second", "mfu", "peak_memory_gb")},
+        "heldout": last_eval,
+        "mode": meta["mode"],
+        "attention": meta["attention"],
+    }

@@ -1,0 +1,228 @@
+"""Load the base model and tokenizer for training: full, LoRA or QLoRA, with the attention and loss
+kernels that keep packed documents apart and 128k-vocabulary logits out of memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cptkit.config.model import ModelConfig
+from cptkit.config.train import TrainConfig
+from cptkit.model import attention
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the Trainer, and what was chosen while loading it (for logs and run_meta)."""
+
+    model: Any
+    tokenizer: Any
+    attention: str
+    fused_cross_entropy: bool
+    dtype: torch.dtype
+
+
+def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """bf16 on a GPU that has it, fp32 on CPU (CPU bf16 matmuls are slow and the tests compare in fp32)."""
+    if model_cfg.dtype != "auto":
+        return _DTYPES[model_cfg.dtype]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> Any:
+    """The base model's tokenizer, with pad = eos when it has no pad token (as the seed does)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(train_cfg: TrainConfig) -> Any:
+    """bitsandbytes settings for mode qlora (NF4, double quant, bf16 compute by default)."""
+    from transformers import BitsAndBytesConfig
+
+    q = train_cfg.quantization
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = {"bnb_4bit_quant_storage": _DTYPES[q.compute_dtype]} if _sharded() else {}  # FSDP shards these
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
+        **storage,
+    )
+
+
+def local_device() -> Any:
+    """This process's device: the local rank's GPU under accelerate/torchrun, else cuda:0, else CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _sharded() -> bool:
+    """True under accelerate with FSDP or DeepSpeed, which place (and shard) the weights themselves."""
+    return (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    )
+
+
+def use_fused_cross_entropy(train_cfg: TrainConfig) -> bool:
+    """liger-kernel's fused linear cross-entropy: on GPU when installed (auto), or as asked."""
+    if train_cfg.fused_cross_entropy == "off":
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as e:  # ImportError, or triton missing on a CPU machine
+        if train_cfg.fused_cross_entropy == "on":
+            from cptkit.errors import CptkitError
+
+            raise CptkitError(
+                f"train.fused_cross_entropy: on, but liger-kernel cannot be used here ({e})"
+            ) from None
+        return False
+    return torch.cuda.is_available() or train_cfg.fused_cross_entropy == "on"
+
+
+def _apply_liger(model: Any) -> bool:
+    """Liger's kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) on this model instance."""
+    from liger_kernel.transformers.monkey_patch import (
+        MODEL_TYPE_TO_APPLY_LIGER_FN,
+        _apply_liger_kernel_to_instance,
+    )
+
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log.warning(
+            "liger-kernel has no kernels for model type %s; using the stock loss", model.config.model_type
+        )
+        return False
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=True, cross_entropy=False)
+    return True
+
+
+def _recast_frozen(model: Any, dtype: torch.dtype) -> None:
+    """prepare_model_for_kbit_training upcasts every non-quantised weight to fp32; for frozen ones
+    (embeddings, lm_head, norms) that only makes the 128k-vocabulary projection run in fp32."""
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32 and dtype != torch.float32:
+            param.data = param.data.to(dtype)
+
+
+def _embedding_modules(model: Any) -> list[str]:
+    """Names (last component) of the input embeddings and lm_head, for LoRA's modules_to_save."""
+    names = []
+    for target in (model.get_input_embeddings(), model.get_output_embeddings()):
+        for name, module in model.named_modules():
+            if module is target and target is not None:
+                names.append(name.split(".")[-1])
+    return sorted(set(names))
+
+
+def lora_config(train_cfg: TrainConfig, model: Any) -> Any:
+    """peft LoraConfig from the `train.lora` section."""
+    from peft import LoraConfig
+
+    lc = train_cfg.lora
+    return LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        use_rslora=lc.use_rslora,
+        modules_to_save=_embedding_modules(model) if lc.train_embeddings else None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model_and_tokenizer(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, model_path: str | None = None
+) -> LoadedModel:
+    """Load `model_path` (default model.name_or_path) for training in train.mode.
+
+    Used by `cptkit train` and `cptkit sft`. Returns the model with gradient checkpointing, LoRA and
+    the loss kernel applied as configured, use_cache off (a packed forward with a cache lets documents
+    attend to each other), and what was chosen.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = model_path or model_cfg.name_or_path
+    tokenizer = load_tokenizer(model_cfg) if model_path is None else _tokenizer_at(model_cfg, path)
+    on_gpu = torch.cuda.is_available()
+    dtype = resolve_dtype(model_cfg)
+    impl = attention.choose_attention(model_cfg.attention, on_gpu)
+    if impl == attention.VARLEN:
+        attention.register()
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": impl,
+        "trust_remote_code": model_cfg.trust_remote_code,
+    }
+    if model_cfg.gguf_file:
+        kwargs["gguf_file"] = model_cfg.gguf_file
+    if train_cfg.mode == "qlora":
+        kwargs["quantization_config"] = quantization_config(train_cfg)
+        kwargs["device_map"] = {"": local_device() if on_gpu else "cpu"}
+    elif on_gpu and not _sharded():  # straight to the GPU, not through CPU memory
+        kwargs["device_map"] = {"": local_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    fused = use_fused_cross_entropy(train_cfg) and _apply_liger(model)
+    gc_kwargs = {"use_reentrant": False}
+    if train_cfg.mode == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=train_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+        _recast_frozen(model, dtype)
+    elif train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if train_cfg.mode in ("lora", "qlora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(train_cfg, model))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info(
+            "LoRA: %s trainable of %s parameters (%.2f%%)",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+    log.info(
+        "loaded %s: mode %s, dtype %s, attention %s, fused cross-entropy %s",
+        path,
+        train_cfg.mode,
+        str(dtype).replace("torch.", ""),
+        attention.describe(impl),
+        "on" if fused else "off",
+    )
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, attention=impl, fused_cross_entropy=fused, dtype=dtype
+    )
+
+
+def _tokenizer_at(model_cfg: ModelConfig, path: str) -> Any:
+    from dataclasses import replace
+
+    return load_tokenizer(replace(model_cfg, name_or_path=path, gguf_file=None))

@@ -1,0 +1,186 @@
+"""Trainer construction shared by `cptkit train` and `cptkit sft`: TrainingArguments with cptkit's
+defaults under the user's `train.hf`, our schedules and optimizer groups, and the callbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from cptkit.config.train import TrainConfig
+from cptkit.model.load import LoadedModel
+from cptkit.train.callbacks import (
+    CountingCollator,
+    HeldoutEvalCallback,
+    MetricsWriter,
+    NonFiniteLossCallback,
+    ThroughputCallback,
+)
+from cptkit.train.collator import PackedCollator
+from cptkit.train.heldout import HeldoutSet
+from cptkit.train.schedules import make_scheduler
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+
+
+class CptTrainer(Trainer):
+    """transformers.Trainer with three decisions made for continued pretraining:
+
+    - the sampler is sequential: prepare already shuffled and mixed the rows, and a fixed order is what
+      makes `resume` continue at exactly the same data position;
+    - the schedule is cptkit's (cosine, WSD, linear, constant with min_lr_ratio and re-warming), which
+      HF's named schedulers do not all offer;
+    - the input embeddings and lm_head, when trained, get their own learning rate.
+    Subclassing is the documented way to change these under DeepSpeed and FSDP (`optimizers=` is refused
+    there), so nothing else is overridden.
+    """
+
+    def __init__(self, *args: Any, cpt: TrainConfig, **kwargs: Any):
+        self.cpt = cpt
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler:
+        dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = make_scheduler(
+                optimizer or self.optimizer, self.cpt.schedule, num_training_steps
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        lr = (
+            self.cpt.lora.embedding_lr if self.cpt.mode != "full" else getattr(self.cpt, "embedding_lr", None)
+        )
+        if lr is None or getattr(self, "_embedding_group_done", False):
+            return optimizer
+        embedding = _embedding_param_ids(self.model)
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in embedding]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in embedding]
+                optimizer.add_param_group(
+                    {**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr": lr}
+                )
+        self._embedding_group_done = True
+        log.info("embeddings/lm_head train at learning rate %g", lr)
+        return optimizer
+
+
+def _embedding_param_ids(model: Any) -> set[int]:
+    """Trainable parameters of the input embeddings and lm_head (also inside peft's modules_to_save)."""
+    ids = set()
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if param.requires_grad and any(
+            p in ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out") for p in parts
+        ):
+            ids.add(id(param))
+    return ids
+
+
+def training_arguments(
+    train_cfg: TrainConfig, output_dir: str | Path, dtype: torch.dtype, seed: int
+) -> TrainingArguments:
+    """cptkit's defaults, then `train.hf` on top (HF validates its own fields)."""
+    on_gpu = torch.cuda.is_available()
+    defaults: dict[str, Any] = {
+        "learning_rate": 2e-5,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "num_train_epochs": 1,
+        "logging_steps": 10,
+        "save_steps": 500,
+        "save_total_limit": 3,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "bf16": on_gpu and dtype == torch.bfloat16,
+        "fp16": on_gpu and dtype == torch.float16,
+        "dataloader_num_workers": 0,  # the collator runs in-process, where it counts tokens
+        "dataloader_pin_memory": on_gpu,
+        "remove_unused_columns": False,
+        "logging_nan_inf_filter": False,  # a NaN loss must show, not be averaged away
+        "ddp_find_unused_parameters": False,
+        "eval_strategy": "no",  # held-out evaluation runs in HeldoutEvalCallback
+        "save_strategy": "steps",
+        "use_cpu": not on_gpu,
+    }
+    hf = {**defaults, **train_cfg.hf}
+    hf.setdefault("per_device_eval_batch_size", hf["per_device_train_batch_size"])
+    report_to = [r for r in train_cfg.report_to if r != "none"] or "none"
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(hf) - known)
+    if unknown:
+        from cptkit.errors import CptkitError
+
+        raise CptkitError(f"train.hf: unknown TrainingArguments field(s) {', '.join(unknown)}")
+    return TrainingArguments(output_dir=str(output_dir), seed=seed, report_to=report_to, **hf)
+
+
+def default_eval_steps(args: TrainingArguments, num_rows: int, train_cfg: TrainConfig) -> int:
+    """train.eval_steps, or about ten evaluations a run."""
+    if train_cfg.eval_steps:
+        return train_cfg.eval_steps
+    world = max(args.world_size, 1)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    steps = (
+        args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * max(num_rows // per_step, 1))
+    )
+    return max(steps // 10, 1)
+
+
+def build_trainer(
+    train_cfg: TrainConfig,
+    loaded: LoadedModel,
+    train_dataset: Any,
+    eval_sets: list[HeldoutSet],
+    output_dir: str | Path,
+    data_collator: Any = None,
+    flops_per_token: float | None = None,
+    seed: int = 1234,
+) -> tuple[CptTrainer, dict[str, Any]]:
+    """A Trainer for `loaded` on `train_dataset` (rows of input_ids/position_ids, or whatever
+    `data_collator` takes; sft passes its own collator whose labels carry -100 on prompts).
+
+    Returns the trainer and its cptkit callbacks by name ("throughput", "non_finite", "heldout") so the
+    command can read what they measured.
+    """
+    args = training_arguments(train_cfg, output_dir, loaded.dtype, seed)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    collator = data_collator or PackedCollator(
+        pad, pad_to_multiple_of=8 if torch.cuda.is_available() else None
+    )
+    counting = CountingCollator(collator)
+    writer = MetricsWriter(Path(output_dir) / METRICS, enabled=args.process_index == 0)
+    callbacks = {
+        "throughput": ThroughputCallback(counting, flops_per_token, writer),
+        "non_finite": NonFiniteLossCallback(),
+        "heldout": HeldoutEvalCallback(
+            eval_sets,
+            collator,
+            args.per_device_eval_batch_size,
+            default_eval_steps(args, len(train_dataset), train_cfg),
+            writer,
+        ),
+    }
+    trainer = CptTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=counting,
+        processing_class=loaded.tokenizer,
+        callbacks=list(callbacks.values()),
+        cpt=train_cfg,
+    )
+    callbacks["heldout"].trainer = trainer
+    return trainer, callbacks

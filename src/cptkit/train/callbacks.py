@@ -1,0 +1,231 @@
+"""What the Trainer does not measure for continued pretraining, as TrainerCallbacks: trained tokens/s,
+MFU, peak memory, held-out loss per set, a metrics.jsonl file, and a stop on a NaN/inf loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from cptkit.model.flops import mfu
+from cptkit.train.collator import IGNORE_INDEX
+from cptkit.train.heldout import HeldoutSet, evaluate_set
+
+log = logging.getLogger(__name__)
+
+THROUGHPUT_STATE = "cptkit_throughput.json"
+
+
+class CountingCollator:
+    """Wraps a collator and remembers how many tokens of each batch carry a loss, in order, so the
+    throughput callback can count exactly the tokens of each optimizer step (data loaders may fetch
+    a batch ahead, so a running total would be one batch early)."""
+
+    def __init__(self, collator: Callable[[Sequence[dict]], dict[str, torch.Tensor]]):
+        self.collator = collator
+        self.pending: deque[int] = deque()
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(rows)
+        self.pending.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+        return batch
+
+    def take(self, n: int) -> int:
+        return sum(self.pending.popleft() for _ in range(min(n, len(self.pending))))
+
+
+def _all_ranks_sum(value: float) -> float:
+    """Sum over data-parallel ranks (each counts its own batches)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item())
+    return value
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class MetricsWriter:
+    """Appends one JSON object a line to metrics.jsonl (main process only)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ThroughputCallback(TrainerCallback):
+    """Trained (non-pad, loss-carrying) tokens/s, MFU and peak GPU memory, added to each train log and
+    written to metrics.jsonl. Time counts only the training steps, not evaluation or checkpointing."""
+
+    def __init__(self, counter: CountingCollator, flops_per_token: float | None, writer: MetricsWriter):
+        self.counter = counter
+        self.flops_per_token = flops_per_token
+        self.writer = writer
+        self.trained_tokens = 0
+        self.window_tokens = 0
+        self.window_seconds = 0.0
+        self.step_start = 0.0
+        self.last: dict[str, float] = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.window_seconds += time.perf_counter() - self.step_start
+        tokens = self.counter.take(args.gradient_accumulation_steps)
+        self.window_tokens += tokens
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        tokens = _all_ranks_sum(self.window_tokens)
+        self.trained_tokens += int(tokens)
+        record: dict[str, Any] = {"trained_tokens": self.trained_tokens}
+        if self.window_seconds > 0:
+            tps = tokens / self.window_seconds
+            record["tokens_per_second"] = round(tps, 1)
+            if self.flops_per_token:
+                value = mfu(tps, self.flops_per_token, num_devices=_world_size())
+                if value is not None:
+                    record["mfu"] = round(value, 4)
+        if torch.cuda.is_available():
+            record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.window_tokens, self.window_seconds = 0, 0.0
+        logs.update(record)
+        self.last = record
+        self.writer.write(
+            {
+                "type": "train",
+                "step": state.global_step,
+                "loss": logs.get("loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                **record,
+            }
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        """The count of trained tokens travels with each checkpoint, so a resumed run continues it."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / THROUGHPUT_STATE).write_text(json.dumps({"trained_tokens": self.trained_tokens}))
+
+    def restore(self, checkpoint: str | Path) -> None:
+        path = Path(checkpoint) / THROUGHPUT_STATE
+        if path.is_file():
+            self.trained_tokens = int(json.loads(path.read_text())["trained_tokens"])
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stops training at the first NaN/inf loss or grad norm, before a checkpoint of bad weights is
+    written; the last good checkpoint stays. `message` tells the command what happened."""
+
+    def __init__(self):
+        self.message: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.message = (
+                    f"{key} became {value} at step {state.global_step}: training stopped and no checkpoint of "
+                    "these weights was written. Lower train.hf.learning_rate or set train.hf.max_grad_norm, "
+                    "then rerun to resume from the last good checkpoint"
+                )
+                control.should_training_stop = True
+                control.should_save = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # a checkpoint is due: make sure the weights it would hold are finite (the loss may not be
+        # logged every step, so on_log alone could miss a NaN that happened since the last log)
+        if control.should_save and model is not None:
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            if bad:
+                self.message = (
+                    f"non-finite weights at step {state.global_step} ({bad[0]} and {len(bad) - 1} more): "
+                    "training stopped without saving them; lower train.hf.learning_rate and rerun to resume"
+                )
+                control.should_training_stop = True
+                control.should_save = False
+
+
+class HeldoutEvalCallback(TrainerCallback):
+    """Every `eval_steps` steps (and before the first), loss and perplexity on each held-out set,
+    logged with its role (domain or general) so forgetting shows during training."""
+
+    def __init__(
+        self, sets: list[HeldoutSet], collator: Any, batch_size: int, eval_steps: int, writer: MetricsWriter
+    ):
+        self.sets = sets
+        self.collator = collator
+        self.batch_size = batch_size
+        self.eval_steps = eval_steps
+        self.writer = writer
+        self.trainer: Any = None  # set by build_trainer, to send the numbers to TensorBoard/W&B too
+        self.results: list[dict[str, Any]] = []
+
+    def _run(self, state, model, control=None) -> None:
+        if not self.sets or model is None:
+            return
+        logs = {}
+        for heldout in self.sets:
+            result = {
+                "type": "eval",
+                "step": state.global_step,
+                **evaluate_set(model, heldout, self.collator, self.batch_size),
+            }
+            self.results.append(result)
+            self.writer.write(result)
+            logs[f"heldout_{heldout.name}_loss"] = round(result["loss"], 4)
+            log.info(
+                "step %d held-out %s (%s): loss %.4f perplexity %.2f over %d tokens",
+                state.global_step,
+                heldout.name,
+                heldout.role,
+                result["loss"],
+                result["perplexity"],
+                result["tokens"],
+            )
+        if self.trainer is not None:
+            should_log = control.should_log if control is not None else False
+            self.trainer.log(logs)  # resets control.should_log, which the step's own log still needs
+            if control is not None:
+                control.should_log = should_log
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self._run(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.eval_steps and state.global_step % self.eval_steps == 0:
+            self._run(state, model, control)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.eval_steps and state.global_step % self.eval_steps != 0:
+            self._run(state, model)

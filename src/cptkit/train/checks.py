@@ -1,0 +1,158 @@
+"""Everything `cptkit train` checks before it loads a model: each problem a clear message, all at once
+where they do not depend on each other."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cptkit.config.model import ModelConfig
+from cptkit.config.train import TrainConfig
+from cptkit.data.manifest import read_manifest, tokenizer_fingerprint
+from cptkit.errors import CptkitError
+from cptkit.train.meta import RUN_META
+
+log = logging.getLogger(__name__)
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def manifest_hash(prepared_dir: str | Path) -> str:
+    """sha256 of the prepared dataset's manifest.json: names exactly which data a run trained on."""
+    return hashlib.sha256((Path(prepared_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
+def run_identity(train_cfg: TrainConfig, model_cfg: ModelConfig, data_hash: str) -> str:
+    """What makes two runs the same run (and a checkpoint resumable): base, mode, adapter, data."""
+    key = {
+        "base": model_cfg.name_or_path,
+        "mode": train_cfg.mode,
+        "data": data_hash,
+        "lora": asdict(train_cfg.lora) if train_cfg.mode != "full" else None,
+        "quantization": asdict(train_cfg.quantization) if train_cfg.mode == "qlora" else None,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_base_model(model_cfg: ModelConfig) -> None:
+    path = model_cfg.name_or_path
+    if Path(path).exists():
+        if model_cfg.gguf_file is None and not (Path(path) / "config.json").is_file():
+            raise CptkitError(
+                f"model.name_or_path: {path} has no config.json; expected a Hugging Face model folder"
+            )
+        return
+    if not _HUB_ID.match(path) or path.startswith((".", "/", "~")):
+        raise CptkitError(
+            f"model.name_or_path: {path} does not exist (expected a local model folder or a hub name like org/model)"
+        )
+
+
+def check_tokenizer(tokenizer: Any, manifest: dict, dataset_dir: str | Path) -> None:
+    made_with = (manifest.get("tokenizer") or {}).get("fingerprint")
+    ours = tokenizer_fingerprint(tokenizer)
+    if made_with and made_with != ours:
+        name = (manifest.get("tokenizer") or {}).get("name_or_path", "another tokenizer")
+        raise CptkitError(
+            f"{dataset_dir}: prepared with {name} (tokenizer fingerprint {made_with}), but the model's tokenizer "
+            f"has fingerprint {ours}: the token ids would mean different things. Set data.tokenizer to the "
+            "model and rerun `cptkit prepare`"
+        )
+
+
+def check_positions(model_cfg: ModelConfig, manifest: dict) -> None:
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
+    config = AutoConfig.from_pretrained(
+        model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+    )
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    seq = manifest.get("seq_length")
+    if limit and seq and seq > limit:
+        raise CptkitError(
+            f"data.seq_length: the dataset's rows hold {seq} tokens but {model_cfg.name_or_path} knows only {limit} "
+            f"positions; prepare again with data.seq_length <= {limit}"
+        )
+
+
+def check_mode(train_cfg: TrainConfig) -> None:
+    if train_cfg.mode != "qlora":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:
+        raise CptkitError(
+            f"train.mode: qlora needs bitsandbytes ({e}); `pip install bitsandbytes`, or use mode lora"
+        ) from None
+    if train_cfg.quantization.bits == 8 and not torch.cuda.is_available():
+        raise CptkitError(
+            "train.quantization.bits: 8-bit (LLM.int8) needs a CUDA GPU; use bits: 4 or mode lora"
+        )
+
+
+def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainConfig) -> None:
+    """An output folder may hold nothing, or this same run (to resume), or anything if overwriting."""
+    if not output_dir.exists() or not any(output_dir.iterdir()) or train_cfg.overwrite_output_dir:
+        return
+    meta_path = output_dir / RUN_META
+    if not meta_path.is_file():
+        raise CptkitError(
+            f"train.output_dir: {output_dir} already holds files that no cptkit train run wrote; choose another "
+            "folder or set train.overwrite_output_dir: true"
+        )
+    recorded = json.loads(meta_path.read_text()).get("identity")
+    if recorded != identity:
+        raise CptkitError(
+            f"train.output_dir: {output_dir} holds another run (other base model, mode, adapter or dataset); "
+            "choose another folder, or set train.overwrite_output_dir: true to train over it"
+        )
+
+
+def preflight(
+    train_cfg: TrainConfig, model_cfg: ModelConfig, dataset_dir: Path, output_dir: Path
+) -> dict[str, Any]:
+    """Run every check that needs no model weights. Returns the manifest, its hash, the run identity
+    and the tokenizer (loaded once here, reused by the model loader)."""
+    from cptkit.model.load import load_tokenizer
+
+    manifest = read_manifest(dataset_dir)
+    check_base_model(model_cfg)
+    check_mode(train_cfg)
+    try:
+        tokenizer = load_tokenizer(model_cfg)
+    except OSError as e:
+        raise CptkitError(
+            f"model.name_or_path: cannot load a tokenizer from {model_cfg.name_or_path}: {e}"
+        ) from None
+    check_tokenizer(tokenizer, manifest, dataset_dir)
+    check_positions(model_cfg, manifest)
+    data_hash = manifest_hash(dataset_dir)
+    identity = run_identity(train_cfg, model_cfg, data_hash)
+    check_output_dir(output_dir, identity, train_cfg)
+    return {"manifest": manifest, "manifest_hash": data_hash, "identity": identity, "tokenizer": tokenizer}
+
+
+def resume_checkpoint(train_cfg: TrainConfig, output_dir: Path) -> str | None:
+    """The checkpoint to continue from: the last one for `auto`, none for `never`, or the given path."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if train_cfg.resume == "never":
+        return None
+    if train_cfg.resume == "auto":
+        return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if not Path(train_cfg.resume).is_dir():
+        raise CptkitError(
+            f"train.resume: {train_cfg.resume} is not a checkpoint folder (use auto, never, or a path)"
+        )
+    return train_cfg.resume

@@ -1,0 +1,239 @@
+"""`cptkit train` end to end on CPU with a tiny Llama: every mode trains, gradient accumulation and
+resume reproduce the plain run, and each bad input stops with a clear message before the model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cptkit.config import Config, build_config
+from cptkit.errors import CptkitError
+from cptkit.testing.stages import write_prepared
+from cptkit.testing.tiny import sample_texts
+from cptkit.train.heldout import pack_documents
+
+SEQ = 64
+
+
+def write_dataset(folder: Path, tokenizer, seq_length: int = SEQ, documents: int = 40) -> Path:
+    """A prepared folder per the contract: train/ rows, heldout/<source>/, manifest.json."""
+    import datasets
+
+    texts = sample_texts()
+    write_prepared(
+        folder,
+        {"domain": ("domain", texts[-6:-3]), "general": ("general", texts[-3:])},
+        tokenizer,
+        seq_length=seq_length,
+    )
+    docs = [tokenizer(t)["input_ids"][:90] + [tokenizer.eos_token_id] for t in texts[:documents]]
+    rows = pack_documents(docs, seq_length)
+    datasets.Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "position_ids": [r["position_ids"] for r in rows]}
+    ).save_to_disk(str(folder / "train"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_tokenizer):
+    return write_dataset(tmp_path_factory.mktemp("prepared"), tiny_tokenizer)
+
+
+def make_cfg(out: Path, model_dir, dataset, mode="full", **hf) -> Config:
+    train = {
+        "mode": mode,
+        "dataset": str(dataset),
+        "output_dir": str(out),
+        "report_to": ["none"],
+        "eval_steps": hf.pop("eval_steps", 1000),
+        "eval_max_tokens": 300,
+        "schedule": {"type": hf.pop("schedule", "cosine"), "warmup": 0.1},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, **hf.pop("lora", {})},
+        "gradient_checkpointing": hf.pop("gradient_checkpointing", False),
+        "hf": {
+            "max_steps": 8,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "save_steps": 1000,
+            "dataloader_drop_last": True,
+            **hf,
+        },
+    }
+    return build_config(Config, {"model": {"name_or_path": str(model_dir)}, "train": train})
+
+
+def losses(folder: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if r["type"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def wider_model_dir(tmp_path_factory, tiny_tokenizer):
+    """bitsandbytes' CPU 4-bit kernels need input features of at least one quantisation block (64)."""
+    from cptkit.testing.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), tokenizer=tiny_tokenizer, hidden_size=64)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_each_mode_trains_and_loss_falls(tmp_path, tiny_model_dir, wider_model_dir, prepared, mode):
+    from cptkit.commands.train import run
+
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes")
+        tiny_model_dir = wider_model_dir
+
+    # a tiny random model's lm_head decides its loss: LoRA runs train it too (with its own learning rate)
+    lora = {"train_embeddings": True, "embedding_lr": 3e-3}
+    summary = run(
+        make_cfg(
+            tmp_path / "t",
+            tiny_model_dir,
+            prepared,
+            mode=mode,
+            learning_rate=3e-3,
+            max_steps=12,
+            schedule="constant",
+            eval_steps=6,
+            gradient_checkpointing=mode != "full",
+            lora=lora,
+        )
+    )
+    out = tmp_path / "t"
+    steps = losses(out)
+    assert len(steps) == 12
+    first, last = sum(list(steps.values())[:3]) / 3, sum(list(steps.values())[-3:]) / 3
+    assert last < first - 0.05, steps
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert {(e["step"], e["set"], e["role"]) for e in evals} >= {
+        (0, "domain", "domain"),
+        (12, "general", "general"),
+    }
+    assert all(e["perplexity"] > 1 and e["tokens"] > 0 for e in evals)
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["status"] == "complete" and meta["mode"] == mode and meta["attention"] == "sdpa"
+    assert meta["versions"]["transformers"] and meta["dataset_manifest_hash"]
+    assert (out / "config.yaml").is_file() and (out / "tokenizer.json").is_file()
+    weights = "adapter_model.safetensors" if mode != "full" else "model.safetensors"
+    assert (out / weights).is_file()
+    assert summary["trained_tokens"] > 0 and summary["steps"] == 12
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, prepared):
+    from cptkit.commands.train import run
+
+    run(
+        make_cfg(
+            tmp_path / "a",
+            tiny_model_dir,
+            prepared,
+            max_steps=2,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=1,
+        )
+    )
+    run(
+        make_cfg(
+            tmp_path / "b",
+            tiny_model_dir,
+            prepared,
+            max_steps=2,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=8,
+        )
+    )
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys() == {1, 2}
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4, (a, b)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+
+
+def test_resume_continues_at_the_same_data_position(tmp_path, tiny_model_dir, prepared):
+    from cptkit.commands.train import run
+
+    whole = tmp_path / "whole"
+    run(make_cfg(whole, tiny_model_dir, prepared, mode="lora", max_steps=6, save_steps=3))
+    # an interrupted run: only the first checkpoint made it to disk
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(whole / "checkpoint-3", part / "checkpoint-3")
+    shutil.copy(whole / "run_meta.json", part / "run_meta.json")
+    summary = run(make_cfg(part, tiny_model_dir, prepared, mode="lora", max_steps=6, save_steps=3))
+    resumed, plain = losses(part), losses(whole)
+    assert set(resumed) == {4, 5, 6}
+    for step in resumed:
+        assert abs(resumed[step] - plain[step]) < 1e-5, (resumed, plain)
+    meta = json.loads((part / "run_meta.json").read_text())
+    assert meta["resumed_from"].endswith("checkpoint-3")
+    assert (
+        summary["trained_tokens"]
+        == json.loads((whole / "run_meta.json").read_text())["final"]["trained_tokens"]
+    )
+
+
+def _error(cfg) -> str:
+    from cptkit.commands.train import run
+
+    with pytest.raises(CptkitError) as e:
+        run(cfg)
+    return str(e.value)
+
+
+def test_bad_inputs_stop_before_the_model_loads(tmp_path, tiny_model_dir, prepared, monkeypatch):
+    import json as _json
+
+    assert "not a dataset made by `cptkit prepare`" in _error(
+        make_cfg(tmp_path / "o1", tiny_model_dir, tmp_path)
+    )
+    assert "does not exist" in _error(make_cfg(tmp_path / "o2", tmp_path / "no-such-model", prepared))
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(prepared, other)
+    manifest = _json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0123456789abcdef"
+    (other / "manifest.json").write_text(_json.dumps(manifest))
+    assert "fingerprint" in _error(make_cfg(tmp_path / "o3", tiny_model_dir, other))
+
+    manifest["tokenizer"] = _json.loads((prepared / "manifest.json").read_text())["tokenizer"]
+    manifest["seq_length"] = 4096
+    (other / "manifest.json").write_text(_json.dumps(manifest))
+    assert "positions" in _error(make_cfg(tmp_path / "o4", tiny_model_dir, other))
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert "needs bitsandbytes" in _error(make_cfg(tmp_path / "o5", tiny_model_dir, prepared, mode="qlora"))
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("someone else's")
+    assert "no cptkit train run wrote" in _error(make_cfg(busy, tiny_model_dir, prepared))
+    (busy / "run_meta.json").write_text(_json.dumps({"identity": "another-run"}))
+    assert "holds another run" in _error(make_cfg(busy, tiny_model_dir, prepared))
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, tiny_model_dir, prepared):
+    message = _error(
+        make_cfg(
+            tmp_path / "nan",
+            tiny_model_dir,
+            prepared,
+            learning_rate=1e12,
+            max_steps=6,
+            schedule="constant",
+            max_grad_norm=0.0,
+        )
+    )
+    assert "training stopped" in message
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "nan" / "run_meta.json").read_text())["status"] == "failed"
