@@ -1,0 +1,1 @@
+"""Supervised fine-tuning data: instruction records -> rendered, label-masked, packed rows."""
