@@ -93,6 +93,7 @@ def test_heldout_split_is_deterministic_capped_and_order_free():
     assert heldout_mask(hashes, 0.1, 5, seed=7).sum() == 5
     assert (heldout_mask(hashes, 0.1, None, seed=8) != mask).any()
     assert heldout_mask(hashes[:1], 0.5, None, seed=7).sum() == 0  # the only document stays in training
+    assert heldout_mask(hashes[:3], 0.01, None, seed=7).sum() == 1  # an evaluation set is never empty
 
 
 def test_dedup_keeps_first_occurrence_across_calls():

@@ -54,6 +54,8 @@ def min_words(limit: int) -> Filter:
 
 def max_non_text_fraction(limit: float) -> Filter:
     def check(text: str) -> str | None:
+        if text.isascii():  # normalised ASCII holds only printable characters, tab and newline
+            return None
         non_text = len(_TEXT_CHARS.sub("", text))
         return "mostly_non_text" if non_text > limit * len(text) else None
 

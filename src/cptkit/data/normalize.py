@@ -21,11 +21,16 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 
 def normalize(text: str) -> str:
     """NFC, '\\n' line endings, no control characters, no trailing spaces, at most one blank line in a row."""
-    if not text.isascii() and not unicodedata.is_normalized("NFC", text):
+    ascii_only = text.isascii()
+    if not ascii_only and not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    if "\r" in text or not text.isascii():
+    # each regex pass runs only when a cheap substring test says it can change something
+    if "\r" in text or (not ascii_only and ("\u2028" in text or "\u2029" in text or "\x85" in text)):
         text = _NEWLINES.sub("\n", text)
-    text = _CONTROL.sub("", text)
-    text = _TRAILING.sub("", text)
-    text = _BLANK_LINES.sub("\n\n", text)
+    if _CONTROL.search(text):
+        text = _CONTROL.sub("", text)
+    if " \n" in text or "\t\n" in text or (not ascii_only and ("\u00a0\n" in text or "\u3000\n" in text)):
+        text = _TRAILING.sub("", text)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
     return text.strip("\n").rstrip()

@@ -175,18 +175,30 @@ def _list_array(flat: tuple[np.ndarray, np.ndarray] | None, n: int) -> pa.Array:
 
 
 class Tokenizing:
-    """Runs `process_batch` over batches of documents, in a process pool when num_proc > 1.
+    """Runs `process_batch` over batches of documents on `num_proc` workers.
 
-    Submission is bounded (a few batches per worker in flight), so reading stays a stream."""
+    Fast (Rust) tokenizers release the GIL while encoding, so threads keep every core busy without
+    copying text between processes; slow (Python) tokenizers get a process pool instead. Submission
+    is bounded (two batches per worker in flight), so reading stays a stream."""
 
-    def __init__(self, encoder: Encoder, filters_cfg: Any, unit: str, num_proc: int):
+    def __init__(self, encoder: Encoder, filters_cfg: Any, unit: str, num_proc: int, kind: str | None = None):
         _setup(encoder, filters_cfg, unit)
         self.num_proc = num_proc
-        self.pool = None
-        if num_proc > 1:
+        self.kind = kind or ("threads" if encoder.backend is not None else "processes")
+        self.pool: Any = None
+        if num_proc > 1 and self.kind == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(num_proc, thread_name_prefix="cptkit-tokenize")
+        elif num_proc > 1:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
             self.pool = ctx.Pool(num_proc, initializer=_setup, initargs=(encoder, filters_cfg, unit))
+
+    def _submit(self, batch):
+        if self.kind == "threads":
+            return self.pool.submit(process_batch, batch).result
+        return self.pool.apply_async(process_batch, (batch,)).get
 
     def map(self, batches: Iterator[list[tuple[str, str]]]) -> Iterator[dict[str, Any]]:
         if self.pool is None:
@@ -195,17 +207,21 @@ class Tokenizing:
             return
         pending: deque = deque()
         for batch in batches:
-            pending.append(self.pool.apply_async(process_batch, (batch,)))
+            pending.append(self._submit(batch))
             if len(pending) >= 2 * self.num_proc:
-                yield pending.popleft().get()
+                yield pending.popleft()()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft()()
 
     def close(self) -> None:
-        if self.pool is not None:
+        if self.pool is None:
+            return
+        if self.kind == "threads":
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        else:
             self.pool.terminate()
             self.pool.join()
-            self.pool = None
+        self.pool = None
 
 
 def _batches(docs: Iterator[Document], stats: ShardStats) -> Iterator[list[tuple[str, str]]]:

@@ -2,8 +2,9 @@
 
 A document is held out when a seeded hash of its content falls below `fraction`, so the choice does
 not depend on file order or on the other documents (adding files does not reshuffle the split).
-When more than `max_documents` qualify, those with the smallest hashes are kept; at least one
-document always stays in training.
+When more than `max_documents` qualify, those with the smallest hashes are kept. A source of two
+or more documents holds out at least one (an evaluation set is never silently empty) and keeps at
+least one for training.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def heldout_mask(hashes: list[bytes], fraction: float, max_documents: int | None
         count=n,
     )
     chosen = np.flatnonzero(scores < np.uint64(min(fraction, 1.0) * 2.0**64 - 1))
+    if len(chosen) == 0:
+        chosen = np.array([int(np.argmin(scores))])
     cap = n - 1 if max_documents is None else min(max_documents, n - 1)
     if len(chosen) > cap:
         chosen = chosen[np.argsort(scores[chosen], kind="stable")[:cap]]
