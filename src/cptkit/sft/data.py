@@ -14,7 +14,7 @@ from typing import Any
 
 from cptkit.config.sft import SftConfig
 from cptkit.errors import CptkitError
-from cptkit.sft.formats import read_conversations
+from cptkit.sft.formats import ReadResult, read_conversations
 from cptkit.sft.pack import pack_examples
 from cptkit.sft.render import IGNORE_INDEX, Example, choose_template, render
 
@@ -34,9 +34,12 @@ def truncate(example: Example, seq_length: int) -> Example:
     return Example(example.input_ids[:seq_length], example.labels[:seq_length])
 
 
-def build_sft_data(sft_cfg: SftConfig, tokenizer: Any, seed: int = 1234) -> SftData:
-    """Everything between the instruction file and the rows the trainer sees."""
-    read = read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)
+def build_sft_data(
+    sft_cfg: SftConfig, tokenizer: Any, seed: int = 1234, read: ReadResult | None = None
+) -> SftData:
+    """Everything between the instruction file and the rows the trainer sees (`read`: the file
+    already read by `read_conversations`, when the caller checked it before loading a model)."""
+    read = read or read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)
     template = choose_template(tokenizer, sft_cfg.template)
     skipped, truncated, examples = Counter(read.skipped), 0, []
     for conversation in read.conversations:

@@ -1,0 +1,129 @@
+"""`cptkit sft CONFIG.yaml`: supervised fine-tuning of the (merged) CPT model, the seed's appendix A
+step 4. Instruction records (alpaca or chat `messages`) are rendered with the tokenizer's chat template
+or the seed's ###System/###Question/###Answer template, labelled -100 on system and prompt tokens,
+packed with per-example attention isolation, and trained with the same trainer as `cptkit train`
+(full, LoRA or QLoRA). The output folder holds the model or adapter, sft_data.json (what was read,
+skipped, truncated, trained), run_meta.json and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from cptkit.config import Config
+from cptkit.config.model import ModelConfig
+from cptkit.errors import CptkitError
+
+log = logging.getLogger(__name__)
+
+
+def main(args) -> int:
+    from cptkit.commands import load_for
+
+    run(load_for(args, "sft"))
+    return 0
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Fine-tune as `cfg.sft` says; returns the run's summary (also in run_meta.json)."""
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from cptkit.model.load import load_model_and_tokenizer
+    from cptkit.outputs import write_config, write_json
+    from cptkit.sft.collate import SftCollator
+    from cptkit.sft.data import build_sft_data
+    from cptkit.sft.formats import read_conversations
+    from cptkit.train.build import build_trainer
+    from cptkit.train.checks import check_mode, check_output_dir, resume_checkpoint, run_identity
+    from cptkit.train.heldout import HeldoutSet
+    from cptkit.train.meta import write_run_meta
+
+    sft_cfg, output_dir = cfg.sft, cfg.stage_dir("sft")
+    records = read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)  # data errors first
+    model_cfg = _model_config(cfg)
+    check_mode(sft_cfg)
+    identity = run_identity(sft_cfg, model_cfg, _data_hash(sft_cfg))
+    check_output_dir(output_dir, identity, sft_cfg)
+    set_seed(cfg.seed)
+    loaded = load_model_and_tokenizer(model_cfg, sft_cfg)
+    data = build_sft_data(sft_cfg, loaded.tokenizer, cfg.seed, read=records)
+    heldout = [HeldoutSet("sft_heldout", "sft", data.heldout_rows)] if data.heldout_rows else []
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    trainer, callbacks = build_trainer(
+        sft_cfg,
+        loaded,
+        Dataset.from_list(data.train_rows),
+        heldout,
+        output_dir,
+        SftCollator(pad),
+        seed=cfg.seed,
+    )
+    main_process = trainer.args.process_index == 0
+    meta = {"identity": identity, "mode": sft_cfg.mode, "base_model": model_cfg.name_or_path, "stage": "sft"}
+    if main_process:
+        write_config(output_dir, cfg)
+        write_json(output_dir / "sft_data.json", data.stats)
+        write_run_meta(output_dir, status="running", **meta)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(sft_cfg, output_dir))
+    if callbacks["non_finite"].message:
+        raise CptkitError(callbacks["non_finite"].message)
+    trainer.save_model(str(output_dir))
+    summary = {
+        "output_dir": str(output_dir),
+        "base_model": model_cfg.name_or_path,
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "trained_tokens": callbacks["throughput"].trained_tokens,
+        "tokens_per_second": callbacks["throughput"].last.get("tokens_per_second"),
+        "heldout": callbacks["heldout"].results[-1:] or None,
+        "data": data.stats,
+    }
+    if main_process:
+        write_run_meta(output_dir, status="complete", final=summary)
+    log.info("sft: %s steps on %s; model in %s", summary["steps"], model_cfg.name_or_path, output_dir)
+    return summary
+
+
+def sft_base_model(cfg: Config) -> str:
+    """sft.model, else the merged CPT model, else a fully trained CPT model, else the base model."""
+    if cfg.sft.model:
+        return cfg.sft.model
+    if cfg.merge is not None and not (cfg.train and cfg.train.mode == "full"):
+        return str(cfg.stage_dir("merge"))
+    if cfg.train is not None and cfg.train.mode == "full":
+        return str(cfg.stage_dir("train"))
+    if cfg.model is not None:
+        return cfg.model.name_or_path
+    raise CptkitError(
+        "sft.model: not set, and there is no merged or trained CPT model or model section to start from"
+    )
+
+
+def _model_config(cfg: Config) -> ModelConfig:
+    """The model section (attention, dtype) pointed at the model SFT starts from."""
+    base = sft_base_model(cfg)
+    derived = not cfg.sft.model and (cfg.model is None or base != cfg.model.name_or_path)
+    if derived and not Path(base).exists():
+        raise CptkitError(
+            f"sft: the model to tune, {base}, does not exist yet; run the CPT stages first (cptkit run) or set sft.model"
+        )
+    if cfg.model is None:
+        return ModelConfig(name_or_path=base)
+    same = base == cfg.model.name_or_path
+    return dataclasses.replace(cfg.model, name_or_path=base, gguf_file=cfg.model.gguf_file if same else None)
+
+
+def _data_hash(sft_cfg) -> str:
+    """What makes two SFT datasets the same: the file's bytes and the rendering settings."""
+    h = hashlib.sha256(Path(sft_cfg.data).read_bytes())
+    h.update(
+        repr(
+            (sft_cfg.format, sft_cfg.template, sft_cfg.system_prompt, sft_cfg.seq_length, sft_cfg.packing)
+        ).encode()
+    )
+    return h.hexdigest()[:16]
