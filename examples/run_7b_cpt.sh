@@ -18,7 +18,7 @@ base_model_path='meta-llama/Meta-Llama-3-8B'       # seed: base_model_path
 output_path='./output'                              # seed: output_path
 preset=seed-llama3-8b-qlora                         # every other value of the seed's recipe
 # seed: deepspeed_config_name=./config/ds.json (ZeRO-1) -> the shipped accelerate + DeepSpeed ZeRO-1 config
-accelerate_config=$(python -m cptkit.presets accelerate/zero1.yaml)
+accelerate_config=$(python -m cptkit.presets.accelerate zero1)
 num_gpus=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 
 # seed: one dataset. With a second folder, the seed's own best practice (its section 5.3): 70% domain

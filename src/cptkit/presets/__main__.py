@@ -9,5 +9,5 @@ if len(sys.argv) > 1:
 else:
     print("\n".join(presets.names()))
     accelerate = presets.folder() / "accelerate"
-    for launch in sorted(accelerate.glob("*")) if accelerate.is_dir() else []:
+    for launch in sorted([*accelerate.glob("*.yaml"), *accelerate.glob("*.json")]):
         print(f"accelerate/{launch.name}")
