@@ -337,3 +337,15 @@ def test_cli_prepare_and_inspect(tmp_path, tiny_tokenizer_dir, paragraphs, capsy
     assert cli(["prepare", str(path), "--force"]) == 0
     rows = train_rows(out)[0]
     assert np.mean([len(r) for r in rows]) > 64
+
+
+def test_a_source_that_only_repeats_another_is_an_error(tmp_path, tiny_tokenizer_dir, paragraphs):
+    write_jsonl(tmp_path / "a.jsonl", paragraphs[:30])
+    write_jsonl(tmp_path / "b.jsonl", paragraphs[:30])
+    cfg = config(
+        tmp_path,
+        tiny_tokenizer_dir,
+        [{"name": "a", "path": str(tmp_path / "a.jsonl")}, {"name": "b", "path": str(tmp_path / "b.jsonl")}],
+    )
+    with pytest.raises(CptkitError, match=r"sources\[1\] \(b\): no training tokens left \(30 document"):
+        prepare.run(cfg)

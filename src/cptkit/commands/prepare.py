@@ -86,6 +86,7 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     tables = {name: _concat([open_shard(sh, cache_dir) for sh in shards[name]]) for name in shards}
     result = assemble(tables, data, encoder)
+    _check_trainable(data, result.stats)
     timings["assemble_s"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     manifest = _manifest(cfg, tokinfo, plans, sha, stats, result, fingerprint, shards)
@@ -201,6 +202,18 @@ def _check_nonempty(data, stats: dict[str, ShardStats]) -> None:
             raise CptkitError(
                 f"data.sources[{i}] ({s.name}): no documents left from {s.path} ({st.read} read; dropped: {drops}); "
                 f"check the path, text_field ({s.text_field!r}) and data.filters"
+            )
+
+
+def _check_trainable(data, stats: dict[str, dict[str, Any]]) -> None:
+    """A weighted source must give training tokens, or the asked mix silently cannot be met."""
+    for i, s in enumerate(data.sources):
+        a = stats[s.name]
+        if s.weight > 0 and a["train_tokens"] == 0:
+            raise CptkitError(
+                f"data.sources[{i}] ({s.name}): no training tokens left ({a['duplicates']} document(s) were "
+                f"exact duplicates of earlier sources, {a['heldout_documents']} held out); give it weight 0 "
+                "to keep it for held-out evaluation only, or set data.dedup: none"
             )
 
 

@@ -35,7 +35,7 @@ from cptkit.data.tokenize import Encoder
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 256 << 20
-BATCH_CHARS = 1 << 20
+BATCH_CHARS = 1 << 18
 BATCH_DOCS = 1024
 
 SCHEMA = pa.schema(

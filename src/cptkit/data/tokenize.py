@@ -120,7 +120,10 @@ class Encoder:
             # special tokens have offset (0, 0): make starts non-decreasing before searching
             token_starts = np.maximum.accumulate(token_starts)
             chars = [m.end() for m in _SENTENCE_END.finditer(text)]
-            starts = np.unique(np.concatenate([[0], np.searchsorted(token_starts, chars, side="left")]))
+            # a sentence starts at the token holding its first character (with byte-level BPE that
+            # token also carries the space before it)
+            first = np.searchsorted(token_starts, chars, side="right") - 1
+            starts = np.unique(np.concatenate([[0], np.maximum(first, 1)]))
             out_ids.append(arr)
             out_starts.append(starts[starts < len(arr)].astype(np.int32))
         return out_ids, out_starts
