@@ -12,7 +12,8 @@ from cptkit.commands import merge
 from cptkit.config import Config, build_config
 from cptkit.errors import CptkitError
 from cptkit.merge.adapter import LoraModule
-from cptkit.merge.write import parse_size, plan_shards
+from cptkit.merge.checkpoint import SAFETENSORS_DTYPES
+from cptkit.merge.write import ShardWriter, TensorSpec, parse_size, plan_shards
 from cptkit.testing.stages import make_lora_adapter, write_prepared
 from cptkit.testing.tiny import make_tiny_llama, sample_texts
 
@@ -194,5 +195,23 @@ def test_shard_plan_and_sizes():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100KB") == 10**5
     with pytest.raises(CptkitError):
         parse_size("lots")
-    assert plan_shards([("a", 6), ("b", 5), ("c", 20), ("d", 1)], 10) == [["a"], ["b"], ["c"], ["d"]]
-    assert plan_shards([("a", 3), ("b", 5), ("c", 2), ("d", 1)], 10) == [["a", "b", "c"], ["d"]]
+    specs = [TensorSpec(k, "U8", (n,)) for k, n in (("a", 6), ("b", 5), ("c", 20), ("d", 1))]
+    assert [[s.key for s in shard] for shard in plan_shards(specs, 10)] == [["a"], ["b"], ["c"], ["d"]]
+    specs = [TensorSpec(k, "BF16", (n,)) for k, n in (("a", 2), ("b", 2), ("c", 1), ("d", 1))]
+    assert [[s.key for s in shard] for shard in plan_shards(specs, 10)] == [["a", "b", "c"], ["d"]]
+
+
+def test_streamed_shards_read_back_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"w": torch.randn(3, 5).to(torch.bfloat16), "i": torch.arange(7), "f": torch.randn(2)}
+    specs = [TensorSpec(k, SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)) for k, t in tensors.items()]
+    writer = ShardWriter(tmp_path, plan_shards(specs, 40))
+    for k, t in tensors.items():
+        writer.add(k, t)
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    back = {}
+    for name in set(index["weight_map"].values()):
+        back.update(load_file(tmp_path / name))
+    assert all(torch.equal(back[k], t) for k, t in tensors.items())

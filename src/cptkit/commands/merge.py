@@ -24,7 +24,7 @@ from cptkit.merge.adapter import read_adapter, training_mode
 from cptkit.merge.checkpoint import read_checkpoint, resolve_model_folder
 from cptkit.merge.compare import compare_candidates, heldout_token_docs
 from cptkit.merge.qlora import choose_variant, plan_variants
-from cptkit.merge.stream import check_adapter_fits, merge_stream, output_bytes, write_model_files
+from cptkit.merge.stream import check_adapter_fits, merge_stream, output_specs, write_model_files
 from cptkit.merge.write import atomic_folder, check_disk_space, parse_size
 from cptkit.outputs import now, versions, write_config, write_json
 
@@ -55,12 +55,13 @@ def run(cfg: Config) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     with atomic_folder(out_dir) as tmp:
         variants, notes = plan_variants(mode, quant, device, tmp)
-        needed = sum(s for _, s in output_bytes(base, adapter, dtype))
+        needed = sum(s.nbytes for s in output_specs(base, adapter, dtype))
         check_disk_space(out_dir, needed * len(variants))
         for v in variants:
             v.folder.mkdir(parents=True, exist_ok=True)
         stats = merge_stream(base, adapter, variants, dtype, parse_size(mc.max_shard_size), device)
         tokenizer_from = [write_model_files(v.folder, base, adapter, dtype) for v in variants][0]
+        stats["merge_phase"] = _usage(start, device)  # the streaming merge alone, before any comparison
         comparison = _compare(cfg, mc, base, adapter_dir, variants, device) if len(variants) > 1 else None
         chosen, why = choose_variant(variants, comparison, mc.qlora_base)
         _promote(chosen.folder, tmp)

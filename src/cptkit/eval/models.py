@@ -67,7 +67,9 @@ def load_model(
 
     check_model_folder(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        # straight onto the GPU: an 8B model never needs a CPU copy
+        placement = {"device_map": str(device)} if device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **placement)
     except OSError as e:
         raise CptkitError(f"{path}: cannot load the model: {e}") from None
     model.to(device)

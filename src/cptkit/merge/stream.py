@@ -1,5 +1,6 @@
-"""The streaming merge: base shards are read one tensor at a time, W += scale * B @ A applied, and the
-output written shard by shard, so an 8B merge holds one output shard in memory, never a whole model.
+"""The streaming merge: base tensors are read one at a time, W += scale * B @ A applied, and each result
+written straight into its output shard, so an 8B merge holds a few tensors in memory, never a whole model
+(nor a whole shard).
 
 One pass can write several variants (for QLoRA: into the original base and into its NF4 round trip),
 reading each base tensor and computing each LoRA delta once.
@@ -18,9 +19,9 @@ import torch
 
 from cptkit.errors import CptkitError
 from cptkit.merge.adapter import LoraAdapter
-from cptkit.merge.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, Checkpoint
+from cptkit.merge.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, read_header, read_tensor
 from cptkit.merge.nf4 import is_quantized_key, nf4_roundtrip
-from cptkit.merge.write import ShardWriter, plan_shards
+from cptkit.merge.write import ShardWriter, TensorSpec, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,18 @@ def check_adapter_fits(base: Checkpoint, adapter: LoraAdapter) -> None:
         )
 
 
-def output_bytes(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype) -> list[tuple[str, int]]:
-    """(key, bytes) of every output tensor, in the order they are written."""
-    out_size = torch.empty(0, dtype=dtype).element_size()
-    sizes = []
+def output_specs(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype) -> list[TensorSpec]:
+    """Every output tensor's name, dtype and shape, in the order they are written."""
+    out = SAFETENSORS_DTYPES[dtype]
+    specs = []
     for key, info in base.tensors.items():
         t = adapter.replacements.get(key)
-        numel = t.numel() if t is not None else info.numel
-        sizes.append(
-            (key, numel * (out_size if info.dtype in FLOAT_DTYPES else DTYPE_BYTES.get(info.dtype, 4)))
-        )
-    sizes += [(k, t.numel() * out_size) for k, t in adapter.replacements.items() if k not in base.tensors]
-    return sizes
+        shape = tuple(t.shape) if t is not None else tuple(info.shape)
+        specs.append(TensorSpec(key, out if info.dtype in FLOAT_DTYPES else info.dtype, shape))
+    specs += [
+        TensorSpec(k, out, tuple(t.shape)) for k, t in adapter.replacements.items() if k not in base.tensors
+    ]
+    return specs
 
 
 def merge_stream(
@@ -101,33 +102,37 @@ def merge_stream(
     max_shard_bytes: int,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Write every variant's weights into its folder; returns the NF4 round-trip error of the base."""
-    from safetensors import safe_open
+    """Write every variant's weights into its folder; returns counts and the NF4 round-trip error of the base."""
     from tqdm.auto import tqdm
 
-    sizes = output_bytes(base, adapter, dtype)
-    shards = plan_shards(sizes, max_shard_bytes)
+    specs = output_specs(base, adapter, dtype)
+    shards = plan_shards(specs, max_shard_bytes)
     writers = [ShardWriter(v.folder, shards) for v in variants]
     skip = set(adapter.replacements)
     err = {"squared_error": 0.0, "squared_norm": 0.0, "tensors": 0}
     merged = 0
-    bar = tqdm(total=len(sizes), desc="merge", unit="tensor", disable=None)
-    for file in base.files():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                outputs = _merge_one(key, tensor, adapter, variants, dtype, device, skip, err)
-                merged += key in adapter.modules
-                for writer, out in zip(writers, outputs, strict=True):
-                    writer.add(key, out)
-                del tensor, outputs
+    bar = tqdm(total=len(specs), desc="merge", unit="tensor", disable=None)
+    try:
+        for file in base.files():
+            _, data_start = read_header(file)
+            with open(file, "rb") as f:
+                for info in [t for t in base.tensors.values() if t.file == file]:
+                    tensor = read_tensor(info, f, data_start)
+                    outputs = _merge_one(info.key, tensor, adapter, variants, dtype, device, skip, err)
+                    merged += info.key in adapter.modules
+                    for writer, out in zip(writers, outputs, strict=True):
+                        writer.add(info.key, out)
+                    del tensor, outputs
+                    bar.update()
+        for key, t in adapter.replacements.items():
+            if key not in base.tensors:
+                for writer in writers:
+                    writer.add(key, t.to(dtype))
                 bar.update()
-    for key, t in adapter.replacements.items():
-        if key not in base.tensors:
-            for writer in writers:
-                writer.add(key, t.to(dtype))
-            bar.update()
-    bar.close()
+    finally:
+        bar.close()
+        for writer in writers:
+            writer.close()
     if merged != len(adapter.modules):
         raise CptkitError(
             f"{base.folder}: {len(adapter.modules) - merged} adapted modules were not found while merging"
@@ -140,7 +145,7 @@ def merge_stream(
         "replaced_tensors": len(adapter.replacements),
         "nf4_relative_error": rel,
         "nf4_quantized_tensors": err["tensors"],
-        "output_bytes": sum(s for _, s in sizes),
+        "output_bytes": sum(s.nbytes for s in specs),
     }
 
 

@@ -1,4 +1,4 @@
-"""Writing a model folder safely: shards planned up front, room checked first, a temp folder renamed last.
+"""Writing a model folder safely: shards planned and streamed, room checked first, a temp folder renamed last.
 
 A reader never finds a half-written model under the final name: everything goes into a hidden
 `.<name>.partial` folder beside it, which is removed on failure and renamed into place on success.
@@ -12,12 +12,16 @@ import logging
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from cptkit.errors import CptkitError
+from cptkit.merge.checkpoint import DTYPE_BYTES, SAFETENSORS_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +47,16 @@ def parse_size(text: str | int) -> int:
     return int(float(m[1]) * _UNITS[m[2] or "B"])
 
 
-def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     """Group tensors, in order, into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
-    shards: list[list[str]] = [[]]
+    shards: list[list[TensorSpec]] = [[]]
     used = 0
-    for key, size in sizes:
-        if shards[-1] and used + size > max_bytes:
+    for spec in specs:
+        if shards[-1] and used + spec.nbytes > max_bytes:
             shards.append([])
             used = 0
-        shards[-1].append(key)
-        used += size
+        shards[-1].append(spec)
+        used += spec.nbytes
     return shards
 
 
@@ -62,45 +66,87 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-class ShardWriter:
-    """Receives tensors in plan order and writes each shard as soon as it is complete."""
+@dataclass
+class TensorSpec:
+    """What will be written for one tensor: known before any data, so a shard's header comes first."""
 
-    def __init__(self, folder: Path, shards: list[list[str]]):
+    key: str
+    dtype: str  # safetensors name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class ShardWriter:
+    """Writes safetensors shards tensor by tensor as they arrive, in plan order, holding none in memory.
+
+    Each shard's header (names, dtypes, shapes, offsets) is written when its first tensor arrives;
+    each tensor's bytes follow as soon as it is computed.
+    """
+
+    def __init__(self, folder: Path, shards: list[list[TensorSpec]]):
         self.folder = folder
+        self.shards = shards
         self.names = shard_names(len(shards))
-        self.shard_of = {key: i for i, keys in enumerate(shards) for key in keys}
-        self.remaining = [set(keys) for keys in shards]
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
+        self.position = [(i, j) for i, shard in enumerate(shards) for j in range(len(shard))]
+        self.next = 0
+        self.file: BinaryIO | None = None
+        self.weight_map = {spec.key: self.names[i] for i, shard in enumerate(shards) for spec in shard}
+        self.total_size = sum(spec.nbytes for shard in shards for spec in shard)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        i = self.shard_of[key]
-        self.buffer[key] = tensor.contiguous()
-        self.remaining[i].discard(key)
-        if not self.remaining[i]:
-            self._flush(i)
-
-    def _flush(self, i: int) -> None:
-        from safetensors.torch import save_file
-
-        name = self.names[i]
-        save_file(self.buffer, str(self.folder / name), metadata={"format": "pt"})
-        for key, t in self.buffer.items():
-            self.weight_map[key] = name
-            self.total_size += t.numel() * t.element_size()
-        self.buffer = {}
+        i, j = self.position[self.next]
+        spec = self.shards[i][j]
+        if (
+            key != spec.key
+            or SAFETENSORS_DTYPES[tensor.dtype] != spec.dtype
+            or tuple(tensor.shape) != spec.shape
+        ):
+            raise RuntimeError(f"shard plan mismatch at {key}: expected {spec}")
+        if j == 0:
+            self.file = open(self.folder / self.names[i], "wb")  # noqa: SIM115 - closed after the shard's last tensor
+            self.file.write(_header(self.shards[i]))
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        self.file.write(memoryview(data.numpy()))
+        self.next += 1
+        if j == len(self.shards[i]) - 1:
+            self.file.close()
+            self.file = None
 
     def finish(self) -> None:
-        missing = [k for rem in self.remaining for k in rem]
-        if missing:
-            raise RuntimeError(f"shard plan not complete: {missing[:3]}")
+        if self.next != len(self.position):
+            raise RuntimeError(f"shard plan not complete: {len(self.position) - self.next} tensors missing")
         if len(self.names) > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
                 "weight_map": dict(sorted(self.weight_map.items())),
             }
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _header(specs: list[TensorSpec]) -> bytes:
+    """The safetensors header: 8-byte little-endian length, then JSON padded with spaces to 8 bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.key] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def check_disk_space(folder: Path, needed_bytes: int) -> None:
