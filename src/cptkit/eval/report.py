@@ -120,7 +120,11 @@ def train_summary(metrics: Path, meta_path: Path) -> dict[str, Any]:
 
 
 def _num(x: Any, fmt: str = ".4g") -> str:
-    return "-" if x is None else (format(x, fmt) if isinstance(x, (int, float)) else str(x))
+    if x is None:
+        return "-"
+    if isinstance(x, int) and not isinstance(x, bool) and fmt == ".4g":
+        return f"{x:,}"
+    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
 
 
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
