@@ -1,0 +1,64 @@
+"""On a CUDA GPU: cptkit's varlen attention keeps packed documents apart, and `cptkit train` with
+auto attention and the fused loss trains. Run through the device tool: pytest -m gpu tests/gpu."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_varlen_packed_equals_separate(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from cptkit.model import attention
+    from cptkit.train.collator import PackedCollator
+
+    assert attention.varlen_available()
+    attention.register()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16, attn_implementation=attention.VARLEN
+    )
+    model = model.cuda().eval()
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (70, 120, 50, 90, 30)]
+    rows = [
+        {"input_ids": docs[0] + docs[1] + docs[2], "position_ids": [*range(70), *range(120), *range(50)]},
+        {"input_ids": docs[3] + docs[4], "position_ids": [*range(90), *range(30)]},
+    ]
+    batch = {k: v.cuda() for k, v in PackedCollator(pad_token_id=0)(rows).items()}
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits.float()
+        offset = 0
+        for row, row_docs in ((0, docs[:3]), (1, docs[3:])):
+            offset = 0
+            for doc in row_docs:
+                alone = model(input_ids=torch.tensor([doc], device="cuda"), use_cache=False).logits.float()[0]
+                got = packed[row, offset : offset + len(doc)]
+                torch.testing.assert_close(got, alone, atol=2e-2, rtol=2e-2)
+                offset += len(doc)
+
+
+def test_train_on_gpu_with_auto_attention(tmp_path, tiny_model_dir, tiny_tokenizer):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+    from test_train import make_cfg, write_dataset
+
+    from cptkit.commands.train import run
+
+    prepared = write_dataset(tmp_path / "prepared", tiny_tokenizer)
+    cfg = make_cfg(tmp_path / "out", tiny_model_dir, prepared, mode="full", max_steps=12, schedule="constant")
+    run(cfg)
+    meta = json.loads((tmp_path / "out" / "run_meta.json").read_text())
+    assert meta["attention"].startswith("varlen")
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["type"] == "train"]
+    assert losses[-1] < losses[0]
+    assert all(x.get("peak_memory_gb") for x in lines if x["type"] == "train")
