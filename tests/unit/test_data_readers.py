@@ -143,3 +143,16 @@ def test_one_line_file_of_many_megabytes_is_one_document(tmp_path):
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": line}) + "\n", encoding="utf-8")
     docs, _ = _read(tmp_path / "big.jsonl")
     assert len(docs) == 1 and len(docs[0].text) == len(line)
+
+
+def test_json_object_file_and_csv_with_bad_bytes(tmp_path):
+    (tmp_path / "one.json").write_text(json.dumps({"text": "a single object"}, indent=2), encoding="utf-8")
+    (tmp_path / "bad.csv").write_bytes(b"text\ncaf\xe9 row\nfine row\n")
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as f:  # a bad first line must not swallow the file
+        f.write('{"text": broken\n' + json.dumps({"text": "second line"}) + "\n")
+    docs, ledger = _read(tmp_path)
+    assert [d.text for d in docs] == ["caf\ufffd row", "fine row", "a single object", "second line"]
+    assert ledger.repairs == {"encoding_errors": 1} and ledger.examples["encoding_errors"].startswith(
+        f"{tmp_path / 'bad.csv'}:2"
+    )
+    assert ledger.drops == {"malformed_json": 1}

@@ -66,6 +66,11 @@ def _count_and_replace(error: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("cptkit-count", _count_and_replace)
 
 
+def decode_errors() -> int:
+    """Undecodable bytes replaced so far by the "cptkit-count" error handler (compare before/after)."""
+    return _DECODE_ERRORS[0]
+
+
 def decode(data: bytes) -> tuple[str, int]:
     """UTF-8 (a leading BOM removed) with undecodable bytes replaced; returns (text, bytes replaced)."""
     try:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cptkit.data.document import Document, Ledger, decode
+from cptkit.data.document import Document, Ledger, decode, decode_errors
 from cptkit.errors import CptkitError
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _read_json_lines(path: Path, compression: str, text_field: str, ledger: Ledg
             try:
                 row = json.loads(text)
             except ValueError:
-                if number == 1 and path.suffix.lower() != ".jsonl" and text.lstrip().startswith("{"):
+                if number == 1 and file_format(path)[0] == ".json" and text.lstrip().startswith("{"):
                     yield from _read_json_document(path, compression, text_field, ledger)
                     return
                 ledger.drop("malformed_json", where)
@@ -269,11 +269,19 @@ def _read_csv(path: Path, compression: str, text_field: str, ledger: Ledger) -> 
             return
         stream = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="cptkit-count", newline="")
         reader = csv.DictReader(stream)
+        errors = decode_errors()
         try:
             for row in reader:
-                value = _row_text(row, text_field, f"{path}:{reader.line_num}", ledger)
+                where = f"{path}:{reader.line_num}"
+                if decode_errors() != errors:
+                    ledger.repair(
+                        "encoding_errors",
+                        f"{where} ({decode_errors() - errors} undecodable bytes replaced)",
+                    )
+                    errors = decode_errors()
+                value = _row_text(row, text_field, where, ledger)
                 if value is not None:
-                    yield Document(value, f"{path}:{reader.line_num}")
+                    yield Document(value, where)
         except csv.Error as e:
             ledger.drop("malformed_csv", f"{path}:{reader.line_num} ({e})")
 
