@@ -118,3 +118,20 @@ def test_filters_give_reasons():
     assert first_reason("\ufffd\ufffd\ufffd\ufffd\ufffd\ufffd\ufffd a b c", filters) == "mostly_non_text"
     assert first_reason("A normal sentence, with punctuation.", filters) is None
     assert first_reason("Пример текста на русском — и «кавычки».", filters) is None
+
+
+def test_row_gather_is_the_same_in_small_blocks(monkeypatch):
+    from cptkit.data import assemble
+
+    rng = np.random.default_rng(0)
+    flat = rng.integers(0, 1000, 100_000).astype(np.int32)
+    lens = rng.integers(1, 64, 2000)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    whole = assemble._pack(flat, starts, lens, 64, np.random.default_rng(1))
+    monkeypatch.setattr(assemble, "_GATHER_TOKENS", 1000)
+    blocks = assemble._pack(flat, starts, lens, 64, np.random.default_rng(1))
+    for a, b in ((whole.input_ids, blocks.input_ids), (whole.position_ids, blocks.position_ids)):
+        assert (a == b).all()
+    assert (whole.offsets == blocks.offsets).all() and whole.offsets[-1] == lens.sum()
+    rows = np.split(whole.position_ids, whole.offsets[1:-1])
+    assert all(r[0] == 0 and len(r) <= 64 for r in rows)

@@ -24,6 +24,7 @@ from cptkit.data.split import heldout_mask
 from cptkit.data.tokenize import Encoder
 
 log = logging.getLogger(__name__)
+_GATHER_TOKENS = 1 << 24
 
 
 @dataclass
@@ -145,12 +146,21 @@ def _pack(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, seq_length: in
     per_row = np.fromiter((len(rows[r]) for r in order_rows), dtype=np.int64, count=len(rows))
     seg_len = lens[seg_order].astype(np.int64)
     seg_src = starts[seg_order].astype(np.int64)
-    out_start = np.cumsum(seg_len) - seg_len
-    positions = np.arange(int(seg_len.sum()), dtype=np.int64) - np.repeat(out_start, seg_len)
-    input_ids = flat[np.repeat(seg_src, seg_len) + positions]
-    seg_bounds = np.concatenate([[0], np.cumsum(per_row)])
     token_bounds = np.concatenate([[0], np.cumsum(seg_len)])
-    offsets = token_bounds[seg_bounds]
-    return Rows(
-        input_ids=input_ids.astype(np.int32), position_ids=positions.astype(np.int32), offsets=offsets
+    input_ids = np.empty(int(token_bounds[-1]), dtype=np.int32)
+    position_ids = np.empty(int(token_bounds[-1]), dtype=np.int32)
+    # gather block by block so the int64 index temporaries stay small whatever the corpus size
+    block_starts = (
+        np.searchsorted(token_bounds, np.arange(0, token_bounds[-1], _GATHER_TOKENS), side="right") - 1
     )
+    for a, b in zip(block_starts, np.append(block_starts[1:], len(seg_len)), strict=True):
+        if a == b:
+            continue
+        lens_ab = seg_len[a:b]
+        local_start = token_bounds[a:b] - token_bounds[a]
+        positions = np.arange(int(lens_ab.sum()), dtype=np.int64) - np.repeat(local_start, lens_ab)
+        lo, hi = token_bounds[a], token_bounds[b]
+        position_ids[lo:hi] = positions
+        input_ids[lo:hi] = flat[np.repeat(seg_src[a:b], lens_ab) + positions]
+    seg_bounds = np.concatenate([[0], np.cumsum(per_row)])
+    return Rows(input_ids=input_ids, position_ids=position_ids, offsets=token_bounds[seg_bounds])
