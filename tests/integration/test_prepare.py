@@ -250,6 +250,7 @@ def test_bad_input_is_counted_and_named(tmp_path, tiny_tokenizer_dir, paragraphs
     (c / "empty.txt").write_text("", encoding="utf-8")
     (c / "blank.md").write_text(" \n\t\n  \n", encoding="utf-8")
     (c / "deep" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (c / "deep" / "scan.pdf").write_bytes(b"%PDF-1.4")
     (c / "deep" / "latin1.txt").write_bytes(("Ein sch\u00f6ner Tag in der Stadt, " * 10).encode("latin-1"))
     (c / "deep" / "er" / "one_line.txt").write_text("many words on one line " * 150_000, encoding="utf-8")
     cfg = config(tmp_path, tiny_tokenizer_dir, [{"name": "mess", "path": str(c)}], num_proc=2, seq_length=512)
@@ -262,6 +263,7 @@ def test_bad_input_is_counted_and_named(tmp_path, tiny_tokenizer_dir, paragraphs
     assert s["examples"]["binary_file"] == str(c / "deep" / "image.txt")
     assert "latin1.txt" in s["examples"]["encoding_errors"]
     assert s["documents"] == 42 and s["read"] == 47
+    assert s["ignored_files"] == 1 and s["examples"]["ignored_file"].endswith("scan.pdf")
     from rich.console import Console
 
     from cptkit.data.summary import print_summary
@@ -269,6 +271,7 @@ def test_bad_input_is_counted_and_named(tmp_path, tiny_tokenizer_dir, paragraphs
     buf = StringIO()
     print_summary(m, Console(file=buf, width=200))
     assert "binary_file (dropped)" in buf.getvalue() and "rows.jsonl:1" in buf.getvalue()
+    assert "scan.pdf" in buf.getvalue()
 
 
 def test_a_source_with_nothing_left_stops_with_a_clear_message(

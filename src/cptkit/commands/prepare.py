@@ -162,6 +162,8 @@ def _tokenize_all(
     if cached:
         log.info("reusing %d cached tokenized shard(s)%s", cached, "" if todo else ": nothing to tokenize")
     stats: dict[str, ShardStats] = {name: ShardStats() for name in shards}
+    for leftover in cache_dir.glob("*/*.tmp"):  # from an interrupted run
+        leftover.unlink(missing_ok=True)
     work = Tokenizing(encoder, data.filters, unit, num_proc) if todo else None
     try:
         with tqdm(
@@ -238,7 +240,9 @@ def _manifest(cfg, tokinfo, plans, sha, stats, result, fingerprint, shards) -> d
             "tokens": a["tokens"],
             "drops": dict(st.ledger.drops),
             "repairs": dict(st.ledger.repairs),
-            "examples": st.ledger.examples,
+            "ignored_files": len(plans[s.name].ignored or []),
+            "examples": st.ledger.examples
+            | ({"ignored_file": str(plans[s.name].ignored[0])} if plans[s.name].ignored else {}),
             "duplicates": a["duplicates"],
             "heldout_documents": a["heldout_documents"],
             "heldout_tokens": a["heldout_tokens"],

@@ -66,6 +66,14 @@ def skips_table(manifest: dict[str, Any]) -> Table | None:
             for reason, count in sorted(counts.items()):
                 t.add_row(name, f"{reason} ({kind})", _n(count), examples.get(reason, ""))
                 rows += 1
+        if s.get("ignored_files"):
+            t.add_row(
+                name,
+                "ignored_file (not .txt/.md/.rst/.jsonl/.json/.parquet/.csv)",
+                _n(s["ignored_files"]),
+                examples.get("ignored_file", ""),
+            )
+            rows += 1
         if s["duplicates"]:
             t.add_row(name, "duplicate (dropped)", _n(s["duplicates"]), "exact copy of an earlier document")
             rows += 1
