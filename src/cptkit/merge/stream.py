@@ -169,6 +169,9 @@ def _merge_one(key, tensor, adapter, variants, dtype, device, skip, err) -> list
             err["squared_error"] += float((w - original).pow(2).sum())
             err["squared_norm"] += float(original.pow(2).sum())
             err["tensors"] += 1
+        elif delta is None:  # untouched (embeddings, norms, ...): only the dtype changes, no float32 copy
+            outputs.append(tensor.to(dtype))
+            continue
         else:
             w = tensor.to(device, torch.float32, copy=True)  # a copy: the next variant needs the original
         if delta is not None:
