@@ -591,11 +591,12 @@ def run_scale(args) -> None:
     data, model_dir, gpus = Path(args.data), Path(args.model_dir), torch.cuda.device_count()
     if not (model_dir / "config.json").exists():
         build_model(model_dir, data / "tokenizer", args.tiny)
-    report: dict = {"device": torch.cuda.get_device_name(), "gpus": gpus, "mode": args.mode, "runs": []}
+    device = torch.cuda.get_device_name() if gpus else "cpu"
+    report: dict = {"device": device, "gpus": gpus, "mode": args.mode, "steps": args.steps, "runs": []}
     from cptkit.presets.accelerate import path as preset
 
     launches = [("1 GPU", [sys.executable, "-m", "cptkit", "train"])]
-    for name in args.launchers.split(","):
+    for name in filter(None, args.launchers.split(",")):
         launches.append(
             (
                 f"{gpus} GPUs {name}",

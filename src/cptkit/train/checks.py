@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -139,7 +140,8 @@ def preflight(
     check_positions(model_cfg, manifest)
     data_hash = manifest_hash(dataset_dir)
     identity = run_identity(train_cfg, model_cfg, data_hash)
-    check_output_dir(output_dir, identity, train_cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # other ranks could see the folder the first one starts writing
+        check_output_dir(output_dir, identity, train_cfg)
     return {"manifest": manifest, "manifest_hash": data_hash, "identity": identity, "tokenizer": tokenizer}
 
 
