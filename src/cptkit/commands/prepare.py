@@ -297,6 +297,13 @@ def _write(out: Path, result, manifest: dict[str, Any], cfg: Config) -> None:
     """Write train/ and heldout/ into a temporary folder, then move them in place; the manifest goes last."""
     from cptkit.data.write import write_heldout, write_train
 
+    log.info(
+        "writing %s rows and %d held-out set(s) to %s",
+        f"{len(result.rows.offsets) - 1:,}",
+        len(result.heldout),
+        out,
+    )
+
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".writing-*"):
         shutil.rmtree(stale, ignore_errors=True)

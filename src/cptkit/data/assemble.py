@@ -124,6 +124,8 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
     for s in stats.values():
         s["mixed_share"] = round(s["mixed_tokens"] / total, 6)
     flat_all = np.concatenate(flats) if flats else np.empty(0, np.int32)
+    n_segments = sum(len(x) for x in picked_lens)
+    log.info("packing %s segments best-fit into rows of %d tokens", f"{n_segments:,}", cfg.seq_length)
     rows = _pack(flat_all, np.concatenate(picked_starts), np.concatenate(picked_lens), cfg.seq_length, rng)
     return Assembled(rows=rows, heldout=heldout, stats=stats)
 
