@@ -107,6 +107,10 @@ class DataConfig:
             problems.append((f"{path}.heldout_fraction", f"{self.heldout_fraction} must be in [0, 1)"))
         if self.chunk_chars < 1:
             problems.append((f"{path}.chunk_chars", "must be positive"))
+        if self.heldout_max_documents is not None and self.heldout_max_documents < 0:
+            problems.append((f"{path}.heldout_max_documents", "must be 0 or more (none: no cap)"))
+        if self.num_proc is not None and self.num_proc < 1:
+            problems.append((f"{path}.num_proc", "must be at least 1 (none: all cores)"))
         if self.chunk_tokens is not None and not 1 <= self.chunk_tokens <= self.seq_length:
             problems.append((f"{path}.chunk_tokens", f"must be between 1 and seq_length ({self.seq_length})"))
         return problems
