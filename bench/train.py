@@ -638,7 +638,8 @@ def run_scale(args) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "run.yaml").write_text(yaml.safe_dump(cfg))
         t0 = time.perf_counter()
-        rc = subprocess.call([*launcher, str(folder / "run.yaml")])
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": "0"} if label == "1 GPU" else {})}
+        rc = subprocess.call([*launcher, str(folder / "run.yaml")], env=env)
         record = {
             "launch": label,
             "command": " ".join(launcher[-4:] if label == "1 GPU" else launcher[:6]),

@@ -88,6 +88,10 @@ def use_fused_cross_entropy(train_cfg: TrainConfig) -> bool:
     """liger-kernel's fused linear cross-entropy: on GPU when installed (auto), or as asked."""
     if train_cfg.fused_cross_entropy == "off":
         return False
+    if train_cfg.fused_cross_entropy == "auto" and _sharded():
+        # liger's kernel reads lm_head.weight directly, which FSDP2/ZeRO-3 hold as shards (DTensor)
+        log.info("fused cross-entropy off: the lm_head is sharded under FSDP/DeepSpeed")
+        return False
     try:
         import liger_kernel.transformers  # noqa: F401
     except Exception as e:  # ImportError, or triton missing on a CPU machine

@@ -124,7 +124,18 @@ def training_arguments(
         from cptkit.errors import CptkitError
 
         raise CptkitError(f"train.hf: unknown TrainingArguments field(s) {', '.join(unknown)}")
-    return TrainingArguments(output_dir=str(output_dir), seed=seed, report_to=report_to, **hf)
+    args = TrainingArguments(output_dir=str(output_dir), seed=seed, report_to=report_to, **hf)
+    if args.n_gpu > 1:
+        # One process seeing several GPUs: HF would fall back to nn.DataParallel, which is slower than one
+        # GPU with these kernels and breaks per-batch state. Train on one; scale out with accelerate launch.
+        log.warning(
+            "%d GPUs visible to one process: training on one. To use all of them: accelerate launch "
+            "--config_file $(python -m cptkit.presets.accelerate ddp) --num_processes %d -m cptkit train CONFIG",
+            args.n_gpu,
+            args.n_gpu,
+        )
+        args._n_gpu = 1
+    return args
 
 
 def default_eval_steps(args: TrainingArguments, num_rows: int, train_cfg: TrainConfig) -> int:
