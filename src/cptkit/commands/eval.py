@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cptkit.config import Config, load_config
+from cptkit.config import Config
 from cptkit.config.evaluate import EvalConfig, EvalModel
 from cptkit.errors import CptkitError
 from cptkit.eval.models import load_model, load_tokenizer, pick_device, pick_dtype
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def main(args) -> int:
-    run(load_config(Config, args.config, args.overrides))
+    from cptkit.commands import load_for
+
+    run(load_for(args))
     return 0
 
 

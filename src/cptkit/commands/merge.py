@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cptkit.config import Config, load_config
+from cptkit.config import Config
 from cptkit.config.evaluate import MergeConfig
 from cptkit.errors import CptkitError
 from cptkit.eval.models import pick_device, pick_dtype
@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def main(args) -> int:
-    run(load_config(Config, args.config, args.overrides))
+    from cptkit.commands import load_for
+
+    run(load_for(args))
     return 0
 
 

@@ -83,7 +83,10 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        (evals if row.get("type") == "eval" else train).append(row)
+        if row.get("type") == "eval":
+            evals.append(row)
+        elif row.get("type", "train") == "train":
+            train.append(row)
     return train, evals
 
 
