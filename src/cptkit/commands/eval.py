@@ -17,6 +17,7 @@ from cptkit.eval.models import load_model, load_tokenizer, pick_device, pick_dty
 from cptkit.eval.perplexity import score_documents, summarize
 from cptkit.eval.results import deltas, markdown, print_summary
 from cptkit.eval.sets import EvalSet, heldout_sets, text_set, token_docs
+from cptkit.merge.nf4 import nf4_available
 from cptkit.outputs import now, versions, write_config, write_json
 
 log = logging.getLogger(__name__)
@@ -38,34 +39,9 @@ def run(cfg: Config) -> dict[str, Any]:
     sets, seq_length = _sets(cfg, ec)
     device = pick_device(ec.device)
     dtype = pick_dtype(device, cfg.model.dtype if cfg.model else "auto")
-    rows = []
+    rows, notes = [], []
     for spec in models:
-        model = load_model(spec.path, device, dtype, adapter=spec.adapter, nf4=_nf4(spec))
-        tokenizer = load_tokenizer(spec.adapter or spec.path, fallback=spec.path)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for s in sets:
-            scores = score_documents(
-                model,
-                token_docs(s, tokenizer),
-                seq_length,
-                ec.batch_size,
-                pad,
-                desc=f"{spec.name} / {s.name}",
-            )
-            rows.append(
-                {
-                    "model": spec.name,
-                    "set": s.name,
-                    "role": s.role,
-                    **summarize(scores.total_nats, scores.total_tokens, s.total_bytes),
-                    "tokens": scores.total_tokens,
-                    "bytes": s.total_bytes,
-                    "documents": len(s.texts),
-                    "nats": scores.total_nats,
-                }
-            )
-        del model
-        gc.collect()
+        rows += _score_model(spec, sets, seq_length, ec.batch_size, device, dtype, notes)
     result = {
         "results": rows,
         "deltas": deltas(rows),
@@ -73,6 +49,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "models": [vars(m) for m in models],
+        "notes": notes,
         "created": now(),
         "versions": versions(),
     }
@@ -83,6 +60,40 @@ def run(cfg: Config) -> dict[str, Any]:
     print_summary(rows, result["deltas"])
     log.info("eval results in %s", out)
     return result
+
+
+def _score_model(
+    spec: EvalModel, sets: list[EvalSet], seq_length: int, batch_size: int, device, dtype, notes: list[str]
+) -> list[dict[str, Any]]:
+    """One result row per set for one model (loaded, scored, released)."""
+    nf4 = _nf4(spec)
+    if nf4 is not None and (reason := nf4_available(device)):
+        notes.append(f"{spec.name}: {reason}; the adapter was evaluated on the original base instead")
+        log.warning(notes[-1])
+        nf4 = None
+    model = load_model(spec.path, device, dtype, adapter=spec.adapter, nf4=nf4)
+    tokenizer = load_tokenizer(spec.adapter or spec.path, fallback=spec.path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for s in sets:
+        docs = token_docs(s, tokenizer)
+        scores = score_documents(model, docs, seq_length, batch_size, pad, desc=f"{spec.name} / {s.name}")
+        nats, tokens = scores.total_nats, scores.total_tokens
+        rows.append(
+            {
+                "model": spec.name,
+                "set": s.name,
+                "role": s.role,
+                **summarize(nats, tokens, s.total_bytes),
+                "tokens": tokens,
+                "bytes": s.total_bytes,
+                "documents": len(s.texts),
+                "nats": nats,
+            }
+        )
+    del model
+    gc.collect()
+    return rows
 
 
 def default_models(cfg: Config) -> list[EvalModel]:
