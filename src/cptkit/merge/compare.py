@@ -61,7 +61,8 @@ def compare_candidates(
         ref_nats += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         ref.append((logits.cpu(), targets.cpu()))
     tokens = sum(t.numel() for _, t in ref)
-    _free(reference)
+    del reference  # one model in memory at a time
+    _release()
     results = {
         "reference": {
             "what": "adapter unmerged on the NF4 round trip of the base",
@@ -96,12 +97,13 @@ def compare_candidates(
             nats / tokens,
             ref_nats / tokens,
         )
-        _free(model)
+        del model
+        _release()
     return results
 
 
-def _free(model) -> None:
-    del model
+def _release() -> None:
+    """Return the memory of a model just deleted before the next one loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
