@@ -9,6 +9,7 @@ Methods, each timed in a fresh subprocess after its imports (Python start-up is 
   cptkit-procs  the same with a process pool instead of threads (which one is faster is measured here)
   cptkit-rerun  `cptkit prepare` again on unchanged inputs (nothing to do)
   cptkit-seq    again with another seq_length (cached ids re-chunked and re-packed; no tokenizing)
+  cptkit-chars  `cptkit prepare` with the seed's chunking (chunking: chars, 512), cold cache
   seed          the seed's way: 512-character chunks into a datasets.Dataset, dataset.map(tokenize,
                 num_proc=cores), then TRL's `pack_dataset` (bfd, 2048)
 Prints a table and writes bench/results/prepare.json.
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("ceiling", "cptkit", "cptkit-procs", "cptkit-rerun", "cptkit-seq", "seed")
+METHODS = ("ceiling", "cptkit", "cptkit-procs", "cptkit-rerun", "cptkit-seq", "cptkit-chars", "seed")
 DOMAIN = ("postgresql15_docs", "sqlite_docs")
 
 
@@ -178,9 +179,10 @@ def method(name: str, work: Path, corpus: Path, tokenizer: Path, seq_length: int
     from cptkit.config import Config, load_config
     from cptkit.data import shards
 
-    overrides = [f"data.seq_length={seq_length * 2}"] if name == "cptkit-seq" else []
+    overrides = {"cptkit-seq": [f"data.seq_length={seq_length * 2}"], "cptkit-chars": ["data.chunking=chars"]}
+    overrides = overrides.get(name, [])
     cfg = load_config(Config, config_file(work, corpus, tokenizer, seq_length), overrides)
-    if name in ("cptkit", "cptkit-procs") and (work / "run").exists():
+    if name in ("cptkit", "cptkit-procs", "cptkit-chars") and (work / "run").exists():
         shutil.rmtree(work / "run")  # cold cache
     if name == "cptkit-procs":
         shards.Tokenizing.__init__.__defaults__ = ("processes",)
@@ -230,8 +232,14 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default=str(HERE / "results" / "prepare.json"))
     p.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method, print JSON
+    p.add_argument("--table-from", help="print the table of an earlier results JSON instead of measuring")
     args = p.parse_args()
     work = Path(args.work)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        args.rounds, args.seq_length, args.out = saved["rounds"], saved["seq_length"], args.table_from
+        report(saved["runs"], saved["text_mb"], saved["tokenizer"], args)
+        return
     if args.method:
         corpus, tokenizer = work / "corpus", work / "tokenizer"
         print(json.dumps(method(args.method, work, corpus, tokenizer, args.seq_length)))
@@ -261,6 +269,14 @@ def main() -> None:
     report(runs, mb, origin, args)
 
 
+def paired(results: list[dict], ceiling: list[dict] | None, key: str) -> float | None:
+    """Median over rounds of this method's time / the ceiling's time in the same round: the load of a
+    shared machine changes between rounds, a pair run back to back sees about the same load."""
+    if not ceiling:
+        return None
+    return round(statistics.median(r[key] / c[key] for r, c in zip(results, ceiling, strict=False)), 2)
+
+
 def report(runs: dict[str, list[dict]], mb: float, origin: str, args) -> None:
     ceiling = min(x["wall_s"] for x in runs["ceiling"]) if "ceiling" in runs else None
     rows = []
@@ -276,11 +292,14 @@ def report(runs: dict[str, list[dict]], mb: float, origin: str, args) -> None:
                 "tokens": best["tokens"],
                 "tokens_per_s": round(best["tokens"] / best["wall_s"]),
                 "x_ceiling": round(best["wall_s"] / ceiling, 2) if ceiling else None,
+                "x_ceiling_paired": paired(results, runs.get("ceiling"), "wall_s"),
+                "cpu_x_ceiling_paired": paired(results, runs.get("ceiling"), "cpu_s"),
                 **{k: best[k] for k in ("rows", "packing_efficiency") if k in best},
             }
         )
     header = (
         f"{'method':<14}{'best s':>8}{'median s':>10}{'cpu s':>8}{'MB/s':>8}{'tokens/s':>12}{'x ceiling':>11}"
+        f"{'x paired':>10}{'cpu x paired':>14}"
     )
     print(
         f"\n{mb:.1f} MB of text, tokenizer: {origin}, {os.cpu_count()} cores, best of {args.rounds}\n{header}"
@@ -289,6 +308,7 @@ def report(runs: dict[str, list[dict]], mb: float, origin: str, args) -> None:
         print(
             f"{r['method']:<14}{r['best_wall_s']:>8.2f}{r['median_wall_s']:>10.2f}{r['cpu_s']:>8.2f}"
             f"{r['mb_per_s']:>8.2f}{r['tokens_per_s']:>12,}{r['x_ceiling'] or 0:>11.2f}"
+            f"{r['x_ceiling_paired'] or 0:>10.2f}{r['cpu_x_ceiling_paired'] or 0:>14.2f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
