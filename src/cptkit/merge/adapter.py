@@ -117,6 +117,7 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
     for key, tensor in tensors.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         name = re.sub(r"\.(modules_to_save|original_module)\.default", "", name)
+        name = re.sub(r"\.default(?=\.weight$|$)", "", name)  # some tools keep peft's adapter name
         for suffix, part, emb in (
             (".lora_A.weight", "a", False),
             (".lora_B.weight", "b", False),
