@@ -352,3 +352,22 @@ def test_a_source_that_only_repeats_another_is_an_error(tmp_path, tiny_tokenizer
     )
     with pytest.raises(CptkitError, match=r"sources\[1\] \(b\): no training tokens left \(30 document"):
         prepare.run(cfg)
+
+
+def test_weight_zero_source_is_held_out_only(tmp_path, tiny_tokenizer_dir, paragraphs):
+    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:60])
+    write_jsonl(tmp_path / "gen.jsonl", paragraphs[60:90])
+    cfg = config(
+        tmp_path,
+        tiny_tokenizer_dir,
+        [
+            {"name": "dom", "path": str(tmp_path / "dom.jsonl")},
+            {"name": "gen", "path": str(tmp_path / "gen.jsonl"), "weight": 0, "role": "general"},
+        ],
+        heldout_max_documents=20,
+    )
+    m = prepare.run(cfg)
+    gen = m["sources"]["gen"]
+    assert gen["heldout_documents"] == 20 and gen["mixed_tokens"] == 0 and gen["sampling_factor"] == 0
+    assert m["sources"]["dom"]["mixed_share"] == 1.0
+    assert len(heldout(cfg.stage_dir("prepare"), "gen")) == 20

@@ -135,3 +135,10 @@ def test_row_gather_is_the_same_in_small_blocks(monkeypatch):
     assert (whole.offsets == blocks.offsets).all() and whole.offsets[-1] == lens.sum()
     rows = np.split(whole.position_ids, whole.offsets[1:-1])
     assert all(r[0] == 0 and len(r) <= 64 for r in rows)
+
+
+def test_a_source_that_trains_nothing_can_be_held_out_whole():
+    hashes = [i.to_bytes(16, "little") for i in range(10)]
+    assert heldout_mask(hashes, 1.0, None, seed=1, train_needed=False).all()
+    assert heldout_mask(hashes, 1.0, 4, seed=1, train_needed=False).sum() == 4
+    assert heldout_mask(hashes, 1.0, None, seed=1).sum() == 9

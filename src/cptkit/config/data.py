@@ -17,7 +17,11 @@ class SourceConfig:
 
     name: str = opt(help="short name of the source, used in the manifest and the held-out set's folder")
     path: str = opt(help=READABLE)
-    weight: float = opt(1.0, "share of trained tokens this source should have (weights are normalised)")
+    weight: float = opt(
+        1.0,
+        "share of trained tokens this source should have (weights are normalised); 0: held-out only "
+        "(all its documents, up to data.heldout_max_documents, become its held-out set)",
+    )
     role: Literal["domain", "general"] = opt(
         "domain",
         "domain: what the model should learn; general: what it should not forget (eval reports both)",

@@ -81,7 +81,16 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
         keep = deduper.keep_mask(hashes)
         kept = np.flatnonzero(keep)
         fraction = cfg.heldout_fraction if src.heldout_fraction is None else src.heldout_fraction
-        held = kept[heldout_mask([hashes[i] for i in kept], fraction, cfg.heldout_max_documents, cfg.seed)]
+        if src.weight == 0 and src.heldout_fraction is None:
+            fraction = 1.0  # a weight-0 source is there to be evaluated on: hold out all of it (capped)
+        held_mask = heldout_mask(
+            [hashes[i] for i in kept],
+            fraction,
+            cfg.heldout_max_documents,
+            cfg.seed,
+            train_needed=src.weight > 0,
+        )
+        held = kept[held_mask]
         train = np.setdiff1d(kept, held, assume_unique=True)
         flat, lengths = _flat(table.column("input_ids"))
         doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)

@@ -4,7 +4,7 @@ A document is held out when a seeded hash of its content falls below `fraction`,
 not depend on file order or on the other documents (adding files does not reshuffle the split).
 When more than `max_documents` qualify, those with the smallest hashes are kept. A source of two
 or more documents holds out at least one (an evaluation set is never silently empty) and keeps at
-least one for training.
+least one for training, unless it trains nothing (weight 0: a held-out-only source).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import hashlib
 import numpy as np
 
 
-def heldout_mask(hashes: list[bytes], fraction: float, max_documents: int | None, seed: int) -> np.ndarray:
-    """True for each held-out document."""
+def heldout_mask(
+    hashes: list[bytes], fraction: float, max_documents: int | None, seed: int, train_needed: bool = True
+) -> np.ndarray:
+    """True for each held-out document (`train_needed=False`: a held-out-only source may give all)."""
     n = len(hashes)
-    if n <= 1 or fraction <= 0:
+    if n <= int(train_needed) or fraction <= 0:
         return np.zeros(n, dtype=bool)
     key = seed.to_bytes(8, "little", signed=True)
     scores = np.fromiter(
@@ -25,10 +27,14 @@ def heldout_mask(hashes: list[bytes], fraction: float, max_documents: int | None
         dtype=np.uint64,
         count=n,
     )
-    chosen = np.flatnonzero(scores < np.uint64(min(fraction, 1.0) * 2.0**64 - 1))
+    if fraction >= 1:
+        chosen = np.arange(n)
+    else:
+        chosen = np.flatnonzero(scores < np.uint64(int(fraction * 2.0**64)))
     if len(chosen) == 0:
         chosen = np.array([int(np.argmin(scores))])
-    cap = n - 1 if max_documents is None else min(max_documents, n - 1)
+    most = n - 1 if train_needed else n
+    cap = most if max_documents is None else min(max_documents, most)
     if len(chosen) > cap:
         chosen = chosen[np.argsort(scores[chosen], kind="stable")[:cap]]
     mask = np.zeros(n, dtype=bool)
