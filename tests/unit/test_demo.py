@@ -34,7 +34,7 @@ def test_general_text_is_generated_once_and_cached(tmp_path, tiny_model_dir):
 
 
 def test_demo_config_points_the_preset_at_the_built_paths(tmp_path):
-    corpora = {"python_docs": tmp_path / "a", "smollm2_text": tmp_path / "b"}
+    corpora = {"domain": tmp_path / "a", "general": tmp_path / "b"}
     for folder in corpora.values():
         folder.mkdir()
     for gpu in (False, True):

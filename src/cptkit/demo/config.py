@@ -12,8 +12,15 @@ from cptkit.config.load import read_yaml
 GENERAL_TEXT = {"cpu": {"samples": 48, "max_new_tokens": 160}, "gpu": {"samples": 512, "max_new_tokens": 256}}
 
 
-def demo_config(run_dir: Path, model_dir: Path, corpora: dict[str, Path], gpu: bool = False) -> Config:
-    """The preset, pointed at `model_dir`, the corpora (source name -> folder) and `run_dir`.
+def demo_config(
+    run_dir: Path,
+    model_dir: Path,
+    corpora: dict[str, Path],
+    gpu: bool = False,
+    general_name: str | None = None,
+) -> Config:
+    """The preset, pointed at `model_dir`, the corpora (role -> folder) and `run_dir`; `general_name`
+    renames the general source (the fallback's general text is not SmolLM2's).
 
     eval compares the base and the merged model only: the adapter on the base is the same function
     as the merged model, and a third pass over the held-out sets would cost a CPU a minute."""
@@ -22,7 +29,9 @@ def demo_config(run_dir: Path, model_dir: Path, corpora: dict[str, Path], gpu: b
     data["run_dir"] = str(run_dir)
     data["model"]["name_or_path"] = data["data"]["tokenizer"] = str(model_dir)
     for source in data["data"]["sources"]:
-        source["path"] = str(corpora[source["name"]])
+        source["path"] = str(corpora[source["role"]])
+        if source["role"] == "general" and general_name:
+            source["name"] = general_name
     data.setdefault("eval", {})["models"] = [
         {"name": "base", "path": str(model_dir)},
         {"name": "merged", "path": str(run_dir / "merged")},

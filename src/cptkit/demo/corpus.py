@@ -77,7 +77,7 @@ def generate_general_text(
     On a CPU, decoding reads every weight once per step whatever the batch, so one large batch is
     several times faster than a few small ones."""
     settings = _settings(model_dir, samples, max_new_tokens, seed)
-    stamp = folder / "settings.json"
+    stamp = folder.parent / f"{folder.name}.settings.json"  # beside the corpus, not read as part of it
     if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return samples
     import torch
