@@ -24,6 +24,7 @@ import gzip
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -581,6 +582,22 @@ def run_all(args) -> None:
     (out / "train.json").write_text(json.dumps(report, indent=2))
 
 
+def _call_with_limit(command: list[str], env: dict, seconds: float) -> int | str:
+    """Runs `command`; past `seconds`, every process it started gets SIGABRT (with PYTHONFAULTHANDLER
+    set, each prints the Python stack of every thread: where a stalled rank waits), then SIGKILL."""
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return f"stopped after {seconds:.0f} s (stacks of each process in the log)"
+
+
 def run_scale(args) -> None:
     """`cptkit train` on 1 GPU, then through `accelerate launch` on all GPUs (DDP, FSDP2): tokens/s each."""
     import torch
@@ -599,7 +616,7 @@ def run_scale(args) -> None:
     for name in filter(None, args.launchers.split(",")):
         launches.append(
             (
-                f"{gpus} GPUs {name}",
+                f"{gpus} GPU{'s' if gpus > 1 else ''} {name}",
                 [
                     "accelerate",
                     "launch",
@@ -638,8 +655,12 @@ def run_scale(args) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "run.yaml").write_text(yaml.safe_dump(cfg))
         t0 = time.perf_counter()
-        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": "0"} if label == "1 GPU" else {})}
-        rc = subprocess.call([*launcher, str(folder / "run.yaml")], env=env)
+        env = {
+            **os.environ,
+            "PYTHONFAULTHANDLER": "1",
+            **({"CUDA_VISIBLE_DEVICES": "0"} if label == "1 GPU" else {}),
+        }
+        rc = _call_with_limit([*launcher, str(folder / "run.yaml")], env, args.launch_timeout)
         record = {
             "launch": label,
             "command": " ".join(launcher[-4:] if label == "1 GPU" else launcher[:6]),
@@ -647,15 +668,17 @@ def run_scale(args) -> None:
             "wall_seconds": round(time.perf_counter() - t0, 1),
         }
         metrics = folder / "metrics.jsonl"
-        if rc == 0 and metrics.exists():
+        if metrics.exists():  # a stopped launch still shows the steps it made
             lines = [json.loads(x) for x in metrics.read_text().splitlines() if '"train"' in x]
             timed = [x["tokens_per_second"] for x in lines[args.skip :] if x.get("tokens_per_second")]
             record.update(
                 tokens_per_second=statistics.median(timed) if timed else None,
                 mfu=statistics.median([x["mfu"] for x in lines[args.skip :] if x.get("mfu")] or [0]) or None,
-                peak_memory_gb=lines[-1].get("peak_memory_gb"),
+                peak_memory_gb=lines[-1].get("peak_memory_gb") if lines else None,
                 losses=[x["loss"] for x in lines],
-                attention=json.loads((folder / "run_meta.json").read_text())["attention"],
+                attention=json.loads((folder / "run_meta.json").read_text())["attention"]
+                if (folder / "run_meta.json").exists()
+                else None,
             )
         report["runs"].append(record)
         (out / "train_scale.json").write_text(json.dumps(report, indent=2))
@@ -705,6 +728,9 @@ def main() -> None:
                 "--launchers", default="ddp,fsdp2", help="accelerate presets to launch on all GPUs"
             )
             a.add_argument("--tiny", action="store_true")
+            a.add_argument(
+                "--launch-timeout", type=float, default=600, help="seconds before a launch is stopped"
+            )
         elif name == "variant":
             a.add_argument("variant", choices=VARIANTS)
             a.add_argument("--json", required=True)

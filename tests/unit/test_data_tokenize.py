@@ -52,3 +52,29 @@ def test_sentence_starts_point_at_sentence_tokens(tiny_tokenizer):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(CptkitError, match="data.tokenizer: cannot load"):
         load_tokenizer(str(tmp_path / "nothing-here"))
+
+
+def test_fingerprint_ignores_call_settings_but_not_ids(tiny_tokenizer_dir):
+    """A tokenizer.json saved with truncation or padding turned on, or a pad token set by the trainer,
+    makes the same ids as prepare's tokenizer; another EOS or vocabulary is another tokenizer."""
+    from transformers import AutoTokenizer
+
+    from cptkit.data.manifest import tokenizer_fingerprint
+
+    plain = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    configured = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    configured.backend_tokenizer.enable_truncation(max_length=77)
+    configured.backend_tokenizer.enable_padding(length=99)
+    assert tokenizer_fingerprint(configured) == tokenizer_fingerprint(plain)
+
+    padded = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    padded.pad_token = padded.eos_token  # what training does for a tokenizer without a pad token
+    assert tokenizer_fingerprint(padded) == tokenizer_fingerprint(plain)
+
+    other_eos = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    other_eos.eos_token = other_eos.convert_ids_to_tokens(5)
+    assert tokenizer_fingerprint(other_eos) != tokenizer_fingerprint(plain)
+
+    grown = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    grown.add_tokens(["<new_domain_token>"])
+    assert tokenizer_fingerprint(grown) != tokenizer_fingerprint(plain)

@@ -27,10 +27,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        # truncation and padding are call settings (a saved tokenizer.json may carry them, and prepare
+        # turns them off): they do not change the id of any token
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
     else:  # slow tokenizers: the vocabulary is what matters
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    # BOS and EOS go into the stored ids; padding is added later, by the collator, and never trained on
+    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id")}
     h.update(json.dumps(specials, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
