@@ -35,10 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. data.seq_length=1024")
         if name == "run":
-            p.add_argument("--from", dest="from_stage", help="start at this stage (earlier ones must be done)")
+            p.add_argument(
+                "--from", dest="from_stage", help="start at this stage (earlier ones must be done)"
+            )
             p.add_argument("--only", dest="only_stage", help="run only this stage")
         if name == "prepare":
-            p.add_argument("--force", action="store_true", help="redo every step even if its outputs are current")
+            p.add_argument(
+                "--force", action="store_true", help="redo every step even if its outputs are current"
+            )
     p = sub.add_parser("inspect", help="show a prepared dataset's manifest")
     p.add_argument("prepared_dir", help="folder written by cptkit prepare")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")

@@ -13,8 +13,18 @@ from typing import Any
 from cptkit import __version__
 from cptkit.config import dump_yaml
 
-_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "peft", "accelerate", "trl", "bitsandbytes",
-             "liger-kernel", "deepspeed")
+_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "peft",
+    "accelerate",
+    "trl",
+    "bitsandbytes",
+    "liger-kernel",
+    "deepspeed",
+)
 
 
 def versions() -> dict[str, str]:

@@ -121,6 +121,25 @@ def test_rerun_skips_finished_stages_and_reruns_what_changed(pipeline):
     assert got["eval"] == got["report"] == got["sft-eval"] == "done"
 
 
+def test_changed_training_settings_train_anew(pipeline):
+    """A rerun for other training settings starts over: it must not resume the finished run's last
+    checkpoint (0 steps left) nor append to its metrics."""
+    path, run_dir = pipeline
+    changed = load_config(Config, path, ["train.hf.learning_rate=5e-4", "train.hf.save_steps=2"])
+    got = statuses(run_command.run(changed))
+    assert got["prepare"] == "skipped" and got["train"] == got["merge"] == got["eval"] == "done"
+    meta = json.loads((run_dir / "train" / "run_meta.json").read_text())
+    assert meta["final"]["steps"] == 4 and meta["resumed_from"] is None
+    steps = [
+        json.loads(x)["step"]
+        for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in x
+    ]
+    assert steps == [1, 2, 3, 4]
+    # asked again with the same settings after all: resumes nothing, skips
+    assert statuses(run_command.run(changed))["train"] == "skipped"
+
+
 def test_only_and_from_rerun_the_stages_asked_for(pipeline):
     path, _ = pipeline
     cfg = load_config(Config, path)

@@ -182,6 +182,26 @@ def test_resume_continues_at_the_same_data_position(tmp_path, tiny_model_dir, pr
     )
 
 
+def test_overwrite_trains_anew_over_another_run(tmp_path, tiny_model_dir, prepared):
+    """overwrite_output_dir removes the other run first: its checkpoint is not resumed (another
+    adapter shape would not even load) and its metrics lines do not mix into the new ones."""
+    from cptkit.commands.train import run
+
+    out = tmp_path / "out"
+    run(make_cfg(out, tiny_model_dir, prepared, mode="lora", max_steps=4, save_steps=2))
+    assert (out / "checkpoint-4").is_dir()
+    other = make_cfg(out, tiny_model_dir, prepared, mode="lora", max_steps=3, lora={"r": 4})
+    with pytest.raises(CptkitError, match="holds another run"):
+        run(other)
+    other.train.overwrite_output_dir = True
+    summary = run(other)
+    assert summary["steps"] == 3 and set(losses(out)) == {1, 2, 3}
+    assert not (out / "checkpoint-4").exists()
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["resumed_from"] is None
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
 def _error(cfg) -> str:
     from cptkit.commands.train import run
 

@@ -16,7 +16,9 @@ def write(tmp_path, text):
 
 def test_valid_config_loads_with_defaults(tmp_path):
     (tmp_path / "corpus").mkdir()
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
 run_dir: {tmp_path}/run
 data:
   tokenizer: tok
@@ -25,17 +27,20 @@ data:
     - {{name: domain, path: {tmp_path}/corpus, weight: 0.7}}
 train:
   hf: {{learning_rate: 2e-5}}
-""")
+""",
+    )
     cfg = load_config(Config, path)
     assert cfg.data.sources[0].weight == 0.7
     assert cfg.data.chunking == "packing"
-    assert cfg.train.hf["learning_rate"] == "2e-5" or cfg.train.hf["learning_rate"] == 2e-5
+    assert cfg.train.hf["learning_rate"] == 2e-5  # YAML 1.2 float; plain PyYAML would give "2e-5"
     assert str(cfg.stage_dir("prepare")) == f"{tmp_path}/run/data"
     assert "seq_length: 512" in dump_yaml(cfg)
 
 
 def test_all_problems_reported_together_with_paths_lines_and_suggestions(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 run_dir: out
 data:
   tokenizer: tok
@@ -43,7 +48,8 @@ data:
   chunking: pack
   sources:
     - {name: domain, path: /nonexistent/med, weight: abc}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(Config, path)
     problems = "\n".join(info.value.problems)
@@ -54,17 +60,32 @@ data:
 
 
 def test_missing_path_is_reported_with_what_was_expected(tmp_path):
-    path = write(tmp_path, "run_dir: out\ndata:\n  tokenizer: tok\n  sources:\n    - {name: med, path: /no/such/dir}\n")
+    path = write(
+        tmp_path, "run_dir: out\ndata:\n  tokenizer: tok\n  sources:\n    - {name: med, path: /no/such/dir}\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(Config, path)
-    assert "data.sources[0].path (line 5): /no/such/dir does not exist (expected a folder" in info.value.problems[0]
+    assert (
+        "data.sources[0].path (line 5): /no/such/dir does not exist (expected a folder"
+        in info.value.problems[0]
+    )
 
 
 def test_overrides_apply_before_validation(tmp_path):
     (tmp_path / "c").mkdir()
-    path = write(tmp_path, f"run_dir: out\ndata:\n  tokenizer: tok\n  sources:\n    - {{name: a, path: {tmp_path}/c}}\n")
-    cfg = load_config(Config, path, ["data.seq_length=1024", "data.sources[0].weight=0.25", "train.mode=qlora"])
+    path = write(
+        tmp_path,
+        f"run_dir: out\ndata:\n  tokenizer: tok\n  sources:\n    - {{name: a, path: {tmp_path}/c}}\n",
+    )
+    cfg = load_config(
+        Config, path, ["data.seq_length=1024", "data.sources[0].weight=0.25", "train.mode=qlora"]
+    )
     assert cfg.data.seq_length == 1024 and cfg.data.sources[0].weight == 0.25 and cfg.train.mode == "qlora"
+    cfg = load_config(
+        Config, path, ["train.hf.learning_rate=1e-4", "train.hf.weight_decay=-1E+1", "train.hf.run_name=1e4x"]
+    )
+    assert cfg.train.hf["learning_rate"] == 1e-4 and cfg.train.hf["weight_decay"] == -10.0
+    assert cfg.train.hf["run_name"] == "1e4x"
     with pytest.raises(ConfigError) as info:
         load_config(Config, path, ["data.seq_length=many", "nonsense"])
     assert any("expected KEY.PATH=VALUE" in p for p in info.value.problems)
@@ -74,4 +95,7 @@ def test_hf_keys_owned_by_cptkit_are_redirected(tmp_path):
     path = write(tmp_path, "run_dir: out\ntrain:\n  hf: {lr_scheduler_type: linear}\n")
     with pytest.raises(ConfigError) as info:
         load_config(Config, path)
-    assert "train.hf.lr_scheduler_type (line 3): set by cptkit; use train.schedule.type instead" in info.value.problems[0]
+    assert (
+        "train.hf.lr_scheduler_type (line 3): set by cptkit; use train.schedule.type instead"
+        in info.value.problems[0]
+    )

@@ -9,6 +9,7 @@ error and keeps what finished. `--from STAGE` reruns from a stage on (earlier on
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ def run(cfg: Config, from_stage: str | None = None, only_stage: str | None = Non
             console.print(f"{head} [dim]skipped: done with the same config and inputs[/dim] {detail}")
             rows.append({"stage": stage.name, "status": "skipped", "seconds": 0.0, "detail": detail})
             continue
+        if stage.resumes_from and records.holds_stale_output(stage.name, stage_stamp, stage.marker(cfg)):
+            folder = stage.resumes_from(cfg)
+            if folder.exists():
+                console.print(
+                    f"{head} [yellow]settings changed since its last run: starting over in {folder}[/yellow]"
+                )
+                shutil.rmtree(folder)
         console.print(f"{head} running ...")
         start = time.perf_counter()
         try:

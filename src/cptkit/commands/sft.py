@@ -48,7 +48,8 @@ def run(cfg: Config) -> dict[str, Any]:
     model_cfg = _model_config(cfg)
     check_mode(sft_cfg)
     identity = run_identity(sft_cfg, model_cfg, _data_hash(sft_cfg))
-    check_output_dir(output_dir, identity, sft_cfg)
+    fresh = check_output_dir(output_dir, identity, sft_cfg, section="sft")
+    resume_from = None if fresh else resume_checkpoint(sft_cfg, output_dir)
     set_seed(cfg.seed)
     loaded = load_model_and_tokenizer(model_cfg, sft_cfg)
     data = build_sft_data(sft_cfg, loaded.tokenizer, cfg.seed, read=records)
@@ -69,7 +70,7 @@ def run(cfg: Config) -> dict[str, Any]:
         write_config(output_dir, cfg)
         write_json(output_dir / "sft_data.json", data.stats)
         write_run_meta(output_dir, status="running", **meta)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(sft_cfg, output_dir))
+    result = trainer.train(resume_from_checkpoint=resume_from)
     if callbacks["non_finite"].message:
         raise CptkitError(callbacks["non_finite"].message)
     trainer.save_model(str(output_dir))

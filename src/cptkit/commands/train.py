@@ -35,7 +35,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.model.load import load_model_and_tokenizer
     from cptkit.outputs import write_config
     from cptkit.train.build import build_trainer
-    from cptkit.train.checks import preflight, resume_checkpoint
+    from cptkit.train.checks import preflight
     from cptkit.train.heldout import load_heldout_sets
     from cptkit.train.meta import write_run_meta
 
@@ -43,7 +43,7 @@ def run(cfg: Config) -> dict[str, Any]:
     dataset_dir = Path(train_cfg.dataset) if train_cfg.dataset else cfg.stage_dir("prepare")
     output_dir = cfg.stage_dir("train")
     checked = preflight(train_cfg, model_cfg, dataset_dir, output_dir)
-    manifest, resume_from = checked["manifest"], resume_checkpoint(train_cfg, output_dir)
+    manifest, resume_from = checked["manifest"], checked["resume_from"]
     set_seed(cfg.seed)
     loaded = load_model_and_tokenizer(model_cfg, train_cfg)
     rows = _train_rows(dataset_dir, manifest)

@@ -19,6 +19,23 @@ import yaml
 
 from cptkit.errors import ConfigError
 
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats: plain PyYAML takes `2e-5` (no dot) for a string,
+    which would reach the optimizer as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 _OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][\w.\[\]-]*)=(?P<value>.*)$", re.S)
 _PART = re.compile(r"([A-Za-z_][\w-]*)|\[(\d+)\]")
 
@@ -30,14 +47,14 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         raise ConfigError([f"{path}: no such config file"], source=str(path))
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], source=str(path)) from None
     lines: dict[str, int] = {}
     if node is None:
         return {}, lines
     _collect_lines(node, "", lines)
-    return yaml.safe_load(text) or {}, lines
+    return _load(text) or {}, lines
 
 
 def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
@@ -58,11 +75,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
     for override in overrides:
         match = _OVERRIDE.match(override)
         if not match:
-            problems.append(f"override {override!r}: expected KEY.PATH=VALUE, e.g. train.hf.learning_rate=1e-4")
+            problems.append(
+                f"override {override!r}: expected KEY.PATH=VALUE, e.g. train.hf.learning_rate=1e-4"
+            )
             continue
         parts = [(name, int(index) if index else None) for name, index in _PART.findall(match["key"])]
         try:
-            value = yaml.safe_load(match["value"]) if match["value"] != "" else ""
+            value = _load(match["value"]) if match["value"] != "" else ""
         except yaml.YAMLError:
             value = match["value"]
         node: Any = data
@@ -238,7 +257,9 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = No
     """Read `path`, apply overrides, and build `cls`; every problem is reported at once."""
     data, lines = read_yaml(path)
     if not isinstance(data, dict):
-        raise ConfigError([f"expected a mapping of sections at the top level, got {type(data).__name__}"], str(path))
+        raise ConfigError(
+            [f"expected a mapping of sections at the top level, got {type(data).__name__}"], str(path)
+        )
     problems = apply_overrides(data, overrides or [])
     if problems:
         raise ConfigError(problems, source=str(path))

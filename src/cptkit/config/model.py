@@ -13,7 +13,9 @@ class ModelConfig:
     """The base model every stage starts from."""
 
     name_or_path: str = opt(help="HF model: a local folder or a hub name")
-    gguf_file: str | None = opt(None, "a .gguf file inside name_or_path to load through transformers' GGUF support")
+    gguf_file: str | None = opt(
+        None, "a .gguf file inside name_or_path to load through transformers' GGUF support"
+    )
     trust_remote_code: bool = opt(False, "allow models with custom code")
     attention: Literal["auto", "varlen", "flex", "sdpa", "eager", "flash_attention_2"] = opt(
         "auto",

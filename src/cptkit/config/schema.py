@@ -19,7 +19,9 @@ STAGES = ("prepare", "train", "merge", "eval", "report", "sft")
 class Config:
     """A cptkit run. Each command reads the sections it needs; `cptkit run` runs every stage configured."""
 
-    run_dir: str | None = opt(None, "folder for every stage's output; a stage's output_dir overrides its part")
+    run_dir: str | None = opt(
+        None, "folder for every stage's output; a stage's output_dir overrides its part"
+    )
     seed: int = opt(1234, "global seed for training")
     data: DataConfig | None = opt(None, "cptkit prepare")
     model: ModelConfig | None = opt(None, "the base model")
@@ -30,20 +32,40 @@ class Config:
 
     def check(self, path: str):
         problems = []
-        for name, section in (("data", self.data), ("train", self.train), ("merge", self.merge),
-                              ("eval", self.eval), ("sft", self.sft)):
+        for name, section in (
+            ("data", self.data),
+            ("train", self.train),
+            ("merge", self.merge),
+            ("eval", self.eval),
+            ("sft", self.sft),
+        ):
             if section is not None and getattr(section, "output_dir", None) is None and self.run_dir is None:
-                problems.append((f"{name}.output_dir", "not set, and no run_dir to put it under: set one of them"))
+                problems.append(
+                    (f"{name}.output_dir", "not set, and no run_dir to put it under: set one of them")
+                )
         return problems
 
     # Where each stage writes, resolved once here so every command agrees.
     def stage_dir(self, stage: str) -> Path:
-        own = {"prepare": self.data, "train": self.train, "merge": self.merge, "eval": self.eval, "sft": self.sft}
+        own = {
+            "prepare": self.data,
+            "train": self.train,
+            "merge": self.merge,
+            "eval": self.eval,
+            "sft": self.sft,
+        }
         section = own.get(stage)
         explicit = getattr(section, "output_dir", None) if section is not None else None
         if explicit:
             return Path(explicit)
-        default = {"prepare": "data", "train": "train", "merge": "merged", "eval": "eval", "report": "report", "sft": "sft"}
+        default = {
+            "prepare": "data",
+            "train": "train",
+            "merge": "merged",
+            "eval": "eval",
+            "report": "report",
+            "sft": "sft",
+        }
         if self.run_dir is None:
             from cptkit.errors import CptkitError
 

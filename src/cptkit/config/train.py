@@ -15,9 +15,13 @@ class LoraConfig:
     r: int = opt(16, "rank")
     alpha: float = opt(32, "scaling numerator (the update is scaled by alpha / r)")
     dropout: float = opt(0.05, "dropout on the adapter input")
-    target_modules: list[str] | str = opt("all-linear", "module names to adapt, or all-linear (the seed used [q_proj, v_proj])")
+    target_modules: list[str] | str = opt(
+        "all-linear", "module names to adapt, or all-linear (the seed used [q_proj, v_proj])"
+    )
     train_embeddings: bool = opt(False, "also train the input embeddings and lm_head in full")
-    embedding_lr: float | None = opt(None, "learning rate for embeddings/lm_head when trained (default: the main lr)")
+    embedding_lr: float | None = opt(
+        None, "learning rate for embeddings/lm_head when trained (default: the main lr)"
+    )
     use_rslora: bool = opt(False, "rank-stabilised scaling alpha / sqrt(r)")
 
     def check(self, path: str):
@@ -36,7 +40,9 @@ class QuantizationConfig:
     bits: Literal[4, 8] = opt(4, "4: NF4/FP4; 8: LLM.int8")
     quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type")
     double_quant: bool = opt(True, "quantise the quantisation constants too")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the dequantised matmuls")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = opt(
+        "bfloat16", "dtype of the dequantised matmuls"
+    )
 
 
 @dataclass
@@ -49,7 +55,9 @@ class ScheduleConfig:
     warmup: float = opt(0.1, "warmup: a fraction of the steps if below 1, else a number of steps")
     decay: float = opt(0.2, "wsd only: the final fraction of steps that decays to min_lr_ratio")
     min_lr_ratio: float = opt(0.0, "learning rate at the end, as a fraction of the peak")
-    rewarm_from_step: int | None = opt(None, "restart warmup at this step (re-warming a resumed or extended run)")
+    rewarm_from_step: int | None = opt(
+        None, "restart warmup at this step (re-warming a resumed or extended run)"
+    )
 
     def check(self, path: str):
         problems = []
@@ -66,7 +74,9 @@ class ScheduleConfig:
 class TrainConfig:
     """`cptkit train`: base model + prepared dataset -> adapter or full checkpoint."""
 
-    mode: Literal["full", "lora", "qlora"] = opt("lora", "full fine-tuning, LoRA, or QLoRA (4-bit base + LoRA)")
+    mode: Literal["full", "lora", "qlora"] = opt(
+        "lora", "full fine-tuning, LoRA, or QLoRA (4-bit base + LoRA)"
+    )
     dataset: str | None = opt(None, "prepared dataset folder (default: data.output_dir)")
     output_dir: str | None = opt(None, "where checkpoints and the final model go (default: RUN_DIR/train)")
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapter shape")
@@ -74,11 +84,18 @@ class TrainConfig:
     schedule: ScheduleConfig = opt(factory=ScheduleConfig, help="learning-rate schedule")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
     fused_cross_entropy: Literal["auto", "on", "off"] = opt(
-        "auto", "liger-kernel's fused linear cross-entropy (no full vocabulary logits); auto: on GPU when installed"
+        "auto",
+        "liger-kernel's fused linear cross-entropy (no full vocabulary logits); auto: on GPU when installed",
     )
-    eval_steps: int | None = opt(None, "evaluate held-out domain/general loss every N steps (default: 10 times a run)")
-    eval_max_tokens: int = opt(200_000, "held-out tokens per set evaluated during training (the full set in cptkit eval)")
-    resume: str = opt("auto", "auto: continue from the last checkpoint in output_dir; never; or a checkpoint path")
+    eval_steps: int | None = opt(
+        None, "evaluate held-out domain/general loss every N steps (default: 10 times a run)"
+    )
+    eval_max_tokens: int = opt(
+        200_000, "held-out tokens per set evaluated during training (the full set in cptkit eval)"
+    )
+    resume: str = opt(
+        "auto", "auto: continue from the last checkpoint in output_dir; never; or a checkpoint path"
+    )
     report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="tensorboard, wandb, mlflow, or none")
     overwrite_output_dir: bool = opt(False, "allow writing into an output folder that holds another run")
     hf: dict[str, Any] = opt(
@@ -89,9 +106,18 @@ class TrainConfig:
 
     def check(self, path: str):
         problems = []
-        for owned in ("output_dir", "lr_scheduler_type", "warmup_ratio", "gradient_checkpointing", "report_to", "eval_steps"):
+        for owned in (
+            "output_dir",
+            "lr_scheduler_type",
+            "warmup_ratio",
+            "gradient_checkpointing",
+            "report_to",
+            "eval_steps",
+        ):
             if owned in self.hf:
-                problems.append((f"{path}.hf.{owned}", f"set by cptkit; use {path}.{_OWNED_BY.get(owned, owned)} instead"))
+                problems.append(
+                    (f"{path}.hf.{owned}", f"set by cptkit; use {path}.{_OWNED_BY.get(owned, owned)} instead")
+                )
         return problems
 
 

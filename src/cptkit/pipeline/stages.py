@@ -23,6 +23,8 @@ class Stage:
     marker: Callable[[Config], Path]  # the file that exists once it finished
     run: Callable[[Config], dict[str, Any]]
     describe: Callable[[dict[str, Any]], str]
+    # a folder the stage would resume from: emptied before the stage reruns for other settings
+    resumes_from: Callable[[Config], Path] | None = None
 
 
 # where each stage's finished output is recorded
@@ -167,6 +169,7 @@ STAGES: list[Stage] = [
         train_meta,
         _train,
         describe_train,
+        resumes_from=lambda c: c.stage_dir("train"),
     ),
     Stage(
         "merge",
@@ -213,6 +216,7 @@ STAGES: list[Stage] = [
         sft_meta,
         _sft,
         describe_train,
+        resumes_from=lambda c: c.stage_dir("sft"),
     ),
     Stage(
         "sft-eval",

@@ -81,6 +81,17 @@ class StageRecords:
             and record.get("marker_hash") == marker_hash(marker)
         )
 
+    def holds_stale_output(self, name: str, stage_stamp: str, marker: Path) -> bool:
+        """The stage's folder holds what this pipeline wrote for other settings (or a finished run it
+        is asked to redo): rerunning must start over rather than resume it. A failed run of the same
+        settings is resumed; an output another command rewrote since is not ours to remove."""
+        record = self.records.get(name)
+        if not record:
+            return False
+        if record.get("status") == "complete":
+            return record.get("marker_hash") is not None and record.get("marker_hash") == marker_hash(marker)
+        return record.get("stamp") != stage_stamp
+
     def is_complete(self, name: str, marker: Path) -> bool:
         return self.records.get(name, {}).get("status") == "complete" and marker.is_file()
 

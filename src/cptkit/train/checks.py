@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -102,29 +103,42 @@ def check_mode(train_cfg: TrainConfig) -> None:
         )
 
 
-def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainConfig) -> None:
-    """An output folder may hold nothing, or this same run (to resume), or anything if overwriting."""
-    if not output_dir.exists() or not any(output_dir.iterdir()) or train_cfg.overwrite_output_dir:
-        return
+def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainConfig, section: str = "train") -> bool:
+    """An output folder may hold nothing, or this same run (to resume it), or, with
+    `overwrite_output_dir`, anything else, which is then removed: nothing of another run (a checkpoint
+    to resume from, its metrics lines) may mix into this one. Returns True when training must start
+    from scratch because the folder held another run.
+
+    Every rank reads the folder and reaches the same answer; only the first removes anything. (A rank
+    that looks after the first one has emptied it finds nothing, or this run starting: no checkpoint.)"""
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return False
     meta_path = output_dir / RUN_META
-    if not meta_path.is_file():
+    recorded = json.loads(meta_path.read_text()).get("identity") if meta_path.is_file() else None
+    if recorded == identity:
+        return False
+    if not train_cfg.overwrite_output_dir:
+        if recorded is None:
+            raise CptkitError(
+                f"{section}.output_dir: {output_dir} already holds files that no cptkit train run wrote; choose "
+                f"another folder or set {section}.overwrite_output_dir: true (which deletes them)"
+            )
         raise CptkitError(
-            f"train.output_dir: {output_dir} already holds files that no cptkit train run wrote; choose another "
-            "folder or set train.overwrite_output_dir: true"
+            f"{section}.output_dir: {output_dir} holds another run (other base model, mode, adapter or dataset); "
+            f"choose another folder, or set {section}.overwrite_output_dir: true to delete it and train anew"
         )
-    recorded = json.loads(meta_path.read_text()).get("identity")
-    if recorded != identity:
-        raise CptkitError(
-            f"train.output_dir: {output_dir} holds another run (other base model, mode, adapter or dataset); "
-            "choose another folder, or set train.overwrite_output_dir: true to train over it"
-        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.warning("overwrite_output_dir: removing the other run in %s", output_dir)
+        shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True)
+    return True
 
 
 def preflight(
     train_cfg: TrainConfig, model_cfg: ModelConfig, dataset_dir: Path, output_dir: Path
 ) -> dict[str, Any]:
-    """Run every check that needs no model weights. Returns the manifest, its hash, the run identity
-    and the tokenizer (loaded once here, reused by the model loader)."""
+    """Run every check that needs no model weights. Returns the manifest, its hash, the run identity,
+    the tokenizer (loaded once here, reused by the model loader) and the checkpoint to resume from."""
     from cptkit.model.load import load_tokenizer
 
     manifest = read_manifest(dataset_dir)
@@ -140,9 +154,14 @@ def preflight(
     check_positions(model_cfg, manifest)
     data_hash = manifest_hash(dataset_dir)
     identity = run_identity(train_cfg, model_cfg, data_hash)
-    if int(os.environ.get("RANK", "0")) == 0:  # other ranks could see the folder the first one starts writing
-        check_output_dir(output_dir, identity, train_cfg)
-    return {"manifest": manifest, "manifest_hash": data_hash, "identity": identity, "tokenizer": tokenizer}
+    fresh = check_output_dir(output_dir, identity, train_cfg)
+    return {
+        "manifest": manifest,
+        "manifest_hash": data_hash,
+        "identity": identity,
+        "tokenizer": tokenizer,
+        "resume_from": None if fresh else resume_checkpoint(train_cfg, output_dir),
+    }
 
 
 def resume_checkpoint(train_cfg: TrainConfig, output_dir: Path) -> str | None:
