@@ -16,14 +16,14 @@ CONFIG_COMMANDS = {
     "merge": "merge a LoRA adapter into its base model",
     "eval": "perplexity and bits-per-byte of models on the held-out sets",
     "sft": "supervised fine-tuning on instruction data (loss on responses only)",
-    "run": "every configured stage in order: prepare -> train -> merge -> eval -> report -> sft",
+    "run": "every configured stage in order: prepare -> train -> merge -> eval -> sft -> report",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cptkit",
-        description="Continued pretraining of LLMs: prepare -> train -> merge -> eval -> report -> sft.",
+        description="Continued pretraining of LLMs: prepare -> train -> merge -> eval -> sft -> report.",
         epilog="Every config command takes CONFIG.yaml and optional overrides, e.g. "
         "`cptkit train run.yaml train.hf.learning_rate=1e-4 data.sources[0].weight=0.5`.",
     )

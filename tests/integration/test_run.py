@@ -97,7 +97,7 @@ def statuses(result: dict) -> dict[str, str]:
 def test_every_stage_runs_in_order_and_writes_its_output(pipeline):
     path, run_dir = pipeline
     records = json.loads((run_dir / ".cptkit" / "stages.json").read_text())
-    assert list(records) == ["prepare", "train", "merge", "eval", "report", "sft", "sft-eval"]
+    assert list(records) == ["prepare", "train", "merge", "eval", "sft", "sft-eval", "report"]
     assert all(r["status"] == "complete" for r in records.values())
     assert (run_dir / "data" / "manifest.json").is_file()
     assert (run_dir / "train" / "adapter_config.json").is_file()
@@ -109,6 +109,13 @@ def test_every_stage_runs_in_order_and_writes_its_output(pipeline):
     assert {r["model"] for r in results["results"]} >= {"base", "merged"}
     sft_results = json.loads((run_dir / "sft" / "eval" / "results.json").read_text())
     assert {r["model"] for r in sft_results["results"]} == {"base", "cpt", "sft"}
+    # the report, written last, holds the SFT stage too
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["sft"]["train"]["final_step"] == 3
+    assert report["sft"]["data"]["trained_tokens"] == sft_data["trained_tokens"]
+    assert {r["model"] for r in report["sft"]["eval"]["results"]} == {"base", "cpt", "sft"}
+    page = (run_dir / "report" / "report.md").read_text()
+    assert "## SFT" in page and "**sft** on domain set" in page
 
 
 def test_rerun_skips_finished_stages_and_reruns_what_changed(pipeline):
@@ -144,7 +151,7 @@ def test_only_and_from_rerun_the_stages_asked_for(pipeline):
     path, _ = pipeline
     cfg = load_config(Config, path)
     assert statuses(run_command.run(cfg, only_stage="report")) == {"report": "done"}
-    assert list(statuses(run_command.run(cfg, from_stage="sft-eval"))) == ["sft-eval"]
+    assert list(statuses(run_command.run(cfg, from_stage="sft-eval"))) == ["sft-eval", "report"]
     with pytest.raises(CptkitError, match="no such stage; stages are prepare, train"):
         run_command.run(cfg, only_stage="pretrain")
 

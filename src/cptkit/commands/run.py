@@ -1,5 +1,5 @@
 """`cptkit run CONFIG.yaml`: every stage the config asks for, in order: prepare -> train -> merge ->
-eval -> report -> sft -> eval of the SFT model.
+eval -> sft -> eval of the SFT model -> report.
 
 A stage that finished with the same config and inputs is skipped and says so (stamps in
 RUN_DIR/.cptkit/stages.json, see `cptkit.pipeline.stamps`); a failed stage stops the run with its

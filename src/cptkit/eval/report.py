@@ -1,5 +1,6 @@
-"""What a run folder says about itself: data (manifest), training (metrics.jsonl, run_meta.json), and
-evaluation (results.json), gathered into one dict (report.json) and a one-page report.md.
+"""What a run folder says about itself: data (manifest), training (metrics.jsonl, run_meta.json),
+evaluation (results.json), and the SFT stage's training and evaluation when it ran, gathered into one
+dict (report.json) and a one-page report.md.
 
 Every part is optional: a report of a run that has not been trained yet still shows its data, and
 says which parts are missing and which command makes them.
@@ -36,6 +37,9 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
         report["eval"] = {"results": data.get("results", []), "deltas": data.get("deltas", [])}
     else:
         report["missing"].append(f"eval: no {results} (run `cptkit eval`)")
+    sft = sft_summary(run_dir / "sft")
+    if sft:
+        report["sft"] = sft
     merge = run_dir / "merged" / "merge_report.json"
     if merge.is_file():
         m = json.loads(merge.read_text(encoding="utf-8"))
@@ -43,6 +47,24 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
             k: m.get(k) for k in ("kept", "why", "mode", "dtype", "comparison", "resources", "notes")
         }
     return report
+
+
+def sft_summary(sft_dir: Path) -> dict[str, Any] | None:
+    """The SFT stage's training, data (sft_data.json) and evaluation (eval/results.json), if it ran."""
+    metrics = sft_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    out: dict[str, Any] = {"train": train_summary(metrics, sft_dir / "run_meta.json")}
+    data = sft_dir / "sft_data.json"
+    if data.is_file():
+        stats = json.loads(data.read_text(encoding="utf-8"))
+        keys = ("format", "template", "records", "skipped", "truncated", "train_examples", "heldout_examples")
+        out["data"] = {k: stats.get(k) for k in (*keys, "tokens", "trained_tokens", "packing_efficiency")}
+    results = sft_dir / "eval" / "results.json"
+    if results.is_file():
+        r = json.loads(results.read_text(encoding="utf-8"))
+        out["eval"] = {"results": r.get("results", []), "deltas": r.get("deltas", [])}
+    return out
 
 
 def data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -130,26 +152,65 @@ def _num(x: Any, fmt: str = ".4g") -> str:
     return format(x, fmt) if isinstance(x, (int, float)) else str(x)
 
 
+def _verdict(d: dict[str, Any]) -> str:
+    """One line: a model's perplexity on one set before -> after, and what that means for its role."""
+    change = (d["perplexity_after"] / d["perplexity_before"] - 1) * 100 if d["perplexity_before"] else 0
+    word = (
+        ("gain" if d["loss_delta"] < 0 else "no gain")
+        if d["role"] == "domain"
+        else ("forgetting" if d["loss_delta"] > 0 else "no forgetting")
+    )
+    return (
+        f"- **{d['model']}** on {d['role']} set `{d['set']}`: perplexity {d['perplexity_before']:.3f} -> "
+        f"{d['perplexity_after']:.3f} ({change:+.1f}%), bits/byte {d['bpb_delta']:+.4f}: {word}"
+    )
+
+
+def _sft_eval(report: dict[str, Any]) -> dict[str, Any]:
+    return (report.get("sft") or {}).get("eval") or {}
+
+
+def _results_table(results: list[dict[str, Any]]) -> list[str]:
+    return [
+        "| model | set | role | loss | perplexity | bits/byte | tokens |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ] + [
+        f"| {r['model']} | {r['set']} | {r['role']} | {r['loss']:.4f} | {r['perplexity']:.3f} | "
+        f"{r['bits_per_byte']:.4f} | {r['tokens']} |"
+        for r in results
+    ]
+
+
+def _sft_markdown(sft: dict[str, Any]) -> list[str]:
+    t, d = sft["train"], sft.get("data") or {}
+    out = [
+        "## SFT",
+        "",
+        f"mode {_num(t['mode'])}, {_num(t['final_step'])} steps, final loss {_num(t['final_loss'])}, median "
+        f"{_num(t['median_tokens_per_second'], '.0f')} tokens/s, peak memory {_num(t['max_peak_memory_gb'], '.1f')} GB",
+    ]
+    if d:
+        skipped = ", ".join(f"{k} {v}" for k, v in (d.get("skipped") or {}).items()) or "none"
+        out.append(
+            f"data: {_num(d.get('records'))} records ({d.get('format')}, template {d.get('template')}), "
+            f"{_num(d.get('train_examples'))} trained and {_num(d.get('heldout_examples'))} held out; "
+            f"loss on {_num(d.get('trained_tokens'))} response tokens of {_num(d.get('tokens'))}; "
+            f"skipped: {skipped}; truncated: {_num(d.get('truncated'))}"
+        )
+    out.append("")
+    results = (sft.get("eval") or {}).get("results") or []
+    if results:
+        out += _results_table(results) + [""]
+    return out
+
+
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     """One page: the verdict first (gain, forgetting), then data, training, evaluation, with the plots."""
     out = [f"# cptkit report: {report['run_dir']}", ""]
-    deltas = (report.get("eval") or {}).get("deltas") or []
+    sft_deltas = [d for d in _sft_eval(report).get("deltas", []) if d.get("model") == "sft"]
+    deltas = [*((report.get("eval") or {}).get("deltas") or []), *sft_deltas]
     if deltas:
-        out += ["## In one line per set", ""]
-        for d in deltas:
-            change = (
-                (d["perplexity_after"] / d["perplexity_before"] - 1) * 100 if d["perplexity_before"] else 0
-            )
-            word = (
-                ("gain" if d["loss_delta"] < 0 else "no gain")
-                if d["role"] == "domain"
-                else ("forgetting" if d["loss_delta"] > 0 else "no forgetting")
-            )
-            out.append(
-                f"- **{d['model']}** on {d['role']} set `{d['set']}`: perplexity {d['perplexity_before']:.3f} -> "
-                f"{d['perplexity_after']:.3f} ({change:+.1f}%), bits/byte {d['bpb_delta']:+.4f}: {word}"
-            )
-        out.append("")
+        out += ["## In one line per set", ""] + [_verdict(d) for d in deltas] + [""]
     if report.get("missing"):
         out += ["## Missing", ""] + [f"- {m}" for m in report["missing"]] + [""]
     if "data" in report:
@@ -185,18 +246,10 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         ]
         out += [f"![{k}]({v})" for k, v in plots.items() if k in ("training", "heldout", "throughput")] + [""]
     if "eval" in report:
-        out += [
-            "## Evaluation",
-            "",
-            "| model | set | role | loss | perplexity | bits/byte | tokens |",
-            "|---|---|---|---:|---:|---:|---:|",
-        ]
-        out += [
-            f"| {r['model']} | {r['set']} | {r['role']} | {r['loss']:.4f} | {r['perplexity']:.3f} | "
-            f"{r['bits_per_byte']:.4f} | {r['tokens']} |"
-            for r in report["eval"]["results"]
-        ]
+        out += ["## Evaluation", ""] + _results_table(report["eval"]["results"])
         out += [""] + ([f"![perplexity]({plots['perplexity']})", ""] if "perplexity" in plots else [])
+    if "sft" in report:
+        out += _sft_markdown(report["sft"])
     if "merge" in report:
         m = report["merge"]
         out += [

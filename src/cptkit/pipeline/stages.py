@@ -194,21 +194,6 @@ STAGES: list[Stage] = [
         describe_eval,
     ),
     Stage(
-        "report",
-        lambda c: (
-            None
-            if c.run_dir and (c.data or c.train or c.eval)
-            else "needs run_dir and a data, train or eval section"
-        ),
-        lambda c: {},
-        lambda c: _existing(
-            c, manifest, train_meta, merge_report, lambda c: c.stage_dir("eval") / "results.json"
-        ),
-        lambda c: Path(c.run_dir) / "report" / "report.json",
-        _report,
-        lambda r: r["path"],
-    ),
-    Stage(
         "sft",
         lambda c: None if c.sft else "no sft section",
         lambda c: {"seed": c.seed, "model": c.model, "sft": c.sft},
@@ -226,6 +211,27 @@ STAGES: list[Stage] = [
         lambda c: sft_eval_dir(c) / "results.json",
         _sft_eval,
         describe_eval,
+    ),
+    Stage(
+        "report",
+        lambda c: (
+            None
+            if c.run_dir and (c.data or c.train or c.eval)
+            else "needs run_dir and a data, train or eval section"
+        ),
+        lambda c: {},
+        lambda c: _existing(
+            c,
+            manifest,
+            train_meta,
+            merge_report,
+            lambda c: c.stage_dir("eval") / "results.json",
+            sft_meta,
+            lambda c: sft_eval_dir(c) / "results.json",
+        ),
+        lambda c: Path(c.run_dir) / "report" / "report.json",
+        _report,
+        lambda r: r["path"],
     ),
 ]
 
