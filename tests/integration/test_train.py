@@ -201,6 +201,14 @@ def test_overwrite_trains_anew_over_another_run(tmp_path, tiny_model_dir, prepar
     assert meta["resumed_from"] is None
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
+    # a folder of someone else's files is written into, never emptied, and nothing in it is resumed
+    mine = tmp_path / "mine"
+    (mine / "checkpoint-9").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    cfg = make_cfg(mine, tiny_model_dir, prepared, mode="lora", max_steps=2)
+    cfg.train.overwrite_output_dir = True
+    assert run(cfg)["steps"] == 2 and (mine / "notes.txt").read_text() == "keep me"
+
 
 def _error(cfg) -> str:
     from cptkit.commands.train import run

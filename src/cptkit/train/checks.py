@@ -105,9 +105,10 @@ def check_mode(train_cfg: TrainConfig) -> None:
 
 def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainConfig, section: str = "train") -> bool:
     """An output folder may hold nothing, or this same run (to resume it), or, with
-    `overwrite_output_dir`, anything else, which is then removed: nothing of another run (a checkpoint
-    to resume from, its metrics lines) may mix into this one. Returns True when training must start
-    from scratch because the folder held another run.
+    `overwrite_output_dir`, anything else. Another cptkit run is then removed, so nothing of it (a
+    checkpoint to resume from, its metrics lines) mixes into this one; files that no cptkit run wrote
+    are left where they are (the folder may be a user's own) and written over. Returns True when
+    training must start from scratch because the folder held something else.
 
     Every rank reads the folder and reaches the same answer; only the first removes anything. (A rank
     that looks after the first one has emptied it finds nothing, or this run starting: no checkpoint.)"""
@@ -127,7 +128,9 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainConfig, se
             f"{section}.output_dir: {output_dir} holds another run (other base model, mode, adapter or dataset); "
             f"choose another folder, or set {section}.overwrite_output_dir: true to delete it and train anew"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if recorded is None:
+        log.warning("overwrite_output_dir: training into %s beside files no cptkit run wrote", output_dir)
+    elif int(os.environ.get("RANK", "0")) == 0:
         log.warning("overwrite_output_dir: removing the other run in %s", output_dir)
         shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True)
