@@ -3,9 +3,11 @@ kernels that keep packed documents apart and 128k-vocabulary logits out of memor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,13 +86,30 @@ def _sharded() -> bool:
     )
 
 
+def _weights_sharded() -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, which hold each weight as shards; ZeRO-1 and ZeRO-2 shard
+    only optimizer states and gradients. An unknown DeepSpeed stage counts as sharded."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return True
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return False
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage is None and config and Path(config).is_file():
+        try:
+            stage = str(json.loads(Path(config).read_text()).get("zero_optimization", {}).get("stage"))
+        except (OSError, ValueError, AttributeError):
+            stage = None
+    return stage not in ("0", "1", "2")
+
+
 def use_fused_cross_entropy(train_cfg: TrainConfig) -> bool:
     """liger-kernel's fused linear cross-entropy: on GPU when installed (auto), or as asked."""
     if train_cfg.fused_cross_entropy == "off":
         return False
-    if train_cfg.fused_cross_entropy == "auto" and _sharded():
+    if train_cfg.fused_cross_entropy == "auto" and _weights_sharded():
         # liger's kernel reads lm_head.weight directly, which FSDP2/ZeRO-3 hold as shards (DTensor)
-        log.info("fused cross-entropy off: the lm_head is sharded under FSDP/DeepSpeed")
+        log.info("fused cross-entropy off: the lm_head is sharded under FSDP/DeepSpeed ZeRO-3")
         return False
     try:
         import liger_kernel.transformers  # noqa: F401
