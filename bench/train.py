@@ -612,7 +612,7 @@ def run_scale(args) -> None:
     report: dict = {"device": device, "gpus": gpus, "mode": args.mode, "steps": args.steps, "runs": []}
     from cptkit.presets.accelerate import path as preset
 
-    launches = [("1 GPU", [sys.executable, "-m", "cptkit", "train"])]
+    launches = [] if args.skip_single else [("1 GPU", [sys.executable, "-m", "cptkit", "train"])]
     for name in filter(None, args.launchers.split(",")):
         launches.append(
             (
@@ -682,7 +682,7 @@ def run_scale(args) -> None:
             )
         report["runs"].append(record)
         (out / "train_scale.json").write_text(json.dumps(report, indent=2))
-    base = report["runs"][0].get("tokens_per_second")
+    base = None if args.skip_single else report["runs"][0].get("tokens_per_second")
     for r in report["runs"]:
         speedup = f"{r['tokens_per_second'] / base:.2f}x" if base and r.get("tokens_per_second") else "-"
         tps = f"{r['tokens_per_second']:.0f}" if r.get("tokens_per_second") else f"failed rc={r['rc']}"
@@ -731,6 +731,7 @@ def main() -> None:
             a.add_argument(
                 "--launch-timeout", type=float, default=600, help="seconds before a launch is stopped"
             )
+            a.add_argument("--skip-single", action="store_true", help="only the accelerate launches")
         elif name == "variant":
             a.add_argument("variant", choices=VARIANTS)
             a.add_argument("--json", required=True)
