@@ -156,3 +156,64 @@ def test_json_object_file_and_csv_with_bad_bytes(tmp_path):
         f"{tmp_path / 'bad.csv'}:2"
     )
     assert ledger.drops == {"malformed_json": 1}
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 2, 3, 7, 64, 1 << 20])
+def test_json_array_streams_element_by_element(chunk_chars):
+    """Whatever the chunk size, the stream gives the elements json.loads gives: strings holding
+    brackets and commas, nested values, numbers cut by a chunk boundary, escapes, whitespace."""
+    import io
+
+    from cptkit.data.json_array import iter_json_array
+
+    rows = [
+        {"text": "a ], b [, c", "n": 12345678},
+        {"text": 'line\nbreak "quoted" \\ and \u00e9', "nested": {"list": [1, [2, 3], {"k": []}]}},
+        12345,
+        -0.5e-3,
+        "plain string",
+        [],
+        {},
+        None,
+        True,
+    ]
+    text = json.dumps(rows, indent=2)
+    assert list(iter_json_array(io.StringIO(text), chunk_chars)) == json.loads(text)
+    assert list(iter_json_array(io.StringIO(" [ ] "), chunk_chars)) == []
+    assert list(iter_json_array(io.StringIO("[1,22,333]"), chunk_chars)) == [1, 22, 333]
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "error"),
+    [
+        ('[{"text": "a"}, {"text": "b"} {"text": "c"}]', 2, "expected ',' or ']'"),
+        ('[{"text": "a"}, {"text": "b', 1, "element 1"),
+        ('[{"text": "a"},', 1, "ends inside the array"),
+        ('{"text": "a"}', 0, "not a JSON array"),
+    ],
+)
+def test_json_array_errors_keep_what_came_before(text, kept, error):
+    import io
+
+    from cptkit.data.json_array import iter_json_array
+
+    got = []
+    with pytest.raises(ValueError, match=error):
+        for value in iter_json_array(io.StringIO(text), chunk_chars=4):
+            got.append(value)
+    assert len(got) == kept
+
+
+def test_json_array_file_is_streamed_and_a_broken_tail_is_counted(tmp_path):
+    rows = [{"text": f"row {i} " + "x" * 1000} for i in range(3000)]  # ~3 MB: several read chunks
+    (tmp_path / "big.json").write_text(json.dumps(rows), encoding="utf-8")
+    docs, ledger = _read(tmp_path / "big.json")
+    assert [d.text for d in docs] == [r["text"] for r in rows]
+    assert docs[7].where == f"{tmp_path / 'big.json'}[7]"
+
+    (tmp_path / "cut.json").write_bytes(b'[{"text": "kept"}, {"text": "caf\xe9"}, {"text": "cut off')
+    docs, ledger = _read(tmp_path / "cut.json")
+    assert [d.text for d in docs] == ["kept", "caf\ufffd"]
+    assert ledger.drops == {"malformed_json": 1}
+    assert ledger.examples["malformed_json"].startswith(f"{tmp_path / 'cut.json'}[2]")
+    assert ledger.repairs == {"encoding_errors": 1}

@@ -211,7 +211,7 @@ def _read_json_lines(path: Path, compression: str, text_field: str, ledger: Ledg
         if _is_binary(head):
             ledger.drop("binary_file", str(path))
             return
-        if head.lstrip()[:1] == b"[":  # a JSON array: loaded whole (use .jsonl for large inputs)
+        if head.lstrip()[:1] == b"[":  # a JSON array: streamed element by element
             yield from _read_json_array(f, path, text_field, ledger)
             return
         for number, line in enumerate(f, 1):
@@ -235,16 +235,25 @@ def _read_json_lines(path: Path, compression: str, text_field: str, ledger: Ledg
 
 
 def _read_json_array(f: io.BufferedIOBase, path: Path, text_field: str, ledger: Ledger) -> Iterator[Document]:
-    text, _ = decode(f.read())
+    """A .json file holding an array of rows, streamed element by element."""
+    from cptkit.data.json_array import iter_json_array
+
+    stream = io.TextIOWrapper(f, encoding="utf-8-sig", errors="cptkit-count")
+    errors = decode_errors()
+    index = -1
     try:
-        rows = json.loads(text)
-    except ValueError as e:
-        ledger.drop("malformed_json", f"{path} ({e})")
-        return
-    for number, row in enumerate(rows, 1):
-        value = _row_text(row, text_field, f"{path}[{number - 1}]", ledger)
-        if value is not None:
-            yield Document(value, f"{path}[{number - 1}]")
+        for index, row in enumerate(iter_json_array(stream)):
+            where = f"{path}[{index}]"
+            if decode_errors() != errors:
+                ledger.repair(
+                    "encoding_errors", f"{where} ({decode_errors() - errors} undecodable bytes replaced)"
+                )
+                errors = decode_errors()
+            value = _row_text(row, text_field, where, ledger)
+            if value is not None:
+                yield Document(value, where)
+    except ValueError as e:  # the rows before the error are kept; the rest of the file cannot be read
+        ledger.drop("malformed_json", f"{path}[{index + 1}] ({e}); the rest of the file is skipped")
 
 
 def _read_json_document(path: Path, compression: str, text_field: str, ledger: Ledger) -> Iterator[Document]:
