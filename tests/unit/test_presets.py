@@ -61,3 +61,28 @@ def test_preset_names_resolve_and_unknown_names_are_explained(tmp_path):
     assert presets.resolve(str(own)) == str(own)
     with pytest.raises(Exception, match="shipped presets: .*seed-llama3-8b-qlora"):
         presets.path("nope")
+
+
+def test_example_launch_script_overrides_are_valid_config(in_tmp):
+    """examples/run_7b_cpt.sh passes the seed's table as KEY=VALUE overrides: each must be a known key
+    of the preset it starts from, with a value of the right type."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).parents[2] / "examples" / "run_7b_cpt.sh").read_text()
+    block = script[script.index("args=(") : script.index("\n)\n", script.index("args=("))]
+    (in_tmp / "domain").mkdir()
+    values = {
+        "output_path": str(in_tmp / "output"),
+        "base_model_path": "meta-llama/Meta-Llama-3-8B",
+        "sources": f"[{{name: domain, path: '{in_tmp / 'domain'}', role: domain, weight: 1.0}}]",
+        "domain_dir": str(in_tmp / "domain"),
+    }
+    overrides = [
+        re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], found)
+        for found in re.findall(r'^\s*"([^"]+)"', block, flags=re.M)
+    ]
+    assert len(overrides) >= 15
+    cfg = load_config(Config, presets.path("seed-llama3-8b-qlora"), overrides)
+    assert cfg.run_dir == values["output_path"] and cfg.data.sources[0].path == values["domain_dir"]
+    assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.hf["learning_rate"]) == (32, 8, 2e-5)
