@@ -9,6 +9,7 @@ Methods, each timed in a fresh subprocess after its imports (Python start-up is 
   cptkit-procs  the same with a process pool instead of threads (which one is faster is measured here)
   cptkit-rerun  `cptkit prepare` again on unchanged inputs (nothing to do)
   cptkit-seq    again with another seq_length (cached ids re-chunked and re-packed; no tokenizing)
+  cptkit-near   again with dedup: near (cached ids re-assembled after MinHash of every document's text)
   cptkit-chars  `cptkit prepare` with the seed's chunking (chunking: chars, 512), cold cache
   seed          the seed's way: 512-character chunks into a datasets.Dataset, dataset.map(tokenize,
                 num_proc=cores), then TRL's `pack_dataset` (bfd, 2048)
@@ -30,7 +31,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("ceiling", "cptkit", "cptkit-procs", "cptkit-rerun", "cptkit-seq", "cptkit-chars", "seed")
+METHODS = (
+    "ceiling",
+    "cptkit",
+    "cptkit-procs",
+    "cptkit-rerun",
+    "cptkit-seq",
+    "cptkit-near",
+    "cptkit-chars",
+    "seed",
+)
 DOMAIN = ("postgresql15_docs", "sqlite_docs")
 
 
@@ -179,7 +189,11 @@ def method(name: str, work: Path, corpus: Path, tokenizer: Path, seq_length: int
     from cptkit.config import Config, load_config
     from cptkit.data import shards
 
-    overrides = {"cptkit-seq": [f"data.seq_length={seq_length * 2}"], "cptkit-chars": ["data.chunking=chars"]}
+    overrides = {
+        "cptkit-seq": [f"data.seq_length={seq_length * 2}"],
+        "cptkit-near": ["data.dedup=near"],
+        "cptkit-chars": ["data.chunking=chars"],
+    }
     overrides = overrides.get(name, [])
     cfg = load_config(Config, config_file(work, corpus, tokenizer, seq_length), overrides)
     if name in ("cptkit", "cptkit-procs", "cptkit-chars") and (work / "run").exists():
@@ -192,6 +206,7 @@ def method(name: str, work: Path, corpus: Path, tokenizer: Path, seq_length: int
     return _result(start, cpu, tokens) | {
         "rows": manifest["totals"]["rows"],
         "packing_efficiency": manifest["totals"]["packing_efficiency"],
+        "near_duplicates": {n: s.get("near_duplicates", 0) for n, s in manifest["sources"].items()},
     }
 
 

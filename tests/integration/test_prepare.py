@@ -371,3 +371,24 @@ def test_weight_zero_source_is_held_out_only(tmp_path, tiny_tokenizer_dir, parag
     assert gen["heldout_documents"] == 20 and gen["mixed_tokens"] == 0 and gen["sampling_factor"] == 0
     assert m["sources"]["dom"]["mixed_share"] == 1.0
     assert len(heldout(cfg.stage_dir("prepare"), "gen")) == 20
+
+
+def test_near_duplicates_are_dropped_across_sources_before_the_split(
+    tmp_path, tiny_tokenizer_dir, paragraphs
+):
+    """dedup: near drops lightly edited copies (here in another source, as a mirror of the same docs
+    would be), counts them apart from exact copies, and keeps the token accounting exact."""
+    long_docs = ["\n\n".join(paragraphs[i : i + 6]) for i in range(0, 60, 6)]  # 10 documents of 6 paragraphs
+    edited = [d.replace(" the ", " a ", 1) for d in long_docs[:4]]  # one word changed in each
+    write_jsonl(tmp_path / "c" / "docs.jsonl", long_docs)
+    write_jsonl(tmp_path / "m" / "mirror.jsonl", [*edited, long_docs[5], *paragraphs[60:80]])
+    sources = [{"name": "docs", "path": str(tmp_path / "c")}, {"name": "mirror", "path": str(tmp_path / "m")}]
+    m = prepare.run(config(tmp_path, tiny_tokenizer_dir, sources, dedup="near", heldout_fraction=0.2))
+    docs, mirror = m["sources"]["docs"], m["sources"]["mirror"]
+    assert docs["duplicates"] == docs["near_duplicates"] == 0 and docs["documents"] == 10
+    assert mirror["duplicates"] == 5 and mirror["near_duplicates"] == 4 and mirror["documents"] == 20
+    for s in (docs, mirror):
+        assert s["train_tokens"] + s["heldout_tokens"] == s["tokens"]
+
+    exact = prepare.run(config(tmp_path, tiny_tokenizer_dir, sources, dedup="exact", heldout_fraction=0.2))
+    assert exact["sources"]["mirror"]["duplicates"] == 1 and exact["sources"]["mirror"]["documents"] == 24

@@ -214,7 +214,7 @@ def _check_trainable(data, stats: dict[str, dict[str, Any]]) -> None:
         if s.weight > 0 and a["train_tokens"] == 0:
             raise CptkitError(
                 f"data.sources[{i}] ({s.name}): no training tokens left ({a['duplicates']} document(s) were "
-                f"exact duplicates of earlier sources, {a['heldout_documents']} held out); give it weight 0 "
+                f"duplicates of earlier documents, {a['heldout_documents']} held out); give it weight 0 "
                 "to keep it for held-out evaluation only, or set data.dedup: none"
             )
 
@@ -244,6 +244,7 @@ def _manifest(cfg, tokinfo, plans, sha, stats, result, fingerprint, shards) -> d
             "examples": st.ledger.examples
             | ({"ignored_file": str(plans[s.name].ignored[0])} if plans[s.name].ignored else {}),
             "duplicates": a["duplicates"],
+            "near_duplicates": a["near_duplicates"],
             "heldout_documents": a["heldout_documents"],
             "heldout_tokens": a["heldout_tokens"],
             "train_documents": a["train_documents"],

@@ -84,8 +84,13 @@ class DataConfig:
         "segments of the others (nothing repeated); upsample keeps every token of every source and repeats "
         "whole segments of the others (nothing dropped)",
     )
-    dedup: Literal["exact", "none"] = opt(
-        "exact", "exact: drop documents identical after normalisation (across all sources, first one kept)"
+    dedup: Literal["exact", "near", "none"] = opt(
+        "exact",
+        "exact: drop documents identical after normalisation (across all sources, first one kept); near: also "
+        "drop documents whose word 5-grams overlap an earlier kept one's by near_dedup_threshold (MinHash LSH)",
+    )
+    near_dedup_threshold: float = opt(
+        0.8, "Jaccard similarity of word 5-grams at which dedup: near drops a document"
     )
     filters: FilterConfig = opt(factory=FilterConfig, help="document filters")
     seed: int = opt(1234, "seed for the held-out split and the mix")
@@ -115,6 +120,10 @@ class DataConfig:
             problems.append((f"{path}.heldout_max_documents", "must be 0 or more (none: no cap)"))
         if self.num_proc is not None and self.num_proc < 1:
             problems.append((f"{path}.num_proc", "must be at least 1 (none: all cores)"))
+        if not 0 < self.near_dedup_threshold <= 1:
+            problems.append(
+                (f"{path}.near_dedup_threshold", f"{self.near_dedup_threshold} must be in (0, 1]")
+            )
         if self.chunk_tokens is not None and not 1 <= self.chunk_tokens <= self.seq_length:
             problems.append((f"{path}.chunk_tokens", f"must be between 1 and seq_length ({self.seq_length})"))
         return problems

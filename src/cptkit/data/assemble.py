@@ -19,12 +19,14 @@ from cptkit.config.data import DataConfig, SourceConfig
 from cptkit.data.chunk import segments
 from cptkit.data.dedup import Deduper
 from cptkit.data.mix import sample, sampling_factors
+from cptkit.data.near_dedup import NearDeduper
 from cptkit.data.pack import best_fit_pack
 from cptkit.data.split import heldout_mask
 from cptkit.data.tokenize import Encoder
 
 log = logging.getLogger(__name__)
 _GATHER_TOKENS = 1 << 24
+_NEAR_BLOCK = 4096
 
 
 @dataclass
@@ -70,7 +72,8 @@ def _starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray] | Non
 
 def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> Assembled:
     """Dedup across sources, split held-out documents, chunk, mix by weight and pack best-fit."""
-    deduper = Deduper(cfg.dedup == "exact")
+    deduper = Deduper(cfg.dedup in ("exact", "near"))
+    near = NearDeduper(cfg.near_dedup_threshold, enabled=cfg.dedup == "near")
     rng = np.random.default_rng(cfg.seed)
     by_name: dict[str, SourceConfig] = {s.name: s for s in cfg.sources}
     flats, seg_starts, seg_lens, stats, heldout = [], {}, {}, {}, {}
@@ -79,6 +82,9 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
         src = by_name[name]
         hashes = table.column("hash").to_pylist()
         keep = deduper.keep_mask(hashes)
+        exact_kept = np.flatnonzero(keep)
+        if near.enabled:
+            _drop_near_duplicates(near, table.column("text"), exact_kept, keep)
         kept = np.flatnonzero(keep)
         fraction = cfg.heldout_fraction if src.heldout_fraction is None else src.heldout_fraction
         if src.weight == 0 and src.heldout_fraction is None:
@@ -112,6 +118,7 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
             "characters": int(chars[kept].sum()),
             "tokens": int(lengths[kept].sum()),
             "duplicates": int(len(hashes) - len(kept)),
+            "near_duplicates": int(len(exact_kept) - len(kept)),
             "heldout_documents": int(len(held)),
             "heldout_tokens": int(sum(len(a) for a in heldout[name].ids)),
             "train_documents": int(len(train)),
@@ -137,6 +144,17 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
     log.info("packing %s segments best-fit into rows of %d tokens", f"{n_segments:,}", cfg.seq_length)
     rows = _pack(flat_all, np.concatenate(picked_starts), np.concatenate(picked_lens), cfg.seq_length, rng)
     return Assembled(rows=rows, heldout=heldout, stats=stats)
+
+
+def _drop_near_duplicates(
+    near: NearDeduper, text: pa.ChunkedArray, candidates: np.ndarray, keep: np.ndarray
+) -> None:
+    """Clear `keep` for each candidate document that nearly duplicates one kept before; texts are read a
+    block at a time, so a large source is never all in memory as Python strings."""
+    for lo in range(0, len(candidates), _NEAR_BLOCK):
+        block = candidates[lo : lo + _NEAR_BLOCK]
+        texts = text.take(pa.array(block, pa.int64())).to_pylist()
+        keep[block[~near.keep_mask(texts)]] = False
 
 
 def _heldout(table, held, flat, doc_start, lengths, cfg: DataConfig, encoder: Encoder) -> HeldOut:

@@ -74,8 +74,19 @@ def skips_table(manifest: dict[str, Any]) -> Table | None:
                 examples.get("ignored_file", ""),
             )
             rows += 1
-        if s["duplicates"]:
-            t.add_row(name, "duplicate (dropped)", _n(s["duplicates"]), "exact copy of an earlier document")
+        near = s.get("near_duplicates", 0)
+        if s["duplicates"] - near:
+            t.add_row(
+                name, "duplicate (dropped)", _n(s["duplicates"] - near), "exact copy of an earlier document"
+            )
+            rows += 1
+        if near:
+            t.add_row(
+                name,
+                "near duplicate (dropped)",
+                _n(near),
+                "shares most word 5-grams with an earlier document",
+            )
             rows += 1
     return t if rows else None
 

@@ -1,0 +1,86 @@
+"""Near-duplicate detection: what it drops, what it keeps, and that it decides the same on every run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+
+from cptkit.data.near_dedup import NearDeduper, signature
+
+WORDS = [f"w{i}" for i in range(5000)]
+
+
+def _text(seed: int, n: int = 300) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _edit(text: str, fraction: float, seed: int) -> str:
+    """Replace a fraction of the words, spread over the text."""
+    rng = random.Random(seed)
+    words = text.split()
+    for i in rng.sample(range(len(words)), int(len(words) * fraction)):
+        words[i] = f"x{rng.randrange(10**6)}"
+    return " ".join(words)
+
+
+def _jaccard(a: str, b: str) -> float:
+    def grams(t):
+        w = t.lower().split()
+        return {tuple(w[i : i + 5]) for i in range(len(w) - 4)}
+
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / len(ga | gb)
+
+
+def test_drops_near_copies_and_keeps_distinct_documents():
+    base = _text(1)
+    light = _edit(base, 0.01, 2)  # 3 of 300 words changed: ~95% of 5-grams shared
+    heavy = _edit(base, 0.2, 3)  # 60 words changed: well under half the 5-grams shared
+    assert _jaccard(base, light) > 0.9 and _jaccard(base, heavy) < 0.5
+    texts = [base, _text(4), light, heavy, base.upper(), _text(5)]
+    keep = NearDeduper(threshold=0.8).keep_mask(texts)
+    assert keep.tolist() == [True, True, False, True, False, True]
+
+
+def test_estimate_tracks_the_true_jaccard_similarity():
+    base = _text(6, 2000)
+    for fraction in (0.005, 0.02, 0.05, 0.1):
+        other = _edit(base, fraction, 7)
+        estimate = float(np.mean(signature(base) == signature(other)))
+        assert abs(estimate - _jaccard(base, other)) < 0.12, (fraction, estimate, _jaccard(base, other))
+
+
+def test_state_carries_across_calls_and_can_be_off():
+    near = NearDeduper(threshold=0.8)
+    base = _text(8)
+    assert near.keep_mask([base]).tolist() == [True]
+    assert near.keep_mask([_edit(base, 0.01, 9), "short text", "Short  TEXT"]).tolist() == [
+        False,
+        True,
+        False,
+    ]
+    assert NearDeduper(enabled=False).keep_mask([base, base]).tolist() == [True, True]
+
+
+def test_signature_is_the_same_in_every_process():
+    text = _text(10)
+    code = "import json,sys; from cptkit.data.near_dedup import signature; print(json.dumps(signature(sys.argv[1]).tolist()))"
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", code, text],
+                env={**os.environ, "PYTHONHASHSEED": seed},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for seed in ("1", "2")
+    ]
+    assert runs[0] == runs[1] == signature(text).tolist()
