@@ -120,21 +120,34 @@ def test_filters_give_reasons():
     assert first_reason("Пример текста на русском — и «кавычки».", filters) is None
 
 
-def test_row_gather_is_the_same_in_small_blocks(monkeypatch):
+def test_row_gather_is_the_same_in_small_blocks():
+    """Rows gathered a few at a time join into the rows gathered at once: every segment's tokens in
+    place, position ids counting from 0 per segment, rows cut at whole-row boundaries."""
     from cptkit.data import assemble
 
     rng = np.random.default_rng(0)
     flat = rng.integers(0, 1000, 100_000).astype(np.int32)
     lens = rng.integers(1, 64, 2000)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    whole = assemble._pack(flat, starts, lens, 64, np.random.default_rng(1))
-    monkeypatch.setattr(assemble, "_GATHER_TOKENS", 1000)
-    blocks = assemble._pack(flat, starts, lens, 64, np.random.default_rng(1))
-    for a, b in ((whole.input_ids, blocks.input_ids), (whole.position_ids, blocks.position_ids)):
-        assert (a == b).all()
-    assert (whole.offsets == blocks.offsets).all() and whole.offsets[-1] == lens.sum()
-    rows = np.split(whole.position_ids, whole.offsets[1:-1])
-    assert all(r[0] == 0 and len(r) <= 64 for r in rows)
+    rows = assemble._pack(flat, starts, lens, 64, np.random.default_rng(1))
+
+    def joined(max_tokens):
+        ids, pos, offsets, base = [], [], [np.zeros(1, np.int64)], 0
+        for i, p, o in rows.blocks(max_tokens):
+            assert o[0] == 0 and o[-1] == len(i) == len(p)
+            ids.append(i), pos.append(p), offsets.append(o[1:] + base)
+            base += len(i)
+        return np.concatenate(ids), np.concatenate(pos), np.concatenate(offsets)
+
+    whole = joined(1 << 30)
+    for small in (1, 100, 1000):
+        for a, b in zip(whole, joined(small), strict=True):
+            assert (a == b).all()
+    ids, pos, offsets = whole
+    assert offsets[-1] == lens.sum() == rows.num_tokens and len(offsets) == rows.num_rows + 1
+    assert sorted(ids.tolist()) == sorted(flat[: lens.sum()].tolist())  # every token exactly once
+    per_row = np.split(pos, offsets[1:-1])
+    assert all(r[0] == 0 and len(r) <= 64 for r in per_row)
 
 
 def test_a_source_that_trains_nothing_can_be_held_out_whole():

@@ -264,7 +264,7 @@ def _manifest(cfg, tokinfo, plans, sha, stats, result, fingerprint, shards) -> d
             "bytes": int(sum(held.num_bytes)),
         }
     rows = result.rows
-    n_rows, trained = len(rows.offsets) - 1, int(len(rows.input_ids))
+    n_rows, trained = rows.num_rows, rows.num_tokens
     capacity = n_rows * data.seq_length
     return {
         "status": "writing",
@@ -300,7 +300,7 @@ def _write(out: Path, result, manifest: dict[str, Any], cfg: Config) -> None:
 
     log.info(
         "writing %s rows and %d held-out set(s) to %s",
-        f"{len(result.rows.offsets) - 1:,}",
+        f"{result.rows.num_rows:,}",
         len(result.heldout),
         out,
     )

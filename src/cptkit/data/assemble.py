@@ -8,6 +8,7 @@ re-tokenization.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from cptkit.data.split import heldout_mask
 from cptkit.data.tokenize import Encoder
 
 log = logging.getLogger(__name__)
-_GATHER_TOKENS = 1 << 24
+_GATHER_TOKENS = 1 << 22  # tokens gathered per block of rows written
 _NEAR_BLOCK = 4096
 
 
@@ -40,11 +41,39 @@ class HeldOut:
 
 @dataclass
 class Rows:
-    """Packed training rows as flat arrays: row r is values[offsets[r]:offsets[r+1]]."""
+    """Packed training rows, gathered from the token store a block of rows at a time (so the rows are
+    never all in memory at once): row r holds the segments seg_bounds[r]:seg_bounds[r + 1], each
+    `seg_len` tokens of `flat` from `seg_src`, its position ids counting from 0."""
 
-    input_ids: np.ndarray
-    position_ids: np.ndarray
-    offsets: np.ndarray
+    flat: np.ndarray
+    seg_src: np.ndarray
+    seg_len: np.ndarray
+    seg_bounds: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.seg_bounds) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.seg_len.sum())
+
+    def blocks(self, max_tokens: int = _GATHER_TOKENS) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(input_ids, position_ids, row offsets from 0) of consecutive whole rows, about `max_tokens`
+        tokens a block (at least one row)."""
+        token_bounds = np.concatenate([[0], np.cumsum(self.seg_len, dtype=np.int64)])
+        row_tokens = token_bounds[self.seg_bounds]
+        row = 0
+        while row < self.num_rows:
+            end = int(np.searchsorted(row_tokens, row_tokens[row] + max_tokens, side="right")) - 1
+            end = min(max(end, row + 1), self.num_rows)
+            a, b = int(self.seg_bounds[row]), int(self.seg_bounds[end])
+            lens = self.seg_len[a:b]
+            local_start = token_bounds[a:b] - token_bounds[a]
+            positions = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(local_start, lens)
+            input_ids = self.flat[np.repeat(self.seg_src[a:b], lens) + positions]
+            yield input_ids, positions.astype(np.int32), row_tokens[row : end + 1] - row_tokens[row]
+            row = end
 
 
 @dataclass
@@ -54,12 +83,24 @@ class Assembled:
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(all values, per-row lengths) of a list<int32> column."""
+def _flat(column: pa.ChunkedArray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(all values, per-row lengths) of a list<int32> column; the values are copied into `out` (whose
+    start they fill) when given, so the sources' tokens land in one array without a second copy."""
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
     values = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
-    flat = np.concatenate(values).astype(np.int32, copy=False) if values else np.empty(0, np.int32)
-    return flat, lengths
+    if out is None:
+        return (
+            np.concatenate(values).astype(np.int32, copy=False) if values else np.empty(0, np.int32)
+        ), lengths
+    at = 0
+    for v in values:
+        out[at : at + len(v)] = v
+        at += len(v)
+    return out[:at], lengths
+
+
+def _total_tokens(tables: dict[str, pa.Table]) -> int:
+    return sum(int(pc.sum(pc.list_value_length(t.column("input_ids"))).as_py() or 0) for t in tables.values())
 
 
 def _starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray] | None:
@@ -76,7 +117,8 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
     near = NearDeduper(cfg.near_dedup_threshold, enabled=cfg.dedup == "near")
     rng = np.random.default_rng(cfg.seed)
     by_name: dict[str, SourceConfig] = {s.name: s for s in cfg.sources}
-    flats, seg_starts, seg_lens, stats, heldout = [], {}, {}, {}, {}
+    seg_starts, seg_lens, stats, heldout = {}, {}, {}, {}
+    flat_all = np.empty(_total_tokens(tables), np.int32)  # every source's cached tokens, one copy
     base = 0
     for name, table in tables.items():
         src = by_name[name]
@@ -98,7 +140,7 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
         )
         held = kept[held_mask]
         train = np.setdiff1d(kept, held, assume_unique=True)
-        flat, lengths = _flat(table.column("input_ids"))
+        flat, lengths = _flat(table.column("input_ids"), out=flat_all[base:])
         doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         heldout[name] = _heldout(table, held, flat, doc_start, lengths, cfg, encoder)
         doc, off, length = segments(
@@ -110,7 +152,6 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
         )
         seg_starts[name] = base + doc_start[train][doc] + off
         seg_lens[name] = length
-        flats.append(flat)
         base += len(flat)
         chars = table.column("num_chars").to_numpy()
         stats[name] = {
@@ -139,7 +180,6 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
     total = sum(s["mixed_tokens"] for s in stats.values()) or 1
     for s in stats.values():
         s["mixed_share"] = round(s["mixed_tokens"] / total, 6)
-    flat_all = np.concatenate(flats) if flats else np.empty(0, np.int32)
     n_segments = sum(len(x) for x in picked_lens)
     log.info("packing %s segments best-fit into rows of %d tokens", f"{n_segments:,}", cfg.seq_length)
     rows = _pack(flat_all, np.concatenate(picked_starts), np.concatenate(picked_lens), cfg.seq_length, rng)
@@ -168,28 +208,14 @@ def _heldout(table, held, flat, doc_start, lengths, cfg: DataConfig, encoder: En
 
 
 def _pack(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, seq_length: int, rng) -> Rows:
-    """Pack segments best-fit into rows, shuffle the rows, and gather their ids and position ids."""
+    """Pack segments best-fit into rows and shuffle the rows; their ids are gathered when written."""
     rows = best_fit_pack(lens.tolist(), seq_length)
     order_rows = rng.permutation(len(rows))
     seg_order = np.fromiter((i for r in order_rows for i in rows[r]), dtype=np.int64, count=len(lens))
     per_row = np.fromiter((len(rows[r]) for r in order_rows), dtype=np.int64, count=len(rows))
-    seg_len = lens[seg_order].astype(np.int64)
-    seg_src = starts[seg_order].astype(np.int64)
-    token_bounds = np.concatenate([[0], np.cumsum(seg_len)])
-    input_ids = np.empty(int(token_bounds[-1]), dtype=np.int32)
-    position_ids = np.empty(int(token_bounds[-1]), dtype=np.int32)
-    # gather block by block so the int64 index temporaries stay small whatever the corpus size
-    block_starts = (
-        np.searchsorted(token_bounds, np.arange(0, token_bounds[-1], _GATHER_TOKENS), side="right") - 1
+    return Rows(
+        flat=flat,
+        seg_src=starts[seg_order].astype(np.int64),
+        seg_len=lens[seg_order].astype(np.int64),
+        seg_bounds=np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64),
     )
-    for a, b in zip(block_starts, np.append(block_starts[1:], len(seg_len)), strict=True):
-        if a == b:
-            continue
-        lens_ab = seg_len[a:b]
-        local_start = token_bounds[a:b] - token_bounds[a]
-        positions = np.arange(int(lens_ab.sum()), dtype=np.int64) - np.repeat(local_start, lens_ab)
-        lo, hi = token_bounds[a], token_bounds[b]
-        position_ids[lo:hi] = positions
-        input_ids[lo:hi] = flat[np.repeat(seg_src[a:b], lens_ab) + positions]
-    seg_bounds = np.concatenate([[0], np.cumsum(per_row)])
-    return Rows(input_ids=input_ids, position_ids=position_ids, offsets=token_bounds[seg_bounds])

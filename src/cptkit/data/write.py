@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +43,48 @@ def _save(table: pa.Table, folder: Path) -> None:
 
 
 def write_train(rows: Rows, folder: Path) -> None:
-    """`train/`: input_ids and position_ids, int32 lists, one unpadded row each."""
-    table = pa.table(
-        {
-            "input_ids": _list_chunks(rows.input_ids, rows.offsets),
-            "position_ids": _list_chunks(rows.position_ids, rows.offsets),
-        }
+    """`train/`: input_ids and position_ids, int32 lists, one unpadded row each.
+
+    The rows are gathered and written a block at a time into one Arrow stream file, laid out as
+    `datasets.save_to_disk` lays out a one-shard dataset (so `load_from_disk` memory-maps it), rather
+    than built as one table first: memory stays at one block whatever the number of rows."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    list_of = getattr(datasets, "List", None) or datasets.Sequence  # List since datasets 4
+    features = datasets.Features(
+        {name: list_of(datasets.Value("int32")) for name in ("input_ids", "position_ids")}
     )
-    _save(table, folder)
+    schema = features.arrow_schema
+    data_file = "data-00000-of-00001.arrow"
+    digest = hashlib.sha256()
+    with pa.OSFile(str(folder / data_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for input_ids, position_ids, offsets in rows.blocks():
+            offsets = pa.array(offsets.astype(np.int32))
+            writer.write_batch(
+                pa.record_batch(
+                    [
+                        pa.ListArray.from_arrays(offsets, pa.array(input_ids.astype(np.int32, copy=False))),
+                        pa.ListArray.from_arrays(offsets, pa.array(position_ids)),
+                    ],
+                    schema=schema,
+                )
+            )
+            digest.update(input_ids.tobytes())
+    state = {
+        "_data_files": [{"filename": data_file}],
+        "_fingerprint": digest.hexdigest()[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    info = asdict(datasets.DatasetInfo(features=features))
+    (folder / "dataset_info.json").write_text(
+        json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8"
+    )
 
 
 def write_heldout(heldout: HeldOut, folder: Path) -> None:
