@@ -219,7 +219,10 @@ def load_model_and_tokenizer(
         )
         _recast_frozen(model, dtype)
     elif train_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if train_cfg.mode in ("lora", "qlora"):
         from peft import get_peft_model
 
