@@ -38,7 +38,10 @@ def sources_table(manifest: dict[str, Any]) -> Table:
     names = list(manifest["sources"])
     for name in names:
         t.add_column(name, justify="right")
+    near = any(s.get("near_duplicates") for s in manifest["sources"].values())
     for label, key in _SOURCE_ROWS:
+        if near and key == "duplicates":
+            label = "duplicates (near)"
         cells = []
         for name in names:
             s = manifest["sources"][name]
@@ -48,6 +51,8 @@ def sources_table(manifest: dict[str, Any]) -> Table:
                 cells.append(f"{s.get(key, 0):.2%}")
             elif key == "sampling_factor":
                 cells.append(f"{s[key]:.4f}")
+            elif near and key == "duplicates":
+                cells.append(f"{_n(s[key])} ({_n(s.get('near_duplicates', 0))})")
             else:
                 cells.append(_n(s.get(key, "")))
         t.add_row(label, *cells)
