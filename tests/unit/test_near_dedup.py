@@ -84,3 +84,16 @@ def test_signature_is_the_same_in_every_process():
         for seed in ("1", "2")
     ]
     assert runs[0] == runs[1] == signature(text).tolist()
+
+
+def test_worker_processes_decide_exactly_as_one_process():
+    texts = [_text(i % 97, 60) for i in range(300)]  # 300 texts (enough for workers), 97 distinct
+    texts += [_edit(t, 0.02, i) for i, t in enumerate(texts[:40])]
+    one = NearDeduper(threshold=0.8).keep_mask(texts)
+    near = NearDeduper(threshold=0.8, workers=2)
+    try:
+        two = near.keep_mask(texts)
+        assert near.pool is not None  # the workers did run
+    finally:
+        near.close()
+    assert one.tolist() == two.tolist() and 97 <= one.sum() <= 97 + 40

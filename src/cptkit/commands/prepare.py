@@ -28,6 +28,7 @@ from cptkit.data.shards import (
     settings_for,
     tokenization_unit,
     tokenize_shard,
+    usable_cores,
 )
 from cptkit.data.tokenize import Encoder, describe, load_tokenizer
 from cptkit.errors import CptkitError
@@ -154,7 +155,7 @@ def _tokenize_all(
     from tqdm.auto import tqdm
 
     unit = tokenization_unit(data.chunking, data.chunk_chars)
-    num_proc = data.num_proc or _cores()
+    num_proc = data.num_proc or usable_cores()
     by_source = {s.name: s for s in data.sources}
     todo = [sh for v in shards.values() for sh in v if force or cached_stats(sh, cache_dir) is None]
     todo_keys = {sh.key for sh in todo}
@@ -182,10 +183,6 @@ def _tokenize_all(
         if work is not None:
             work.close()
     return stats
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _merge(total: ShardStats, part: ShardStats) -> None:

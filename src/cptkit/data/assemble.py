@@ -22,6 +22,7 @@ from cptkit.data.dedup import Deduper
 from cptkit.data.mix import sample, sampling_factors
 from cptkit.data.near_dedup import NearDeduper
 from cptkit.data.pack import best_fit_pack
+from cptkit.data.shards import usable_cores
 from cptkit.data.split import heldout_mask
 from cptkit.data.tokenize import Encoder
 
@@ -114,7 +115,18 @@ def _starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray] | Non
 def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> Assembled:
     """Dedup across sources, split held-out documents, chunk, mix by weight and pack best-fit."""
     deduper = Deduper(cfg.dedup in ("exact", "near"))
-    near = NearDeduper(cfg.near_dedup_threshold, enabled=cfg.dedup == "near")
+    near = NearDeduper(
+        cfg.near_dedup_threshold, enabled=cfg.dedup == "near", workers=cfg.num_proc or usable_cores()
+    )
+    try:
+        return _assemble(tables, cfg, encoder, deduper, near)
+    finally:
+        near.close()
+
+
+def _assemble(
+    tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder, deduper: Deduper, near: NearDeduper
+) -> Assembled:
     rng = np.random.default_rng(cfg.seed)
     by_name: dict[str, SourceConfig] = {s.name: s for s in cfg.sources}
     seg_starts, seg_lens, stats, heldout = {}, {}, {}, {}

@@ -12,9 +12,12 @@ permutations with fixed 64-bit arithmetic, never with Python's per-process salte
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +25,7 @@ _WORD = re.compile(r"\w+")
 _SHINGLE = 5
 _PERMUTATIONS = 128
 _BANDS = 16
+_PARALLEL_FROM = 256  # texts in one call below which worker processes cost more than they save
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio): spreads shingle hashes
 
 
@@ -70,14 +74,31 @@ def signature(text: str) -> np.ndarray:
 
 
 class NearDeduper:
-    """Keeps an LSH index of the documents kept so far; `keep_mask` drops the near duplicates of them."""
+    """Keeps an LSH index of the documents kept so far; `keep_mask` drops the near duplicates of them.
 
-    def __init__(self, threshold: float = 0.8, enabled: bool = True):
+    Signatures are computed on `workers` processes (they depend on the text alone); the index is
+    built in document order on this one, so which copy is kept never depends on the workers."""
+
+    def __init__(self, threshold: float = 0.8, enabled: bool = True, workers: int = 1):
         self.threshold = threshold
         self.enabled = enabled
+        self.workers = workers
+        self.pool: Any = None
         self.rows = _PERMUTATIONS // _BANDS
         self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(_BANDS)]
         self.kept: list[np.ndarray] = []
+
+    def _signatures(self, texts: list[str]) -> Iterable[np.ndarray]:
+        if self.workers <= 1 or len(texts) < _PARALLEL_FROM:
+            return map(signature, texts)
+        if self.pool is None:  # spawn: a clean interpreter that imports numpy, not the caller's threads
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self.pool.map(signature, texts, chunksize=max(1, len(texts) // (4 * self.workers)))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def is_near_duplicate(self, sig: np.ndarray) -> bool:
         keys = [sig[b * self.rows : (b + 1) * self.rows].tobytes() for b in range(_BANDS)]
@@ -97,5 +118,5 @@ class NearDeduper:
         if not self.enabled:
             return np.ones(len(texts), dtype=bool)
         return np.fromiter(
-            (not self.is_near_duplicate(signature(t)) for t in texts), dtype=bool, count=len(texts)
+            (not self.is_near_duplicate(sig) for sig in self._signatures(texts)), dtype=bool, count=len(texts)
         )

@@ -174,6 +174,11 @@ def _list_array(flat: tuple[np.ndarray, np.ndarray] | None, n: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and job schedulers set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Tokenizing:
     """Runs `process_batch` over batches of documents on `num_proc` workers.
 
