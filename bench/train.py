@@ -725,11 +725,11 @@ def main() -> None:
             a.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
             a.add_argument("--mode", default="lora")
             a.add_argument(
-                "--launchers", default="ddp,fsdp2", help="accelerate presets to launch on all GPUs"
+                "--launchers", default="ddp,fsdp2,zero1", help="accelerate presets to launch on all GPUs"
             )
             a.add_argument("--tiny", action="store_true")
             a.add_argument(
-                "--launch-timeout", type=float, default=600, help="seconds before a launch is stopped"
+                "--launch-timeout", type=float, default=300, help="seconds before a launch is stopped"
             )
             a.add_argument("--skip-single", action="store_true", help="only the accelerate launches")
         elif name == "variant":
