@@ -392,3 +392,26 @@ def test_near_duplicates_are_dropped_across_sources_before_the_split(
 
     exact = prepare.run(config(tmp_path, tiny_tokenizer_dir, sources, dedup="exact", heldout_fraction=0.2))
     assert exact["sources"]["mirror"]["duplicates"] == 1 and exact["sources"]["mirror"]["documents"] == 24
+
+
+def test_prune_cache_keeps_only_what_this_config_uses(tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch):
+    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:60])
+    write_jsonl(tmp_path / "gen.jsonl", paragraphs[60:100])
+    both = [
+        {"name": "dom", "path": str(tmp_path / "dom.jsonl")},
+        {"name": "gen", "path": str(tmp_path / "gen.jsonl")},
+    ]
+    prepare.run(config(tmp_path, tiny_tokenizer_dir, both))
+    prepare.run(config(tmp_path, tiny_tokenizer_dir, both, filters={"min_chars": 80}))  # other settings
+    cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / prepare.CACHE
+    assert len(list((cache / "dom").glob("*.arrow"))) == 2
+    kept = prepare.run(
+        config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, prune_cache=True)
+    )
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == ["dom"]  # the removed source's entries went
+    assert len(list((cache / "dom").glob("*.arrow"))) == len(list((cache / "dom").glob("*.json"))) == 1
+    _forbid_tokenizing(monkeypatch)  # what is left is exactly what this config reads
+    again = prepare.run(
+        config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, seq_length=32)
+    )
+    assert again["sources"]["dom"]["tokens"] == kept["sources"]["dom"]["tokens"]

@@ -71,6 +71,8 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
         for s in data.sources
     }
     fingerprint = digest([sh.key for v in shards.values() for sh in v], _assembly_settings(data))
+    if data.prune_cache:
+        prune_cache(cache_dir, {name: {sh.key for sh in v} for name, v in shards.items()})
     current = _complete_manifest(out)
     if not force and current and current.get("fingerprint") == fingerprint:
         log.info("%s is up to date (same inputs, tokenizer and settings): nothing to do", out)
@@ -130,6 +132,28 @@ def _complete_manifest(out: Path) -> dict[str, Any] | None:
     except CptkitError:
         return None
     return manifest if (out / manifest.get("train_dir", "train")).is_dir() else None
+
+
+def prune_cache(cache_dir: Path, keep: dict[str, set[str]]) -> tuple[int, int]:
+    """Delete cache entries that no source of this config uses (another tokenizer, filters, changed or
+    removed files, removed sources); returns (entries removed, bytes freed)."""
+    removed = freed = 0
+    if not cache_dir.is_dir():
+        return 0, 0
+    for folder in (p for p in cache_dir.iterdir() if p.is_dir()):
+        for entry in list(folder.iterdir()):
+            key = entry.name.split(".", 1)[0]
+            if folder.name in keep and key in keep[folder.name]:
+                continue
+            freed += entry.stat().st_size
+            removed += entry.suffix == ".arrow"
+            entry.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    log.info(
+        "cache: removed %d unused entr%s, %.1f MB freed", removed, "y" if removed == 1 else "ies", freed / 1e6
+    )
+    return removed, freed
 
 
 def _hash_inputs(plans: dict[str, readers.SourcePlan], cache_dir: Path) -> dict[Path, str]:

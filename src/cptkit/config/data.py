@@ -96,6 +96,10 @@ class DataConfig:
     seed: int = opt(1234, "seed for the held-out split and the mix")
     num_proc: int | None = opt(None, "tokenizer processes (default: all cores)")
     trust_remote_code: bool = opt(False, "allow tokenizers with custom code")
+    prune_cache: bool = opt(
+        False,
+        "delete the cache entries (tokenized shards) of inputs, sources or settings this config no longer uses",
+    )
 
     def check(self, path: str):
         problems = []
