@@ -44,6 +44,16 @@ def write_jsonl(path, texts):
     return path
 
 
+def dom_and_gen(tmp_path, dom, gen) -> list[dict]:
+    """Two sources, `dom` and `gen`, each one .jsonl file of the given texts."""
+    write_jsonl(tmp_path / "dom.jsonl", dom)
+    write_jsonl(tmp_path / "gen.jsonl", gen)
+    return [
+        {"name": "dom", "path": str(tmp_path / "dom.jsonl")},
+        {"name": "gen", "path": str(tmp_path / "gen.jsonl")},
+    ]
+
+
 def config(tmp_path, tokenizer_dir, sources, **data) -> Config:
     d = {"tokenizer": str(tokenizer_dir), "seq_length": 64, "num_proc": 1, "sources": sources}
     d.update(data)
@@ -170,12 +180,7 @@ def _forbid_tokenizing(monkeypatch):
 def test_rerun_does_nothing_and_new_seq_length_does_not_retokenize(
     tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch, caplog
 ):
-    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:120])
-    write_jsonl(tmp_path / "gen.jsonl", paragraphs[120:200])
-    sources = [
-        {"name": "dom", "path": str(tmp_path / "dom.jsonl"), "weight": 0.5},
-        {"name": "gen", "path": str(tmp_path / "gen.jsonl"), "weight": 0.5},
-    ]
+    sources = [s | {"weight": 0.5} for s in dom_and_gen(tmp_path, paragraphs[:120], paragraphs[120:200])]
     cfg = config(tmp_path, tiny_tokenizer_dir, sources)
     first = prepare.run(cfg)
     out = cfg.stage_dir("prepare")
@@ -194,12 +199,7 @@ def test_rerun_does_nothing_and_new_seq_length_does_not_retokenize(
 
 
 def test_interrupted_run_resumes(tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch):
-    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:100])
-    write_jsonl(tmp_path / "gen.jsonl", paragraphs[100:180])
-    sources = [
-        {"name": "dom", "path": str(tmp_path / "dom.jsonl")},
-        {"name": "gen", "path": str(tmp_path / "gen.jsonl")},
-    ]
+    sources = dom_and_gen(tmp_path, paragraphs[:100], paragraphs[100:180])
     reference = prepare.run(config(tmp_path / "ref", tiny_tokenizer_dir, sources))
     cfg = config(tmp_path, tiny_tokenizer_dir, sources)
     real = prepare.tokenize_shard
@@ -395,12 +395,7 @@ def test_near_duplicates_are_dropped_across_sources_before_the_split(
 
 
 def test_prune_cache_keeps_only_what_this_config_uses(tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch):
-    write_jsonl(tmp_path / "dom.jsonl", paragraphs[:60])
-    write_jsonl(tmp_path / "gen.jsonl", paragraphs[60:100])
-    both = [
-        {"name": "dom", "path": str(tmp_path / "dom.jsonl")},
-        {"name": "gen", "path": str(tmp_path / "gen.jsonl")},
-    ]
+    both = dom_and_gen(tmp_path, paragraphs[:60], paragraphs[60:100])
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both))
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both, filters={"min_chars": 80}))  # other settings
     cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / prepare.CACHE

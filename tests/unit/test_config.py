@@ -46,6 +46,7 @@ data:
   tokenizer: tok
   seq_lenght: 512
   chunking: pack
+  near_dedup_threshold: 1.5
   sources:
     - {name: domain, path: /nonexistent/med, weight: abc}
 """,
@@ -56,7 +57,12 @@ data:
     assert "data.seq_lenght (line 5): unknown key (did you mean 'seq_length'?)" in problems
     assert "data.chunking (line 6): 'pack' is not one of" in problems
     assert "data.sources[0].weight" in problems and "expected a number" in problems
-    assert len(info.value.problems) == 3  # path checks run once types are right
+    assert len(info.value.problems) == 3  # path and range checks run once types are right
+    fixed = path.read_text().replace("seq_lenght", "seq_length").replace("pack\n", "packing\n")
+    path.write_text(fixed.replace("weight: abc", "weight: 1").replace("/nonexistent/med", str(tmp_path)))
+    with pytest.raises(ConfigError) as info:
+        load_config(Config, path)
+    assert info.value.problems == ["data.near_dedup_threshold (line 7): 1.5 must be in (0, 1]"]
 
 
 def test_missing_path_is_reported_with_what_was_expected(tmp_path):

@@ -79,7 +79,8 @@ def local_device() -> Any:
 
 
 def _sharded() -> bool:
-    """True under accelerate with FSDP or DeepSpeed, which place (and shard) the weights themselves."""
+    """True under accelerate with FSDP or DeepSpeed, which place the weights themselves (whether they
+    also shard them: `_weights_sharded`)."""
     return (
         os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
         or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
