@@ -1,0 +1,140 @@
+"""A folder written by `cptkit prepare`, read back: the one typed view every later stage uses.
+
+`Prepared.load(folder)` checks that the folder is a finished preparation (its manifest says `complete`,
+the training rows and every listed held-out set are on disk) and says what to run when it is not.
+Train, eval, merge and report read the manifest only through this class: the layout is in
+`cptkit.data.manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from cptkit.data.manifest import MANIFEST, read_manifest
+from cptkit.errors import CptkitError
+
+
+@dataclass(frozen=True)
+class HeldoutInfo:
+    """One held-out set as the manifest lists it: `dir` is relative to the prepared folder."""
+
+    name: str
+    dir: str
+    role: str
+    documents: int
+    tokens: int
+    bytes: int
+
+
+@dataclass
+class Prepared:
+    """A finished prepared dataset: its folder and its manifest, with typed accessors."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Prepared:
+        """The prepared dataset in `folder`, or a CptkitError that says what is wrong and what to run."""
+        folder = Path(folder)
+        prepared = cls(folder, read_manifest(folder))
+        missing = [h.dir for h in prepared.heldout.values() if not (folder / h.dir).is_dir()]
+        if not (folder / prepared.train_dir).is_dir():
+            missing.insert(0, prepared.train_dir)
+        if missing:
+            raise CptkitError(
+                f"{folder}: {', '.join(missing)} listed in {MANIFEST} but missing on disk; rerun "
+                "`cptkit prepare --force` (or remove the folder and prepare again)"
+            )
+        return prepared
+
+    @staticmethod
+    def is_complete(folder: str | Path) -> bool:
+        """True when `folder` holds a finished preparation (no error raised either way)."""
+        try:
+            Prepared.load(folder)
+        except CptkitError:
+            return False
+        return True
+
+    # --- what the manifest records ---
+    @property
+    def seq_length(self) -> int:
+        return int(self.manifest["seq_length"])
+
+    @property
+    def chunking(self) -> str:
+        return self.manifest.get("chunking", "packing")
+
+    @property
+    def train_dir(self) -> str:
+        return self.manifest.get("train_dir", "train")
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        """name_or_path, fingerprint, vocab_size and the special token ids it was made with."""
+        return self.manifest.get("tokenizer") or {}
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.tokenizer.get("fingerprint")
+
+    @property
+    def sources(self) -> dict[str, dict[str, Any]]:
+        """Per source: role, weight, documents, tokens, drops, duplicates, held-out and mixed tokens, ..."""
+        return self.manifest.get("sources") or {}
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        return self.manifest.get("totals") or {}
+
+    @property
+    def heldout(self) -> dict[str, HeldoutInfo]:
+        """Held-out sets by name, sorted by name."""
+        out = {}
+        for name, info in sorted((self.manifest.get("heldout") or {}).items()):
+            role = info.get("role") or self.sources.get(name, {}).get("role", "domain")
+            out[name] = HeldoutInfo(
+                name=name,
+                dir=info.get("dir", f"heldout/{name}"),
+                role=role,
+                documents=int(info.get("documents", 0)),
+                tokens=int(info.get("tokens", 0)),
+                bytes=int(info.get("bytes", 0)),
+            )
+        return out
+
+    @cached_property
+    def manifest_hash(self) -> str:
+        """sha256 of manifest.json: names exactly which data a run trained on."""
+        return hashlib.sha256((self.folder / MANIFEST).read_bytes()).hexdigest()[:16]
+
+    # --- the data ---
+    def train_rows(self) -> Any:
+        """The training rows (`datasets.Dataset` of input_ids, position_ids), memory-mapped."""
+        from datasets import load_from_disk
+
+        rows = load_from_disk(str(self.folder / self.train_dir))
+        if len(rows) == 0:
+            raise CptkitError(
+                f"{self.folder}: the prepared dataset has no training rows; add data and prepare again"
+            )
+        return rows.select_columns(["input_ids", "position_ids"])
+
+    def heldout_set(self, name: str) -> Any:
+        """One held-out set (`datasets.Dataset` of text, input_ids, num_bytes), memory-mapped."""
+        from datasets import load_from_disk
+
+        return load_from_disk(str(self.folder / self.heldout[name].dir))
+
+    def heldout_sets(self) -> dict[str, Any]:
+        """Every held-out set by name (sorted), each a memory-mapped `datasets.Dataset`."""
+        return {name: self.heldout_set(name) for name in self.heldout}
+
+    def to_json(self) -> str:
+        return json.dumps(self.manifest, indent=2, ensure_ascii=False)
