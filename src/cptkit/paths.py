@@ -116,6 +116,11 @@ class Paths:
         return _in(self.prepared, MANIFEST)
 
     @property
+    def eval_manifest(self) -> Path | None:
+        """The manifest of the dataset whose held-out sets eval scores."""
+        return _in(self.eval_dataset, MANIFEST)
+
+    @property
     def train_meta(self) -> Path | None:
         return _in(self.train, RUN_META)
 
@@ -182,7 +187,7 @@ class Paths:
         import yaml
 
         default = cls.under(run_dir)
-        for name in DEFAULT_FOLDERS:
+        for name in ("data", "train", "merged", "eval", "sft"):  # each holds the run's whole config
             written = getattr(default, name) / CONFIG
             if not written.is_file():
                 continue
