@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from cptkit.config.data import DataConfig
 from cptkit.config.evaluate import EvalConfig, MergeConfig
@@ -12,6 +12,7 @@ from cptkit.config.fields import opt
 from cptkit.config.model import ModelConfig
 from cptkit.config.sft import SftConfig
 from cptkit.config.train import TrainConfig
+
 
 @dataclass
 class Config:

@@ -120,7 +120,6 @@ class TrainingRun:
         return problems
 
 
-
 @dataclass
 class TrainConfig(TrainingRun):
     """`cptkit train`: base model + prepared dataset -> adapter or full checkpoint."""

@@ -177,7 +177,11 @@ STAGES: list[Stage] = [
     Stage(
         name="eval",
         why_not=lambda c: None if c.eval is not None else "no eval section",
-        sections=lambda c: {"model": c.model, "eval": c.eval, "seq_length": c.data.seq_length if c.data else None},
+        sections=lambda c: {
+            "model": c.model,
+            "eval": c.eval,
+            "seq_length": c.data.seq_length if c.data else None,
+        },
         inputs=lambda c: _files(resolve(c).eval_manifest, resolve(c).train_meta, resolve(c).merge_report),
         marker=lambda c: resolve(c).eval_results,
         run=_eval,

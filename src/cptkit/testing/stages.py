@@ -71,6 +71,7 @@ def write_prepared(
         "inputs": [],
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (folder / "train").mkdir(exist_ok=True)  # the rows' folder, for callers that write rows into it
     return folder
 
 

@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def manifest_hash(prepared_dir: str | Path) -> str:
-    """sha256 of the prepared dataset's manifest.json: names exactly which data a run trained on."""
-    return Prepared.load(prepared_dir).manifest_hash
-
-
 def run_identity(train_cfg: TrainingRun, model_cfg: ModelConfig, data_hash: str) -> str:
     """What makes two runs the same run (and a checkpoint resumable): base, mode, adapter, data."""
     key = {
