@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cptkit.paths import METRICS, RUN_META
+
 
 def write_prepared(
     folder: str | Path, sets: dict[str, tuple[str, list[str]]], tokenizer, seq_length: int = 128
@@ -111,7 +113,7 @@ def make_lora_adapter(
             "double_quant": True,
             "compute_dtype": "bfloat16",
         }
-    (folder / "run_meta.json").write_text(json.dumps(meta))
+    (folder / RUN_META).write_text(json.dumps(meta))
     return folder
 
 
@@ -151,8 +153,8 @@ def write_metrics(folder: str | Path, steps: int = 20, sets: dict[str, str] | No
                         "tokens": 1000,
                     }
                 )
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (folder / "run_meta.json").write_text(
+    (folder / METRICS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (folder / RUN_META).write_text(
         json.dumps(
             {
                 "mode": "lora",
