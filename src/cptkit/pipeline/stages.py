@@ -99,9 +99,9 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) else "?"
 
 
-def describe_prepare(m: dict[str, Any]) -> str:
-    t = m.get("totals", {})
-    return f"{t.get('rows', '?')} rows, {t.get('trained_tokens', '?')} tokens, packing {_fmt(t.get('packing_efficiency'), '.1%')}"
+def describe_prepare(manifest: dict[str, Any]) -> str:
+    t = manifest["totals"]  # prepare returns the manifest it wrote
+    return f"{t['rows']} rows, {t['trained_tokens']} tokens, packing {_fmt(t['packing_efficiency'], '.1%')}"
 
 
 def describe_train(s: dict[str, Any]) -> str:
