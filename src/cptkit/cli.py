@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a prepared dataset's manifest")
     p.add_argument("prepared_dir", help="folder written by cptkit prepare")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p = sub.add_parser("report", help="report.md, report.json and plots for a run folder")
-    p.add_argument("run_dir", help="run folder (holding data/, train/, eval/ ...)")
+    p = sub.add_parser("report", help="report.md, report.json and plots for a run (its config or its folder)")
+    p.add_argument(
+        "config", help="the run's YAML config, or its run folder (holding data/, train/, eval/ ...)"
+    )
+    p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides of the config")
     p = sub.add_parser("demo", help="the whole pipeline offline on real text, a few minutes on a CPU")
     p.add_argument("--gpu", action="store_true", help="a larger run for a GPU")
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes (default runs/demo)")

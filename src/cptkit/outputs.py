@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cptkit import __version__
-from cptkit.config import dump_yaml
+from cptkit.config import Config, dump_yaml
+from cptkit.paths import CONFIG, RECORD_KEY, resolve
 
 _PACKAGES = (
     "torch",
@@ -38,10 +39,16 @@ def versions() -> dict[str, str]:
 
 
 def write_config(folder: str | Path, config: Any) -> None:
-    """Write the resolved config (`config.yaml`) into an output folder."""
+    """Write the resolved config (`config.yaml`) into an output folder. A run's `Config` is followed by
+    the folders it resolves to (`paths:`, see `cptkit.paths`), which loading the file back skips."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+    text = dump_yaml(config)
+    if isinstance(config, Config):
+        record = {RECORD_KEY: resolve(config).to_record()}
+        text += "# where this run's stages read and write, as resolved (skipped when loaded back)\n"
+        text += dump_yaml(record)
+    (folder / CONFIG).write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, data: Any) -> None:

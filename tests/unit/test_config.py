@@ -105,3 +105,27 @@ def test_hf_keys_owned_by_cptkit_are_redirected(tmp_path):
         "train.hf.lr_scheduler_type (line 3): set by cptkit; use train.schedule.type instead"
         in info.value.problems[0]
     )
+
+
+def test_sft_takes_only_what_sft_reads(tmp_path):
+    """sft has its own fields: train's dataset and eval_max_tokens are unknown keys there."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    path = write(
+        tmp_path,
+        f"""
+run_dir: {tmp_path}/run
+sft:
+  data: {data}
+  dataset: {tmp_path}/prepared
+  eval_max_tokens: 100
+  mode: full
+""",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, path)
+    message = str(e.value)
+    assert "sft.dataset (line 5): unknown key (did you mean 'data'?)" in message
+    assert "sft.eval_max_tokens (line 6): unknown key" in message
+    path.write_text(path.read_text().replace(f"  dataset: {tmp_path}/prepared\n  eval_max_tokens: 100\n", ""))
+    assert load_config(Config, path).sft.mode == "full"

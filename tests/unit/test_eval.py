@@ -168,7 +168,7 @@ def test_missing_heldout_set_is_an_error_before_any_model_loads(tmp_path, tiny_m
     cfg = build_config(
         Config, {"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tiny_model_dir)}}
     )
-    with pytest.raises(CptkitError, match="held-out set.* b listed in manifest.json but missing"):
+    with pytest.raises(CptkitError, match="heldout/b listed in manifest.json but missing"):
         eval_cmd.run(cfg)
     assert not (tmp_path / "run/eval").exists()
 

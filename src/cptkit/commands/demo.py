@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.errors import CptkitError
+from cptkit.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def run(run_dir: Path, gpu: bool = False) -> dict[str, Any]:
     console.print(f"base model: {model_dir}")
     console.print(f"corpora: {topics} language-reference topics (domain), {what} (general), mixed 70/30")
     pipeline.run(demo_config(run_dir, model_dir, corpora, gpu=gpu, general_name=general_name))
-    headline = read_headline(run_dir / "eval" / "results.json")
+    headline = read_headline(Paths.under(run_dir).eval_results)
     headline["seconds"] = round(time.perf_counter() - start, 1)
     headline["base_model"] = str(model_dir)
     _print_headline(console, headline, run_dir)
@@ -97,7 +98,7 @@ def read_headline(results_path: Path, model: str = "merged") -> dict[str, Any]:
 
 
 def _print_headline(console: Any, headline: dict[str, Any], run_dir: Path) -> None:
-    console.print(f"\nreport: {run_dir / 'report' / 'report.md'}")
+    console.print(f"\nreport: {Paths.under(run_dir).report_md}")
     for role in ("domain", "general"):
         if role in headline:
             h = headline[role]

@@ -12,6 +12,7 @@ import torch
 
 from cptkit.config import Config
 from cptkit.config.evaluate import EvalConfig, EvalModel
+from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
 from cptkit.eval.models import load_model, load_tokenizer, pick_device, pick_dtype
 from cptkit.eval.perplexity import score_documents, summarize
@@ -19,6 +20,7 @@ from cptkit.eval.results import deltas, markdown, print_summary
 from cptkit.eval.sets import EvalSet, heldout_sets, text_set, token_docs
 from cptkit.merge.nf4 import nf4_available
 from cptkit.outputs import now, versions, write_config, write_json
+from cptkit.paths import RESULTS, RESULTS_MD, resolve
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,10 @@ def run(cfg: Config) -> dict[str, Any]:
         "created": now(),
         "versions": versions(),
     }
-    out = cfg.stage_dir("eval")
+    out = resolve(cfg).folder("eval")
     write_config(out, cfg)
-    write_json(out / "results.json", result)
-    (out / "results.md").write_text(markdown(rows, result["deltas"]), encoding="utf-8")
+    write_json(out / RESULTS, result)
+    (out / RESULTS_MD).write_text(markdown(rows, result["deltas"]), encoding="utf-8")
     print_summary(rows, result["deltas"])
     log.info("eval results in %s", out)
     return result
@@ -100,38 +102,29 @@ def default_models(cfg: Config) -> list[EvalModel]:
     """base; the trained adapter on the base (or the trained full model); the merged model if it exists."""
     if cfg.model is None:
         return []
-    base = cfg.model.name_or_path
+    base, paths = cfg.model.name_or_path, resolve(cfg)
     models = [EvalModel(name="base", path=base)]
-    train = (
-        cfg.train.output_dir
-        if cfg.train and cfg.train.output_dir
-        else (Path(cfg.run_dir) / "train" if cfg.run_dir else None)
-    )
+    train = paths.train
     if train is not None and (Path(train) / "adapter_config.json").is_file():
         models.append(EvalModel(name="adapted", path=base, adapter=str(train)))
     elif train is not None and (Path(train) / "config.json").is_file():
         models.append(EvalModel(name="adapted", path=str(train)))
     else:
         log.warning("no trained model in %s: evaluating without it", train)
-    merged = (
-        cfg.merge.output_dir
-        if cfg.merge and cfg.merge.output_dir
-        else (Path(cfg.run_dir) / "merged" if cfg.run_dir else None)
-    )
+    merged = paths.merged
     if merged is not None and (Path(merged) / "config.json").is_file():
         models.append(EvalModel(name="merged", path=str(merged)))
     return models
 
 
 def _sets(cfg: Config, ec: EvalConfig) -> tuple[list[EvalSet], int]:
-    from cptkit.data.manifest import read_manifest
-
-    dataset = ec.dataset or (str(cfg.stage_dir("prepare")) if (cfg.data is not None or cfg.run_dir) else None)
+    dataset = resolve(cfg).eval_dataset
     sets: list[EvalSet] = []
     seq_length = ec.seq_length or (cfg.data.seq_length if cfg.data else None)
-    if dataset and (ec.dataset or Path(dataset).exists() or not ec.extra_texts):
-        sets += heldout_sets(dataset, ec.max_documents)
-        seq_length = seq_length or read_manifest(dataset).get("seq_length")
+    if dataset and (ec.dataset or dataset.exists() or not ec.extra_texts):
+        prepared = Prepared.load(dataset)
+        sets += heldout_sets(prepared, ec.max_documents)
+        seq_length = seq_length or prepared.seq_length
     sets += [text_set(t.name, t.path, t.role, t.text_field, ec.max_documents) for t in ec.extra_texts]
     if not sets:
         raise CptkitError(

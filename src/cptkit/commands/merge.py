@@ -18,6 +18,7 @@ import torch
 
 from cptkit.config import Config
 from cptkit.config.evaluate import MergeConfig
+from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
 from cptkit.eval.models import pick_device, pick_dtype
 from cptkit.merge.adapter import read_adapter, training_mode
@@ -27,6 +28,7 @@ from cptkit.merge.qlora import choose_variant, plan_variants
 from cptkit.merge.stream import check_adapter_fits, merge_stream, output_specs, write_model_files
 from cptkit.merge.write import atomic_folder, check_disk_space, parse_size
 from cptkit.outputs import now, versions, write_config, write_json
+from cptkit.paths import MERGE_REPORT, resolve
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,11 @@ def run(cfg: Config) -> dict[str, Any]:
     """Merge, check, compare (QLoRA), write; returns merge_report.json's content."""
     mc = cfg.merge or MergeConfig()
     start = time.perf_counter()
-    adapter_dir = Path(mc.adapter) if mc.adapter else cfg.stage_dir("train")
-    base_name = mc.base or (cfg.model.name_or_path if cfg.model else None)
+    paths = resolve(cfg)
+    adapter_dir, base_name = paths.adapter or paths.folder("train"), paths.merge_base
     if base_name is None:
         raise CptkitError("merge.base: not set, and no model.name_or_path to default to")
-    out_dir = cfg.stage_dir("merge")
+    out_dir = paths.folder("merge")
     adapter = read_adapter(adapter_dir)
     base = read_checkpoint(resolve_model_folder(base_name))
     check_adapter_fits(base, adapter)
@@ -85,7 +87,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "versions": versions(),
         }
         write_config(tmp, cfg)
-        write_json(tmp / "merge_report.json", report)
+        write_json(tmp / MERGE_REPORT, report)
     log.info(
         "merged %s into %s -> %s (%s, %.1f s)",
         adapter_dir,
@@ -100,12 +102,10 @@ def run(cfg: Config) -> dict[str, Any]:
 def _compare(
     cfg: Config, mc: MergeConfig, base, adapter_dir: Path, variants, device
 ) -> dict[str, Any] | None:
-    dataset = mc.dataset or (cfg.train.dataset if cfg.train and cfg.train.dataset else None)
-    if dataset is None and (cfg.data is not None or cfg.run_dir):
-        dataset = str(cfg.stage_dir("prepare"))
+    dataset = resolve(cfg).merge_dataset
     docs = (
-        heldout_token_docs(dataset, mc.compare_documents, mc.compare_tokens)
-        if dataset and Path(dataset).exists()
+        heldout_token_docs(Prepared.load(dataset), mc.compare_documents, mc.compare_tokens)
+        if dataset and dataset.exists()
         else []
     )
     if not docs:

@@ -1,4 +1,6 @@
-"""`cptkit report RUN_DIR`: report.md, report.json and PNG plots from whatever stages the run has done."""
+"""`cptkit report CONFIG.yaml [overrides]` or `cptkit report RUN_DIR`: report.md, report.json and PNG plots
+from whatever stages the run has done. A config says where each stage wrote (`cptkit.paths.resolve`); a
+run folder is read through the paths its stages recorded in their config.yaml, else its default layout."""
 
 from __future__ import annotations
 
@@ -10,26 +12,39 @@ from cptkit.errors import CptkitError
 from cptkit.eval import plots
 from cptkit.eval.report import gather, markdown
 from cptkit.outputs import now, write_json
+from cptkit.paths import REPORT_JSON, REPORT_MD, Paths, resolve
 
 log = logging.getLogger(__name__)
 
 
 def main(args) -> int:
-    run(args.run_dir)
+    run(_paths_of(args))
     return 0
 
 
-def run(run_dir: str | Path) -> dict[str, Any]:
-    """Write RUN_DIR/report/{report.md, report.json, *.png}; returns report.json's content."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CptkitError(f"{run_dir}: no such run folder")
-    report = gather(run_dir)
+def _paths_of(args) -> Paths:
+    """A run folder (no overrides) as its stages recorded it, else the config file's resolved paths."""
+    if Path(args.config).is_dir():
+        if args.overrides:
+            raise CptkitError(f"{args.config}: overrides need a config file, not a run folder")
+        return Paths.of_run_dir(args.config)
+    from cptkit.commands import load_for
+
+    return resolve(load_for(args))
+
+
+def run(where: Paths | str | Path) -> dict[str, Any]:
+    """Write the report folder's report.md, report.json and *.png; returns report.json's content.
+    `where` is a run's resolved `Paths`, or a run folder."""
+    paths = where if isinstance(where, Paths) else Paths.of_run_dir(where)
+    if paths.run_dir is None or not paths.run_dir.is_dir():
+        raise CptkitError(f"{paths.run_dir}: no such run folder (the report goes into RUN_DIR/report)")
+    report = gather(paths)
     if not any(k in report for k in ("data", "train", "eval")):
         raise CptkitError(
-            f"{run_dir}: nothing to report: no data/manifest.json, train/metrics.jsonl or eval/results.json"
+            f"{paths.run_dir}: nothing to report: no {paths.manifest}, {paths.train_metrics} or {paths.eval_results}"
         )
-    out = run_dir / "report"
+    out = paths.report
     out.mkdir(parents=True, exist_ok=True)
     made = {}
     if "train" in report:
@@ -40,8 +55,8 @@ def run(run_dir: str | Path) -> dict[str, Any]:
         made["perplexity"] = plots.perplexity(report["eval"]["results"], out)
     report["plots"] = {k: v for k, v in made.items() if v}
     report["created"] = now()
-    write_json(out / "report.json", report)
-    (out / "report.md").write_text(markdown(report, report["plots"]), encoding="utf-8")
+    write_json(out / REPORT_JSON, report)
+    (out / REPORT_MD).write_text(markdown(report, report["plots"]), encoding="utf-8")
     log.info(
         "report in %s (%d plots%s)",
         out,

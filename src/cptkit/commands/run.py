@@ -53,7 +53,7 @@ def run(cfg: Config, from_stage: str | None = None, only_stage: str | None = Non
         start = time.perf_counter()
         try:
             result = stage.run(cfg)
-        except Exception as e:
+        except Exception as e:  # any failure is recorded and shown in the summary, then raised as it was
             seconds = time.perf_counter() - start
             records.record(stage.name, status="failed", stamp=stage_stamp, seconds=seconds, error=str(e))
             console.print(f"{head} [red]failed after {seconds:.0f} s[/red]: {e}")

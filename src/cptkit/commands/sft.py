@@ -17,6 +17,7 @@ from typing import Any
 from cptkit.config import Config
 from cptkit.config.model import ModelConfig
 from cptkit.errors import CptkitError
+from cptkit.paths import SFT_DATA, resolve
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.train.heldout import HeldoutSet
     from cptkit.train.meta import write_run_meta
 
-    sft_cfg, output_dir = cfg.sft, cfg.stage_dir("sft")
+    sft_cfg, output_dir = cfg.sft, resolve(cfg).folder("sft")
     records = read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)  # data errors first
     model_cfg = _model_config(cfg)
     check_mode(sft_cfg)
@@ -68,7 +69,7 @@ def run(cfg: Config) -> dict[str, Any]:
     meta = {"identity": identity, "mode": sft_cfg.mode, "base_model": model_cfg.name_or_path, "stage": "sft"}
     if main_process:
         write_config(output_dir, cfg)
-        write_json(output_dir / "sft_data.json", data.stats)
+        write_json(output_dir / SFT_DATA, data.stats)
         write_run_meta(output_dir, status="running", **meta)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if callbacks["non_finite"].message:
@@ -92,14 +93,9 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def sft_base_model(cfg: Config) -> str:
     """sft.model, else the merged CPT model, else a fully trained CPT model, else the base model."""
-    if cfg.sft.model:
-        return cfg.sft.model
-    if cfg.merge is not None and not (cfg.train and cfg.train.mode == "full"):
-        return str(cfg.stage_dir("merge"))
-    if cfg.train is not None and cfg.train.mode == "full":
-        return str(cfg.stage_dir("train"))
-    if cfg.model is not None:
-        return cfg.model.name_or_path
+    base = resolve(cfg).sft_base
+    if base is not None:
+        return base
     raise CptkitError(
         "sft.model: not set, and there is no merged or trained CPT model or model section to start from"
     )

@@ -17,6 +17,7 @@ from typing import Any
 from cptkit.commands import load_for
 from cptkit.config import Config
 from cptkit.errors import CptkitError
+from cptkit.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,15 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.train.heldout import load_heldout_sets
     from cptkit.train.meta import write_run_meta
 
-    train_cfg, model_cfg = cfg.train, cfg.model
-    dataset_dir = Path(train_cfg.dataset) if train_cfg.dataset else cfg.stage_dir("prepare")
-    output_dir = cfg.stage_dir("train")
+    train_cfg, model_cfg, paths = cfg.train, cfg.model, resolve(cfg)
+    dataset_dir, output_dir = paths.prepared or paths.folder("prepare"), paths.folder("train")
     checked = preflight(train_cfg, model_cfg, dataset_dir, output_dir)
-    manifest, resume_from = checked["manifest"], checked["resume_from"]
+    prepared, resume_from = checked["prepared"], checked["resume_from"]
     set_seed(cfg.seed)
-    loaded = load_model_and_tokenizer(model_cfg, train_cfg)
-    rows = _train_rows(dataset_dir, manifest)
-    eval_sets = load_heldout_sets(dataset_dir, manifest, manifest["seq_length"], train_cfg.eval_max_tokens)
-    flops = flops_per_token(loaded.model, manifest["seq_length"])
+    loaded = load_model_and_tokenizer(model_cfg, train_cfg, tokenizer=checked["tokenizer"])
+    rows = prepared.train_rows()
+    eval_sets = load_heldout_sets(prepared, prepared.seq_length, train_cfg.eval_max_tokens)
+    flops = flops_per_token(loaded.model, prepared.seq_length)
     trainer, callbacks = build_trainer(
         train_cfg, loaded, rows, eval_sets, output_dir, flops_per_token=flops, seed=cfg.seed
     )
@@ -83,17 +83,6 @@ def run(cfg: Config) -> dict[str, Any]:
         write_run_meta(output_dir, status="complete", final=summary)
     log.info("trained %s steps; model in %s", summary["steps"], output_dir)
     return summary
-
-
-def _train_rows(dataset_dir: Path, manifest: dict) -> Any:
-    from datasets import load_from_disk
-
-    rows = load_from_disk(str(dataset_dir / manifest.get("train_dir", "train")))
-    if len(rows) == 0:
-        raise CptkitError(
-            f"{dataset_dir}: the prepared dataset has no training rows; add data and prepare again"
-        )
-    return rows.select_columns(["input_ids", "position_ids"])
 
 
 def _summary(result: Any, callbacks: dict, output_dir: Path, meta: dict) -> dict[str, Any]:

@@ -260,6 +260,8 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = No
         raise ConfigError(
             [f"expected a mapping of sections at the top level, got {type(data).__name__}"], str(path)
         )
+    for written in getattr(cls, "WRITTEN_KEYS", ()):  # what cptkit recorded beside the config
+        data.pop(written, None)
     problems = apply_overrides(data, overrides or [])
     if problems:
         raise ConfigError(problems, source=str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from cptkit.config.data import DataConfig
 from cptkit.config.evaluate import EvalConfig, MergeConfig
@@ -11,8 +12,6 @@ from cptkit.config.fields import opt
 from cptkit.config.model import ModelConfig
 from cptkit.config.sft import SftConfig
 from cptkit.config.train import TrainConfig
-
-STAGES = ("prepare", "train", "merge", "eval", "report", "sft")
 
 
 @dataclass
@@ -30,6 +29,10 @@ class Config:
     eval: EvalConfig | None = opt(None, "cptkit eval")
     sft: SftConfig | None = opt(None, "cptkit sft")
 
+    # blocks cptkit writes into each output's config.yaml for readers of the folder (the resolved
+    # `paths:`); loading such a config.yaml back skips them, so it runs as the original did
+    WRITTEN_KEYS: ClassVar[tuple[str, ...]] = ("paths",)
+
     def check(self, path: str):
         problems = []
         for name, section in (
@@ -45,29 +48,8 @@ class Config:
                 )
         return problems
 
-    # Where each stage writes, resolved once here so every command agrees.
     def stage_dir(self, stage: str) -> Path:
-        own = {
-            "prepare": self.data,
-            "train": self.train,
-            "merge": self.merge,
-            "eval": self.eval,
-            "sft": self.sft,
-        }
-        section = own.get(stage)
-        explicit = getattr(section, "output_dir", None) if section is not None else None
-        if explicit:
-            return Path(explicit)
-        default = {
-            "prepare": "data",
-            "train": "train",
-            "merge": "merged",
-            "eval": "eval",
-            "report": "report",
-            "sft": "sft",
-        }
-        if self.run_dir is None:
-            from cptkit.errors import CptkitError
+        """The output folder of `stage`, as `cptkit.paths.resolve` works it out."""
+        from cptkit.paths import resolve
 
-            raise CptkitError(f"{stage}: no output folder: set run_dir or the section's output_dir")
-        return Path(self.run_dir) / default[stage]
+        return resolve(self).folder(stage)

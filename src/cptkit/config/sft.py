@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Literal
 
 from cptkit.config.fields import opt
-from cptkit.config.train import TrainConfig
+from cptkit.config.train import TrainingRun
 
 
 @dataclass(kw_only=True)  # a required field after the inherited defaults
-class SftConfig(TrainConfig):
-    """`cptkit sft`: instruction data -> instruction-tuned model. Training options as in `train`."""
+class SftConfig(TrainingRun):
+    """`cptkit sft`: instruction data -> instruction-tuned model. Training options as in `train`
+    (not its dataset or eval_max_tokens: SFT reads its own data and evaluates every held-out example)."""
 
     data: str = opt(help="instruction data: .jsonl/.json with alpaca fields or chat `messages`")
     model: str | None = opt(None, "model to tune (default: merge.output_dir, the merged CPT model)")

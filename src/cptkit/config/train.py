@@ -71,14 +71,16 @@ class ScheduleConfig:
 
 
 @dataclass
-class TrainConfig:
-    """`cptkit train`: base model + prepared dataset -> adapter or full checkpoint."""
+class TrainingRun:
+    """What every cptkit training run reads (`train` and `sft`): the mode, the adapter, the schedule,
+    where it writes and resumes, and what goes to transformers.TrainingArguments."""
 
     mode: Literal["full", "lora", "qlora"] = opt(
         "lora", "full fine-tuning, LoRA, or QLoRA (4-bit base + LoRA)"
     )
-    dataset: str | None = opt(None, "prepared dataset folder (default: data.output_dir)")
-    output_dir: str | None = opt(None, "where checkpoints and the final model go (default: RUN_DIR/train)")
+    output_dir: str | None = opt(
+        None, "where checkpoints and the final model go (default: RUN_DIR/train, RUN_DIR/sft for sft)"
+    )
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapter shape")
     quantization: QuantizationConfig = opt(factory=QuantizationConfig, help="QLoRA quantisation")
     schedule: ScheduleConfig = opt(factory=ScheduleConfig, help="learning-rate schedule")
@@ -89,9 +91,6 @@ class TrainConfig:
     )
     eval_steps: int | None = opt(
         None, "evaluate held-out domain/general loss every N steps (default: 10 times a run)"
-    )
-    eval_max_tokens: int = opt(
-        200_000, "held-out tokens per set evaluated during training (the full set in cptkit eval)"
     )
     resume: str = opt(
         "auto", "auto: continue from the last checkpoint in output_dir; never; or a checkpoint path"
@@ -119,6 +118,16 @@ class TrainConfig:
                     (f"{path}.hf.{owned}", f"set by cptkit; use {path}.{_OWNED_BY.get(owned, owned)} instead")
                 )
         return problems
+
+
+@dataclass
+class TrainConfig(TrainingRun):
+    """`cptkit train`: base model + prepared dataset -> adapter or full checkpoint."""
+
+    dataset: str | None = opt(None, "prepared dataset folder (default: data.output_dir)")
+    eval_max_tokens: int = opt(
+        200_000, "held-out tokens per set evaluated during training (the full set in cptkit eval)"
+    )
 
 
 _OWNED_BY = {

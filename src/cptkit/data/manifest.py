@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.errors import CptkitError
+from cptkit.paths import MANIFEST
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 

@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 from cptkit.config import Config, build_config
+from cptkit.paths import RUN_META
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def pretrain_base(cache: Path, pretrain_dir: Path, domain_dir: Path) -> Path:
     from cptkit.testing.tiny import make_tiny_llama, train_tokenizer
 
     out = cache / FOLDER
-    if (out / "train" / "run_meta.json").is_file() and (out / "train" / "config.json").is_file():
+    if (out / "train" / RUN_META).is_file() and (out / "train" / "config.json").is_file():
         return out / "train"
     texts = [
         p.read_text(encoding="utf-8")

@@ -14,75 +14,78 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cptkit.data.prepared import Prepared
+from cptkit.paths import Paths
+
 log = logging.getLogger(__name__)
 
 
-def gather(run_dir: str | Path) -> dict[str, Any]:
-    """report.json's content: the numbers of each stage found under run_dir, and what is missing."""
-    run_dir = Path(run_dir)
-    report: dict[str, Any] = {"run_dir": str(run_dir), "missing": []}
-    manifest = run_dir / "data" / "manifest.json"
-    if manifest.is_file():
-        report["data"] = data_summary(json.loads(manifest.read_text(encoding="utf-8")))
+def gather(paths: Paths) -> dict[str, Any]:
+    """report.json's content: the numbers of each stage found where `paths` says, and what is missing."""
+    report: dict[str, Any] = {"run_dir": str(paths.run_dir), "missing": []}
+    if paths.manifest is not None and paths.manifest.is_file():
+        report["data"] = data_summary(Prepared.load(paths.prepared))
     else:
-        report["missing"].append(f"data: no {manifest} (run `cptkit prepare`)")
-    metrics = run_dir / "train" / "metrics.jsonl"
-    if metrics.is_file():
-        report["train"] = train_summary(metrics, run_dir / "train" / "run_meta.json")
+        report["missing"].append(f"data: no {paths.manifest} (run `cptkit prepare`)")
+    if paths.train_metrics is not None and paths.train_metrics.is_file():
+        report["train"] = train_summary(paths.train_metrics, paths.train_meta)
     else:
-        report["missing"].append(f"train: no {metrics} (run `cptkit train`)")
-    results = run_dir / "eval" / "results.json"
-    if results.is_file():
-        data = json.loads(results.read_text(encoding="utf-8"))
-        report["eval"] = {"results": data.get("results", []), "deltas": data.get("deltas", [])}
+        report["missing"].append(f"train: no {paths.train_metrics} (run `cptkit train`)")
+    if paths.eval_results is not None and paths.eval_results.is_file():
+        report["eval"] = _eval_summary(paths.eval_results)
     else:
-        report["missing"].append(f"eval: no {results} (run `cptkit eval`)")
-    sft = sft_summary(run_dir / "sft")
+        report["missing"].append(f"eval: no {paths.eval_results} (run `cptkit eval`)")
+    sft = sft_summary(paths)
     if sft:
         report["sft"] = sft
-    merge = run_dir / "merged" / "merge_report.json"
-    if merge.is_file():
-        m = json.loads(merge.read_text(encoding="utf-8"))
+    if paths.merge_report is not None and paths.merge_report.is_file():
+        m = _read_json(paths.merge_report)
         report["merge"] = {
             k: m.get(k) for k in ("kept", "why", "mode", "dtype", "comparison", "resources", "notes")
         }
     return report
 
 
-def sft_summary(sft_dir: Path) -> dict[str, Any] | None:
-    """The SFT stage's training, data (sft_data.json) and evaluation (eval/results.json), if it ran."""
-    metrics = sft_dir / "metrics.jsonl"
-    if not metrics.is_file():
+def sft_summary(paths: Paths) -> dict[str, Any] | None:
+    """The SFT stage's training, data (sft_data.json) and evaluation (sft/eval/results.json), if it ran."""
+    if paths.sft_metrics is None or not paths.sft_metrics.is_file():
         return None
-    out: dict[str, Any] = {"train": train_summary(metrics, sft_dir / "run_meta.json")}
-    data = sft_dir / "sft_data.json"
-    if data.is_file():
-        stats = json.loads(data.read_text(encoding="utf-8"))
+    out: dict[str, Any] = {"train": train_summary(paths.sft_metrics, paths.sft_meta)}
+    if paths.sft_data.is_file():
+        stats = _read_json(paths.sft_data)
         keys = ("format", "template", "records", "skipped", "truncated", "train_examples", "heldout_examples")
         out["data"] = {k: stats.get(k) for k in (*keys, "tokens", "trained_tokens", "packing_efficiency")}
-    results = sft_dir / "eval" / "results.json"
-    if results.is_file():
-        r = json.loads(results.read_text(encoding="utf-8"))
-        out["eval"] = {"results": r.get("results", []), "deltas": r.get("deltas", [])}
+    if paths.sft_eval_results.is_file():
+        out["eval"] = _eval_summary(paths.sft_eval_results)
     return out
 
 
-def data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _eval_summary(results: Path) -> dict[str, Any]:
+    data = _read_json(results)
+    return {"results": data.get("results", []), "deltas": data.get("deltas", [])}
+
+
+_SOURCE_KEYS = (
+    "role",
+    "weight",
+    "documents",
+    "tokens",
+    "train_tokens",
+    "mixed_tokens",
+    "heldout_documents",
+    "duplicates",
+)
+
+
+def data_summary(prepared: Prepared) -> dict[str, Any]:
+    """Per source counts and mix shares, the totals and how the rows were made."""
     sources = {}
-    for name, s in (manifest.get("sources") or {}).items():
-        sources[name] = {
-            k: s.get(k)
-            for k in (
-                "role",
-                "weight",
-                "documents",
-                "tokens",
-                "train_tokens",
-                "mixed_tokens",
-                "heldout_documents",
-                "duplicates",
-            )
-        }
+    for name, s in prepared.sources.items():
+        sources[name] = {k: s.get(k) for k in _SOURCE_KEYS}
         sources[name]["dropped"] = sum((s.get("drops") or {}).values())
         sources[name]["drops"] = s.get("drops") or {}
     mixed = sum(s.get("mixed_tokens") or 0 for s in sources.values())
@@ -90,10 +93,10 @@ def data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
         s["mix_share"] = (s.get("mixed_tokens") or 0) / mixed if mixed else None
     return {
         "sources": sources,
-        "totals": manifest.get("totals") or {},
-        "seq_length": manifest.get("seq_length"),
-        "chunking": manifest.get("chunking"),
-        "tokenizer": (manifest.get("tokenizer") or {}).get("name_or_path"),
+        "totals": prepared.totals,
+        "seq_length": prepared.seq_length,
+        "chunking": prepared.chunking,
+        "tokenizer": prepared.tokenizer.get("name_or_path"),
     }
 
 
@@ -114,7 +117,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 
 def train_summary(metrics: Path, meta_path: Path) -> dict[str, Any]:
     train, evals = read_metrics(metrics)
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
 
     def values(key: str) -> list[float]:
         return [r[key] for r in train if isinstance(r.get(key), (int, float))]

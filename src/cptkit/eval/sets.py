@@ -12,8 +12,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cptkit.errors import CptkitError
+
+if TYPE_CHECKING:
+    from cptkit.data.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -34,37 +38,21 @@ class EvalSet:
         return sum(self.num_bytes)
 
 
-def heldout_sets(prepared_dir: str | Path, max_documents: int | None = None) -> list[EvalSet]:
-    """Every held-out set the manifest lists; a listed set whose folder is missing is an error."""
-    import datasets
-
-    from cptkit.data.manifest import read_manifest
-
-    manifest = read_manifest(prepared_dir)
-    heldout = manifest.get("heldout") or {}
-    missing = [
-        s
-        for s, info in heldout.items()
-        if not (Path(prepared_dir) / info.get("dir", f"heldout/{s}")).is_dir()
-    ]
-    if missing:
-        raise CptkitError(
-            f"{prepared_dir}: held-out set(s) {', '.join(missing)} listed in manifest.json but missing "
-            "on disk; rerun `cptkit prepare` (or remove the folder and prepare again)"
-        )
-    fingerprint = (manifest.get("tokenizer") or {}).get("fingerprint")
+def heldout_sets(prepared: Prepared, max_documents: int | None = None) -> list[EvalSet]:
+    """Every held-out set of a prepared dataset (`Prepared.load` has checked that each is on disk)."""
     sets = []
-    for source, info in sorted(heldout.items()):
-        ds = datasets.load_from_disk(str(Path(prepared_dir) / info.get("dir", f"heldout/{source}")))
+    for name, info in prepared.heldout.items():
+        ds = prepared.heldout_set(name)
         if max_documents is not None:
             ds = ds.select(range(min(max_documents, len(ds))))
         texts = list(ds["text"])
         nbytes = list(ds["num_bytes"]) if "num_bytes" in ds.column_names else [len(t.encode()) for t in texts]
         ids = [list(x) for x in ds["input_ids"]] if "input_ids" in ds.column_names else None
-        role = info.get("role") or (manifest.get("sources", {}).get(source) or {}).get("role", "domain")
-        sets.append(EvalSet(source, role, texts, nbytes, ids, fingerprint))
+        sets.append(EvalSet(name, info.role, texts, nbytes, ids, prepared.fingerprint))
     if not sets:
-        log.warning("%s: the prepared dataset has no held-out sets (data.heldout_fraction 0?)", prepared_dir)
+        log.warning(
+            "%s: the prepared dataset has no held-out sets (data.heldout_fraction 0?)", prepared.folder
+        )
     return sets
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cptkit.errors import CptkitError
+from cptkit.paths import CONFIG, RUN_META
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +195,12 @@ def training_mode(adapter_dir: str | Path, fallback: str | None = None) -> tuple
     folder = Path(adapter_dir)
     quant: dict[str, Any] = {}
     mode = None
-    meta = folder / "run_meta.json"
+    meta = folder / RUN_META
     if meta.is_file():
         data = json.loads(meta.read_text(encoding="utf-8"))
         mode = data.get("mode") or (data.get("train") or {}).get("mode")
         quant = data.get("quantization") or {}
-    cfg = folder / "config.yaml"
+    cfg = folder / CONFIG
     if cfg.is_file():
         import yaml
 

@@ -11,29 +11,24 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cptkit.eval.models import load_model
 from cptkit.eval.perplexity import iter_scored
 
+if TYPE_CHECKING:
+    from cptkit.data.prepared import Prepared
+
 log = logging.getLogger(__name__)
 
 
-def heldout_token_docs(prepared_dir: str | Path, documents_per_set: int, max_tokens: int) -> list[list[int]]:
+def heldout_token_docs(prepared: Prepared, documents_per_set: int, max_tokens: int) -> list[list[int]]:
     """A few held-out documents of each set (as token ids), cut so that all together hold about max_tokens."""
-    import datasets
-
-    from cptkit.data.manifest import read_manifest
-
-    manifest = read_manifest(prepared_dir)
     docs: list[list[int]] = []
-    for source, info in sorted((manifest.get("heldout") or {}).items()):
-        folder = Path(prepared_dir) / info.get("dir", f"heldout/{source}")
-        if not folder.exists():
-            continue
-        ds = datasets.load_from_disk(str(folder))
+    for name in prepared.heldout:
+        ds = prepared.heldout_set(name)
         docs += [list(r) for r in ds.select(range(min(documents_per_set, len(ds))))["input_ids"]]
     if not docs:
         return []

@@ -177,7 +177,7 @@ def lora_config(train_cfg: TrainConfig, model: Any) -> Any:
 
 
 def load_model_and_tokenizer(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, model_path: str | None = None
+    model_cfg: ModelConfig, train_cfg: TrainConfig, model_path: str | None = None, tokenizer: Any = None
 ) -> LoadedModel:
     """Load `model_path` (default model.name_or_path) for training in train.mode.
 
@@ -188,7 +188,8 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM
 
     path = model_path or model_cfg.name_or_path
-    tokenizer = load_tokenizer(model_cfg) if model_path is None else _tokenizer_at(model_cfg, path)
+    if tokenizer is None:  # callers that checked a tokenizer already (train's preflight) pass it in
+        tokenizer = load_tokenizer(model_cfg) if model_path is None else _tokenizer_at(model_cfg, path)
     on_gpu = torch.cuda.is_available()
     dtype = resolve_dtype(model_cfg)
     impl = attention.choose_attention(model_cfg.attention, on_gpu)

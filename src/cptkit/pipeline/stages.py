@@ -12,6 +12,7 @@ from typing import Any
 
 from cptkit.config import Config
 from cptkit.config.evaluate import EvalConfig, EvalModel
+from cptkit.paths import resolve
 
 
 @dataclass
@@ -27,39 +28,9 @@ class Stage:
     resumes_from: Callable[[Config], Path] | None = None
 
 
-# where each stage's finished output is recorded
-def prepared_dir(cfg: Config) -> Path:
-    return Path(cfg.train.dataset) if cfg.train and cfg.train.dataset else cfg.stage_dir("prepare")
-
-
-def manifest(cfg: Config) -> Path:
-    return prepared_dir(cfg) / "manifest.json"
-
-
-def train_meta(cfg: Config) -> Path:
-    return cfg.stage_dir("train") / "run_meta.json"
-
-
-def merge_report(cfg: Config) -> Path:
-    return cfg.stage_dir("merge") / "merge_report.json"
-
-
-def sft_meta(cfg: Config) -> Path:
-    return cfg.stage_dir("sft") / "run_meta.json"
-
-
-def sft_eval_dir(cfg: Config) -> Path:
-    return cfg.stage_dir("sft") / "eval"
-
-
-def _existing(cfg: Config, *paths: Callable[[Config], Path]) -> list[Path]:
-    found = []
-    for path in paths:
-        try:
-            found.append(path(cfg))
-        except Exception:  # a stage without an output folder contributes nothing
-            continue
-    return found
+def _files(*paths: Path | None) -> list[Path]:
+    """The input files a stage reads, leaving out those of stages with no output folder."""
+    return [p for p in paths if p is not None]
 
 
 # the stages' entry points, imported when they run so `cptkit run --help` stays instant
@@ -90,7 +61,8 @@ def _eval(cfg: Config) -> dict[str, Any]:
 def _report(cfg: Config) -> dict[str, Any]:
     from cptkit.commands import report
 
-    return {**report.run(cfg.run_dir), "path": str(Path(cfg.run_dir) / "report" / "report.md")}
+    paths = resolve(cfg)
+    return {**report.run(paths), "path": str(paths.report_md)}
 
 
 def _sft(cfg: Config) -> dict[str, Any]:
@@ -103,19 +75,18 @@ def sft_eval_config(cfg: Config) -> Config:
     """The eval section pointed at the SFT model: base, the CPT model it started from, and the SFT model."""
     from cptkit.commands.sft import sft_base_model
 
+    paths = resolve(cfg)
     base = cfg.model.name_or_path if cfg.model else None
     start = sft_base_model(cfg)
-    out = cfg.stage_dir("sft")
+    out = str(paths.sft)
     sft_model = (
-        EvalModel(name="sft", path=start, adapter=str(out))
-        if cfg.sft.mode != "full"
-        else EvalModel("sft", str(out))
+        EvalModel(name="sft", path=start, adapter=out) if cfg.sft.mode != "full" else EvalModel("sft", out)
     )
     models = [EvalModel(name="base", path=base)] if base else []
     if start != base:
         models.append(EvalModel(name="cpt", path=start))
     models.append(sft_model)
-    ec = dataclasses.replace(cfg.eval or EvalConfig(), models=models, output_dir=str(sft_eval_dir(cfg)))
+    ec = dataclasses.replace(cfg.eval or EvalConfig(), models=models, output_dir=str(paths.sft_eval))
     return dataclasses.replace(cfg, eval=ec)
 
 
@@ -128,9 +99,9 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) else "?"
 
 
-def describe_prepare(m: dict[str, Any]) -> str:
-    t = m.get("totals", {})
-    return f"{t.get('rows', '?')} rows, {t.get('trained_tokens', '?')} tokens, packing {_fmt(t.get('packing_efficiency'), '.1%')}"
+def describe_prepare(manifest: dict[str, Any]) -> str:
+    t = manifest["totals"]  # prepare returns the manifest it wrote
+    return f"{t['rows']} rows, {t['trained_tokens']} tokens, packing {_fmt(t['packing_efficiency'], '.1%')}"
 
 
 def describe_train(s: dict[str, Any]) -> str:
@@ -151,87 +122,98 @@ def describe_eval(r: dict[str, Any]) -> str:
     return "; ".join(parts) or f"{len(r.get('results', []))} results"
 
 
+def _merge_why_not(cfg: Config) -> str | None:
+    if cfg.merge is None:
+        return "no merge section"
+    if cfg.train and cfg.train.mode == "full":
+        return "train.mode is full: nothing to merge"
+    return None
+
+
+def _report_why_not(cfg: Config) -> str | None:
+    if cfg.run_dir and (cfg.data or cfg.train or cfg.eval):
+        return None
+    return "needs run_dir and a data, train or eval section"
+
+
+def _report_inputs(cfg: Config) -> list[Path]:
+    p = resolve(cfg)
+    return _files(p.manifest, p.train_meta, p.merge_report, p.eval_results, p.sft_meta, p.sft_eval_results)
+
+
+def _describe_merge(r: dict[str, Any]) -> str:
+    return f"{r.get('mode', '?')} adapter merged, kept the {r.get('kept', '?')} variant"
+
+
 STAGES: list[Stage] = [
     Stage(
-        "prepare",
-        lambda c: None if c.data else "no data section",
-        lambda c: {"data": c.data},
-        lambda c: [s.path for s in c.data.sources],
-        manifest,
-        _prepare,
-        describe_prepare,
+        name="prepare",
+        why_not=lambda c: None if c.data else "no data section",
+        sections=lambda c: {"data": c.data},
+        inputs=lambda c: [s.path for s in c.data.sources],
+        marker=lambda c: resolve(c).data_manifest,
+        run=_prepare,
+        describe=describe_prepare,
     ),
     Stage(
-        "train",
-        lambda c: None if c.train and c.model else "no train (and model) section",
-        lambda c: {"seed": c.seed, "model": c.model, "train": c.train},
-        lambda c: [manifest(c)],
-        train_meta,
-        _train,
-        describe_train,
-        resumes_from=lambda c: c.stage_dir("train"),
+        name="train",
+        why_not=lambda c: None if c.train and c.model else "no train (and model) section",
+        sections=lambda c: {"seed": c.seed, "model": c.model, "train": c.train},
+        inputs=lambda c: _files(resolve(c).manifest),
+        marker=lambda c: resolve(c).train_meta,
+        run=_train,
+        describe=describe_train,
+        resumes_from=lambda c: resolve(c).train,
     ),
     Stage(
-        "merge",
-        lambda c: (
-            "no merge section"
-            if c.merge is None
-            else ("train.mode is full: nothing to merge" if c.train and c.train.mode == "full" else None)
-        ),
-        lambda c: {"model": c.model, "merge": c.merge},
-        lambda c: [train_meta(c)],
-        merge_report,
-        _merge,
-        lambda r: f"{r.get('mode', '?')} adapter merged, kept the {r.get('kept', '?')} variant",
+        name="merge",
+        why_not=_merge_why_not,
+        sections=lambda c: {"model": c.model, "merge": c.merge},
+        inputs=lambda c: [resolve(c).train_meta],
+        marker=lambda c: resolve(c).merge_report,
+        run=_merge,
+        describe=_describe_merge,
     ),
     Stage(
-        "eval",
-        lambda c: None if c.eval is not None else "no eval section",
-        lambda c: {"model": c.model, "eval": c.eval, "seq_length": c.data.seq_length if c.data else None},
-        lambda c: _existing(c, manifest, train_meta, merge_report),
-        lambda c: c.stage_dir("eval") / "results.json",
-        _eval,
-        describe_eval,
+        name="eval",
+        why_not=lambda c: None if c.eval is not None else "no eval section",
+        sections=lambda c: {
+            "model": c.model,
+            "eval": c.eval,
+            "seq_length": c.data.seq_length if c.data else None,
+        },
+        inputs=lambda c: _files(resolve(c).eval_manifest, resolve(c).train_meta, resolve(c).merge_report),
+        marker=lambda c: resolve(c).eval_results,
+        run=_eval,
+        describe=describe_eval,
     ),
     Stage(
-        "sft",
-        lambda c: None if c.sft else "no sft section",
-        lambda c: {"seed": c.seed, "model": c.model, "sft": c.sft},
-        lambda c: [c.sft.data, *_existing(c, merge_report, train_meta)],
-        sft_meta,
-        _sft,
-        describe_train,
-        resumes_from=lambda c: c.stage_dir("sft"),
+        name="sft",
+        why_not=lambda c: None if c.sft else "no sft section",
+        sections=lambda c: {"seed": c.seed, "model": c.model, "sft": c.sft},
+        inputs=lambda c: [c.sft.data, *_files(resolve(c).merge_report, resolve(c).train_meta)],
+        marker=lambda c: resolve(c).sft_meta,
+        run=_sft,
+        describe=describe_train,
+        resumes_from=lambda c: resolve(c).sft,
     ),
     Stage(
-        "sft-eval",
-        lambda c: None if c.sft and c.eval is not None else "needs sft and eval sections",
-        lambda c: {"model": c.model, "eval": c.eval, "sft": c.sft},
-        lambda c: _existing(c, manifest, sft_meta),
-        lambda c: sft_eval_dir(c) / "results.json",
-        _sft_eval,
-        describe_eval,
+        name="sft-eval",
+        why_not=lambda c: None if c.sft and c.eval is not None else "needs sft and eval sections",
+        sections=lambda c: {"model": c.model, "eval": c.eval, "sft": c.sft},
+        inputs=lambda c: _files(resolve(c).eval_manifest, resolve(c).sft_meta),
+        marker=lambda c: resolve(c).sft_eval_results,
+        run=_sft_eval,
+        describe=describe_eval,
     ),
     Stage(
-        "report",
-        lambda c: (
-            None
-            if c.run_dir and (c.data or c.train or c.eval)
-            else "needs run_dir and a data, train or eval section"
-        ),
-        lambda c: {},
-        lambda c: _existing(
-            c,
-            manifest,
-            train_meta,
-            merge_report,
-            lambda c: c.stage_dir("eval") / "results.json",
-            sft_meta,
-            lambda c: sft_eval_dir(c) / "results.json",
-        ),
-        lambda c: Path(c.run_dir) / "report" / "report.json",
-        _report,
-        lambda r: r["path"],
+        name="report",
+        why_not=_report_why_not,
+        sections=lambda c: {},
+        inputs=_report_inputs,
+        marker=lambda c: resolve(c).report_json,
+        run=_report,
+        describe=lambda r: r["path"],
     ),
 ]
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cptkit.paths import METRICS, RUN_META
+
 
 def write_prepared(
     folder: str | Path, sets: dict[str, tuple[str, list[str]]], tokenizer, seq_length: int = 128
@@ -71,6 +73,7 @@ def write_prepared(
         "inputs": [],
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (folder / "train").mkdir(exist_ok=True)  # the rows' folder, for callers that write rows into it
     return folder
 
 
@@ -110,7 +113,7 @@ def make_lora_adapter(
             "double_quant": True,
             "compute_dtype": "bfloat16",
         }
-    (folder / "run_meta.json").write_text(json.dumps(meta))
+    (folder / RUN_META).write_text(json.dumps(meta))
     return folder
 
 
@@ -150,8 +153,8 @@ def write_metrics(folder: str | Path, steps: int = 20, sets: dict[str, str] | No
                         "tokens": 1000,
                     }
                 )
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (folder / "run_meta.json").write_text(
+    (folder / METRICS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (folder / RUN_META).write_text(
         json.dumps(
             {
                 "mode": "lora",

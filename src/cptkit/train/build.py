@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from cptkit.config.train import TrainConfig
 from cptkit.model.load import LoadedModel
+from cptkit.paths import METRICS
 from cptkit.train.callbacks import (
     CountingCollator,
     HeldoutEvalCallback,
@@ -25,8 +26,6 @@ from cptkit.train.heldout import HeldoutSet
 from cptkit.train.schedules import make_scheduler
 
 log = logging.getLogger(__name__)
-
-METRICS = "metrics.jsonl"
 
 
 class CptTrainer(Trainer):

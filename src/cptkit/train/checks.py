@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from cptkit.config.model import ModelConfig
-from cptkit.config.train import TrainConfig
-from cptkit.data.manifest import read_manifest, tokenizer_fingerprint
+from cptkit.config.train import TrainingRun
+from cptkit.data.manifest import tokenizer_fingerprint
+from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
-from cptkit.train.meta import RUN_META
+from cptkit.paths import RUN_META
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,7 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def manifest_hash(prepared_dir: str | Path) -> str:
-    """sha256 of the prepared dataset's manifest.json: names exactly which data a run trained on."""
-    return hashlib.sha256((Path(prepared_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
-
-
-def run_identity(train_cfg: TrainConfig, model_cfg: ModelConfig, data_hash: str) -> str:
+def run_identity(train_cfg: TrainingRun, model_cfg: ModelConfig, data_hash: str) -> str:
     """What makes two runs the same run (and a checkpoint resumable): base, mode, adapter, data."""
     key = {
         "base": model_cfg.name_or_path,
@@ -58,19 +54,19 @@ def check_base_model(model_cfg: ModelConfig) -> None:
         )
 
 
-def check_tokenizer(tokenizer: Any, manifest: dict, dataset_dir: str | Path) -> None:
-    made_with = (manifest.get("tokenizer") or {}).get("fingerprint")
+def check_tokenizer(tokenizer: Any, prepared: Prepared) -> None:
+    made_with = prepared.fingerprint
     ours = tokenizer_fingerprint(tokenizer)
     if made_with and made_with != ours:
-        name = (manifest.get("tokenizer") or {}).get("name_or_path", "another tokenizer")
+        name = prepared.tokenizer.get("name_or_path", "another tokenizer")
         raise CptkitError(
-            f"{dataset_dir}: prepared with {name} (tokenizer fingerprint {made_with}), but the model's tokenizer "
+            f"{prepared.folder}: prepared with {name} (tokenizer fingerprint {made_with}), but the model's tokenizer "
             f"has fingerprint {ours}: the token ids would mean different things. Set data.tokenizer to the "
             "model and rerun `cptkit prepare`"
         )
 
 
-def check_positions(model_cfg: ModelConfig, manifest: dict) -> None:
+def check_positions(model_cfg: ModelConfig, prepared: Prepared) -> None:
     from transformers import AutoConfig
 
     kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
@@ -80,20 +76,20 @@ def check_positions(model_cfg: ModelConfig, manifest: dict) -> None:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     limit = getattr(config, "max_position_embeddings", None)
-    seq = manifest.get("seq_length")
-    if limit and seq and seq > limit:
+    seq = prepared.seq_length
+    if limit and seq > limit:
         raise CptkitError(
             f"data.seq_length: the dataset's rows hold {seq} tokens but {model_cfg.name_or_path} knows only {limit} "
             f"positions; prepare again with data.seq_length <= {limit}"
         )
 
 
-def check_mode(train_cfg: TrainConfig) -> None:
+def check_mode(train_cfg: TrainingRun) -> None:
     if train_cfg.mode != "qlora":
         return
     try:
         import bitsandbytes  # noqa: F401
-    except Exception as e:
+    except (ImportError, OSError, RuntimeError) as e:  # not installed, or its native library fails to load
         raise CptkitError(
             f"train.mode: qlora needs bitsandbytes ({e}); `pip install bitsandbytes`, or use mode lora"
         ) from None
@@ -103,7 +99,7 @@ def check_mode(train_cfg: TrainConfig) -> None:
         )
 
 
-def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainConfig, section: str = "train") -> bool:
+def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, section: str = "train") -> bool:
     """An output folder may hold nothing, or this same run (to resume it), or, with
     `overwrite_output_dir`, anything else. Another cptkit run is then removed, so nothing of it (a
     checkpoint to resume from, its metrics lines) mixes into this one; files that no cptkit run wrote
@@ -138,13 +134,14 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainConfig, se
 
 
 def preflight(
-    train_cfg: TrainConfig, model_cfg: ModelConfig, dataset_dir: Path, output_dir: Path
+    train_cfg: TrainingRun, model_cfg: ModelConfig, dataset_dir: Path, output_dir: Path
 ) -> dict[str, Any]:
-    """Run every check that needs no model weights. Returns the manifest, its hash, the run identity,
-    the tokenizer (loaded once here, reused by the model loader) and the checkpoint to resume from."""
+    """Run every check that needs no model weights. Returns the prepared dataset (`prepared`), its
+    manifest and the manifest's hash, the run identity, the tokenizer (loaded once here, to be passed
+    to the model loader) and the checkpoint to resume from."""
     from cptkit.model.load import load_tokenizer
 
-    manifest = read_manifest(dataset_dir)
+    prepared = Prepared.load(dataset_dir)
     check_base_model(model_cfg)
     check_mode(train_cfg)
     try:
@@ -153,21 +150,21 @@ def preflight(
         raise CptkitError(
             f"model.name_or_path: cannot load a tokenizer from {model_cfg.name_or_path}: {e}"
         ) from None
-    check_tokenizer(tokenizer, manifest, dataset_dir)
-    check_positions(model_cfg, manifest)
-    data_hash = manifest_hash(dataset_dir)
-    identity = run_identity(train_cfg, model_cfg, data_hash)
+    check_tokenizer(tokenizer, prepared)
+    check_positions(model_cfg, prepared)
+    identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash)
     fresh = check_output_dir(output_dir, identity, train_cfg)
     return {
-        "manifest": manifest,
-        "manifest_hash": data_hash,
+        "prepared": prepared,
+        "manifest": prepared.manifest,
+        "manifest_hash": prepared.manifest_hash,
         "identity": identity,
         "tokenizer": tokenizer,
         "resume_from": None if fresh else resume_checkpoint(train_cfg, output_dir),
     }
 
 
-def resume_checkpoint(train_cfg: TrainConfig, output_dir: Path) -> str | None:
+def resume_checkpoint(train_cfg: TrainingRun, output_dir: Path) -> str | None:
     """The checkpoint to continue from: the last one for `auto`, none for `never`, or the given path."""
     from transformers.trainer_utils import get_last_checkpoint
 

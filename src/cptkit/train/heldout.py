@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cptkit.train.collator import IGNORE_INDEX, PackedCollator
+
+if TYPE_CHECKING:
+    from cptkit.data.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +49,13 @@ def pack_documents(documents: list[list[int]], seq_length: int) -> list[dict[str
     return rows
 
 
-def load_heldout_sets(
-    prepared_dir: str | Path, manifest: dict, seq_length: int, max_tokens: int
-) -> list[HeldoutSet]:
-    """Each `heldout/<source>` of a prepared dataset, its first documents up to max_tokens, packed."""
-    from datasets import load_from_disk
-
+def load_heldout_sets(prepared: Prepared, seq_length: int, max_tokens: int) -> list[HeldoutSet]:
+    """Each held-out set of a prepared dataset, its first documents up to max_tokens, packed."""
     sets = []
-    for name, info in sorted((manifest.get("heldout") or {}).items()):
-        folder = Path(prepared_dir) / info.get("dir", f"heldout/{name}")
-        if not folder.exists() or not info.get("documents", 1):
+    for name, info in prepared.heldout.items():
+        if not info.documents:
             continue
-        data = load_from_disk(str(folder))
+        data = prepared.heldout_set(name)
         documents, total = [], 0
         for ids in data["input_ids"] if len(data) else []:
             if total >= max_tokens:
@@ -68,7 +65,7 @@ def load_heldout_sets(
                 documents.append(ids)
                 total += len(ids)
         if documents:
-            sets.append(HeldoutSet(name, info.get("role", "domain"), pack_documents(documents, seq_length)))
+            sets.append(HeldoutSet(name, info.role, pack_documents(documents, seq_length)))
     return sets
 
 

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from cptkit.outputs import now, versions, write_json
-
-RUN_META = "run_meta.json"
+from cptkit.paths import RUN_META
 
 
 def hardware() -> dict[str, Any]:
