@@ -11,11 +11,11 @@ import torch
 
 from cptkit.config.sft import SftConfig
 from cptkit.errors import CptkitError
-from cptkit.sft.collate import SftCollator
 from cptkit.sft.data import build_sft_data
 from cptkit.sft.formats import Conversation, read_conversations
 from cptkit.sft.pack import pack_examples
 from cptkit.sft.render import IGNORE_INDEX, choose_template, render
+from cptkit.train.collator import PackedCollator
 
 CHATML = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -139,7 +139,7 @@ def test_collator_keeps_prompt_mask_and_masks_boundaries_and_padding(tiny_tokeni
         {"input_ids": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1], "labels": [-100, -100, 7, 8, 9]},
         {"input_ids": [5, 6], "position_ids": [0, 1], "labels": [5, 6]},
     ]
-    batch = SftCollator(pad_token_id=tiny_tokenizer.pad_token_id)(rows)
+    batch = PackedCollator(pad_token_id=tiny_tokenizer.pad_token_id)(rows)
     assert batch["labels"].tolist() == [[-100, -100, 7, -100, 9], [-100, 6, -100, -100, -100]]
     assert "attention_mask" not in batch
 
@@ -155,7 +155,7 @@ def test_prompt_tokens_carry_no_loss(tiny_model_dir, tiny_tokenizer):
     )
     example = render(conv, tiny_tokenizer, "seed")
     row = pack_examples([example], seq_length=256)[0]
-    batch = SftCollator(tiny_tokenizer.pad_token_id)([row])
+    batch = PackedCollator(tiny_tokenizer.pad_token_id)([row])
     with torch.no_grad():
         loss = model(**batch, use_cache=False).loss
         logits = model(

@@ -30,14 +30,15 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train as `cfg.train` says; returns the run's summary (also in run_meta.json)."""
     from transformers import set_seed
 
+    from cptkit.data.prepared import Prepared
     from cptkit.model.attention import describe
     from cptkit.model.flops import flops_per_token
     from cptkit.model.load import load_model_and_tokenizer
     from cptkit.outputs import write_config
     from cptkit.train.build import build_trainer
     from cptkit.train.checks import preflight
+    from cptkit.train.fit import fit
     from cptkit.train.heldout import load_heldout_sets
-    from cptkit.train.meta import write_run_meta
 
     train_cfg, model_cfg = cfg.train, cfg.model
     dataset_dir = Path(train_cfg.dataset) if train_cfg.dataset else cfg.stage_dir("prepare")
@@ -47,12 +48,12 @@ def run(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.seed)
     loaded = load_model_and_tokenizer(model_cfg, train_cfg)
     rows = _train_rows(dataset_dir, manifest)
-    eval_sets = load_heldout_sets(dataset_dir, manifest, manifest["seq_length"], train_cfg.eval_max_tokens)
+    prepared = Prepared(dataset_dir, manifest)
+    eval_sets = load_heldout_sets(prepared, manifest["seq_length"], train_cfg.eval_max_tokens)
     flops = flops_per_token(loaded.model, manifest["seq_length"])
     trainer, callbacks = build_trainer(
         train_cfg, loaded, rows, eval_sets, output_dir, flops_per_token=flops, seed=cfg.seed
     )
-    main_process = trainer.args.process_index == 0
     meta = {
         "identity": checked["identity"],
         "mode": train_cfg.mode,
@@ -66,21 +67,10 @@ def run(cfg: Config) -> dict[str, Any]:
         "causal_halving": False,
         "world_size": trainer.args.world_size,
     }
-    if main_process:
+    if trainer.args.process_index == 0:
         write_config(output_dir, cfg)
-        write_run_meta(output_dir, status="running", resumed_from=resume_from, **meta)
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-        callbacks["throughput"].restore(resume_from)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if callbacks["non_finite"].message:
-        if main_process:
-            write_run_meta(output_dir, status="failed", error=callbacks["non_finite"].message)
-        raise CptkitError(callbacks["non_finite"].message)
-    trainer.save_model(str(output_dir))
-    summary = _summary(result, callbacks, output_dir, meta)
-    if main_process:
-        write_run_meta(output_dir, status="complete", final=summary)
+    extra = {"mode": meta["mode"], "attention": meta["attention"]}
+    summary = fit(trainer, callbacks, output_dir, meta, resume_from, extra)
     log.info("trained %s steps; model in %s", summary["steps"], output_dir)
     return summary
 
@@ -94,20 +84,3 @@ def _train_rows(dataset_dir: Path, manifest: dict) -> Any:
             f"{dataset_dir}: the prepared dataset has no training rows; add data and prepare again"
         )
     return rows.select_columns(["input_ids", "position_ids"])
-
-
-def _summary(result: Any, callbacks: dict, output_dir: Path, meta: dict) -> dict[str, Any]:
-    last_eval: dict[str, dict] = {}
-    for r in callbacks["heldout"].results:
-        last_eval[r["set"]] = {k: r[k] for k in ("role", "loss", "perplexity", "tokens", "step")}
-    return {
-        "output_dir": str(output_dir),
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "train_runtime_s": result.metrics.get("train_runtime"),
-        "trained_tokens": callbacks["throughput"].trained_tokens,
-        **{k: callbacks["throughput"].last.get(k) for k in ("tokens_per_second", "mfu", "peak_memory_gb")},
-        "heldout": last_eval,
-        "mode": meta["mode"],
-        "attention": meta["attention"],
-    }
