@@ -58,9 +58,9 @@ class CptTrainer(Trainer):
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:  # transformers' own rule in training_step
             scaled = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-        total = self.loss_terms(
-            model, inputs, outputs, self.current_gradient_accumulation_steps, causal_lm_is_scaled=scaled
-        )
+        # the training loop sets the micro-batches of the current step; a call outside it has the configured
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        total = self.loss_terms(model, inputs, outputs, steps, causal_lm_is_scaled=scaled)
         return (total, outputs) if return_outputs else total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
