@@ -120,7 +120,7 @@ def test_each_mode_trains_and_loss_falls(tmp_path, tiny_model_dir, wider_model_d
         (0, "domain", "domain"),
         (12, "general", "general"),
     }
-    assert all(e["perplexity"] > 1 and e["tokens"] > 0 for e in evals)
+    assert all(e["perplexity"] > 1 and e["tokens"] > 0 and "bits_per_byte" in e for e in evals)
     meta = json.loads((out / "run_meta.json").read_text())
     assert meta["status"] == "complete" and meta["mode"] == mode and meta["attention"] == "sdpa"
     assert meta["versions"]["transformers"] and meta["dataset_manifest_hash"]
@@ -347,3 +347,23 @@ def test_full_mode_trains_embeddings_and_lm_head_at_their_own_learning_rate(
     assert set(by_lr) == {1e-3, 5e-2}
     assert by_lr[5e-2] and all("embed_tokens" in n or "lm_head" in n for n in by_lr[5e-2])
     assert not any("embed_tokens" in n or "lm_head" in n for n in by_lr[1e-3])
+
+
+def test_heldout_sets_keep_whole_documents_up_to_the_budget_and_count_their_bytes(prepared):
+    from cptkit.data.prepared import Prepared
+    from cptkit.train.heldout import load_heldout_sets
+
+    data = Prepared.load(prepared)
+    domain = data.heldout_set("domain")
+    lengths, sizes = [len(ids) for ids in domain["input_ids"]], list(domain["num_bytes"])
+    assert len(lengths) >= 2
+
+    def domain_set(budget):
+        return {s.name: s for s in load_heldout_sets(data, SEQ, budget)}["domain"]
+
+    everything = domain_set(sum(lengths))
+    assert (everything.num_documents, everything.num_bytes) == (len(lengths), sum(sizes))
+    first = domain_set(lengths[0] + lengths[1] - 1)
+    assert (first.num_documents, first.num_bytes) == (1, sizes[0])
+    cut = domain_set(10)  # the first document alone is longer: cut, and no bytes to divide by
+    assert cut.num_bytes is None and sum(len(r["input_ids"]) for r in cut.rows) == 10
