@@ -55,7 +55,7 @@ class CptTrainer(Trainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         outputs["loss"] = loss
-        scaled = self.loss_is_scaled_for_ga
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # an override that not every 5.x Trainer has
         if scaled is None:  # transformers' own rule in training_step
             scaled = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
         # the training loop sets the micro-batches of the current step; a call outside it has the configured
