@@ -127,21 +127,12 @@ def make_data(out: Path, corpora: Path, vocab: int, max_tokens: int) -> None:
 
 def _best_fit(docs: list[list[int]], capacity: int) -> list[tuple[list[int], list[int]]]:
     """Documents split into pieces of at most `capacity` (no token lost), packed best-fit decreasing."""
-    pieces = sorted(
-        (d[i : i + capacity] for d in docs for i in range(0, len(d), capacity)), key=len, reverse=True
-    )
-    rows: list[list[list[int]]] = []
-    space: list[int] = []
-    for piece in pieces:
-        best = min((i for i, s in enumerate(space) if s >= len(piece)), key=lambda i: space[i], default=None)
-        if best is None:
-            rows.append([piece])
-            space.append(capacity - len(piece))
-        else:
-            rows[best].append(piece)
-            space[best] -= len(piece)
     import random
 
+    from cptkit.data.pack import best_fit_pack
+
+    pieces = [d[i : i + capacity] for d in docs for i in range(0, len(d), capacity)]
+    rows = [[pieces[i] for i in group] for group in best_fit_pack([len(p) for p in pieces], capacity)]
     random.Random(0).shuffle(rows)
     return [([t for p in r for t in p], [i for p in r for i in range(len(p))]) for r in rows]
 

@@ -13,29 +13,33 @@ import torch
 
 from cptkit.config import Config, build_config
 from cptkit.errors import CptkitError
-from cptkit.testing.stages import write_prepared
 from cptkit.testing.tiny import sample_texts
-from cptkit.train.heldout import pack_documents
 
 SEQ = 64
 
 
 def write_dataset(folder: Path, tokenizer, seq_length: int = SEQ, documents: int = 40) -> Path:
-    """A prepared folder per the contract: train/ rows, heldout/<source>/, manifest.json."""
-    import datasets
+    """A dataset made by `cptkit prepare` from the first `documents` sample texts: a domain and a
+    general source, each with its held-out set (inputs and tokenizer in a folder beside it)."""
+    from cptkit.commands import prepare
 
-    texts = sample_texts()
-    write_prepared(
-        folder,
-        {"domain": ("domain", texts[-6:-3]), "general": ("general", texts[-3:])},
-        tokenizer,
-        seq_length=seq_length,
-    )
-    docs = [tokenizer(t)["input_ids"][:90] + [tokenizer.eos_token_id] for t in texts[:documents]]
-    rows = pack_documents(docs, seq_length)
-    datasets.Dataset.from_dict(
-        {"input_ids": [r["input_ids"] for r in rows], "position_ids": [r["position_ids"] for r in rows]}
-    ).save_to_disk(str(folder / "train"))
+    inputs = folder.parent / f"{folder.name}-inputs"
+    tokenizer.save_pretrained(inputs / "tokenizer")
+    texts = sample_texts()[:documents]
+    sources = []
+    for name, part in (("domain", texts[::2]), ("general", texts[1::2])):
+        path = inputs / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in part), encoding="utf-8")
+        sources.append({"name": name, "path": str(path), "role": name})
+    data = {
+        "tokenizer": str(inputs / "tokenizer"),
+        "sources": sources,
+        "output_dir": str(folder),
+        "seq_length": seq_length,
+        "heldout_fraction": 0.1,
+        "num_proc": 1,
+    }
+    prepare.run(build_config(Config, {"data": data}))
     return folder
 
 
@@ -55,6 +59,7 @@ def make_cfg(out: Path, model_dir, dataset, mode="full", **hf) -> Config:
         "schedule": {"type": hf.pop("schedule", "cosine"), "warmup": 0.1},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, **hf.pop("lora", {})},
         "gradient_checkpointing": hf.pop("gradient_checkpointing", False),
+        "embedding_lr": hf.pop("embedding_lr", None),
         "hf": {
             "max_steps": 8,
             "per_device_train_batch_size": 4,
@@ -115,7 +120,7 @@ def test_each_mode_trains_and_loss_falls(tmp_path, tiny_model_dir, wider_model_d
         (0, "domain", "domain"),
         (12, "general", "general"),
     }
-    assert all(e["perplexity"] > 1 and e["tokens"] > 0 for e in evals)
+    assert all(e["perplexity"] > 1 and e["tokens"] > 0 and "bits_per_byte" in e for e in evals)
     meta = json.loads((out / "run_meta.json").read_text())
     assert meta["status"] == "complete" and meta["mode"] == mode and meta["attention"] == "sdpa"
     assert meta["versions"]["transformers"] and meta["dataset_manifest_hash"]
@@ -265,3 +270,100 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, tiny_model_dir, prepared)
     assert "training stopped" in message
     assert not (tmp_path / "nan" / "model.safetensors").exists()
     assert json.loads((tmp_path / "nan" / "run_meta.json").read_text())["status"] == "failed"
+
+
+def _trainer(cfg: Config, loss_terms=None):
+    """build_trainer on the configured model and the prepared rows, as `cptkit train` builds it."""
+    from cptkit.data.prepared import Prepared
+    from cptkit.model.load import load_model_and_tokenizer
+    from cptkit.train.build import build_trainer
+
+    loaded = load_model_and_tokenizer(cfg.model, cfg.train)
+    rows = Prepared.load(cfg.train.dataset).train_rows()
+    return build_trainer(cfg.train, loaded, rows, [], cfg.train.output_dir, loss_terms=loss_terms)
+
+
+def test_loss_through_the_terms_equals_the_models_loss_and_gradients(tmp_path, tiny_model_dir, prepared):
+    trainer, _ = _trainer(make_cfg(tmp_path / "o", tiny_model_dir, prepared))
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    items = int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    model.train()
+    seam, seam_grads = loss_and_grads(
+        lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+    )
+    plain, plain_grads = loss_and_grads(lambda: model(**batch, num_items_in_batch=items).loss)
+    assert seam == plain
+    for a, b in zip(seam_grads, plain_grads, strict=True):
+        assert torch.equal(a, b)
+
+
+class ConstantTerm:
+    """A toy regularizer: a constant half nat, to show that a term is summed and logged."""
+
+    name = "constant"
+
+    def __call__(self, model, inputs, outputs):
+        value = torch.tensor(0.5)
+        return value, {"loss/constant": value}
+
+
+def test_a_second_loss_term_is_summed_into_the_loss_and_logged(tmp_path, tiny_model_dir, prepared):
+    from cptkit.train.losses import CausalLMLoss
+
+    def train(out, terms):
+        cfg = make_cfg(out, tiny_model_dir, prepared, max_steps=3, gradient_accumulation_steps=2)
+        trainer, _ = _trainer(cfg, terms)
+        trainer.train()
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    plain = train(tmp_path / "plain", None)
+    summed = train(tmp_path / "summed", [CausalLMLoss(), ConstantTerm()])
+    assert [r["step"] for r in summed] == [1, 2, 3]
+    for a, b in zip(plain, summed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"] + 0.5, abs=1e-5)
+        assert b["loss/constant"] == pytest.approx(0.5)
+        assert b["loss/causal_lm"] == pytest.approx(a["loss"], abs=1e-6) == pytest.approx(a["loss/causal_lm"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"])  # a constant moves no weight
+
+
+def test_full_mode_trains_embeddings_and_lm_head_at_their_own_learning_rate(
+    tmp_path, tiny_model_dir, prepared
+):
+    cfg = make_cfg(tmp_path / "o", tiny_model_dir, prepared, learning_rate=1e-3, embedding_lr=5e-2)
+    trainer, _ = _trainer(cfg)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    by_lr: dict[float, set[str]] = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
+    assert set(by_lr) == {1e-3, 5e-2}
+    assert by_lr[5e-2] and all("embed_tokens" in n or "lm_head" in n for n in by_lr[5e-2])
+    assert not any("embed_tokens" in n or "lm_head" in n for n in by_lr[1e-3])
+
+
+def test_heldout_sets_keep_whole_documents_up_to_the_budget_and_count_their_bytes(prepared):
+    from cptkit.data.prepared import Prepared
+    from cptkit.train.heldout import load_heldout_sets
+
+    data = Prepared.load(prepared)
+    domain = data.heldout_set("domain")
+    lengths, sizes = [len(ids) for ids in domain["input_ids"]], list(domain["num_bytes"])
+    assert len(lengths) >= 2
+
+    def domain_set(budget):
+        return {s.name: s for s in load_heldout_sets(data, SEQ, budget)}["domain"]
+
+    everything = domain_set(sum(lengths))
+    assert (everything.num_documents, everything.num_bytes) == (len(lengths), sum(sizes))
+    first = domain_set(lengths[0] + lengths[1] - 1)
+    assert (first.num_documents, first.num_bytes) == (1, sizes[0])
+    cut = domain_set(10)  # the first document alone is longer: cut, and no bytes to divide by
+    assert cut.num_bytes is None and sum(len(r["input_ids"]) for r in cut.rows) == 10

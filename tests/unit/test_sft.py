@@ -11,11 +11,11 @@ import torch
 
 from cptkit.config.sft import SftConfig
 from cptkit.errors import CptkitError
-from cptkit.sft.collate import SftCollator
 from cptkit.sft.data import build_sft_data
 from cptkit.sft.formats import Conversation, read_conversations
 from cptkit.sft.pack import pack_examples
 from cptkit.sft.render import IGNORE_INDEX, choose_template, render
+from cptkit.train.collator import PackedCollator
 
 CHATML = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -139,7 +139,7 @@ def test_collator_keeps_prompt_mask_and_masks_boundaries_and_padding(tiny_tokeni
         {"input_ids": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1], "labels": [-100, -100, 7, 8, 9]},
         {"input_ids": [5, 6], "position_ids": [0, 1], "labels": [5, 6]},
     ]
-    batch = SftCollator(pad_token_id=tiny_tokenizer.pad_token_id)(rows)
+    batch = PackedCollator(pad_token_id=tiny_tokenizer.pad_token_id)(rows)
     assert batch["labels"].tolist() == [[-100, -100, 7, -100, 9], [-100, 6, -100, -100, -100]]
     assert "attention_mask" not in batch
 
@@ -155,7 +155,7 @@ def test_prompt_tokens_carry_no_loss(tiny_model_dir, tiny_tokenizer):
     )
     example = render(conv, tiny_tokenizer, "seed")
     row = pack_examples([example], seq_length=256)[0]
-    batch = SftCollator(tiny_tokenizer.pad_token_id)([row])
+    batch = PackedCollator(tiny_tokenizer.pad_token_id)([row])
     with torch.no_grad():
         loss = model(**batch, use_cache=False).loss
         logits = model(
@@ -179,3 +179,52 @@ def test_build_sft_data_holds_out_truncates_and_counts(tmp_path, tiny_tokenizer)
     assert stats["train_examples"] + stats["heldout_examples"] == 40 and stats["heldout_examples"] == 4
     assert 0 < stats["trained_tokens"] < stats["tokens"]
     assert all(len(r["input_ids"]) <= 96 for r in data.train_rows + data.heldout_rows)
+
+
+def sft_config(tmp_path, tiny_model_dir, **hf):
+    from cptkit.config import Config, build_config
+
+    path = write_jsonl(tmp_path / "data.jsonl", [alpaca(i) for i in range(24)])
+    sft = {
+        "data": str(path),
+        "model": str(tiny_model_dir),
+        "mode": "full",
+        "output_dir": str(tmp_path / "sft"),
+        "report_to": ["none"],
+        "seq_length": 96,
+        "heldout_fraction": 0.2,
+        "gradient_checkpointing": False,
+        "hf": {
+            "max_steps": 4,
+            "per_device_train_batch_size": 2,
+            "logging_steps": 1,
+            "save_steps": 1000,
+            **hf,
+        },
+    }
+    return build_config(Config, {"sft": sft})
+
+
+def test_sft_run_records_its_run_and_the_response_loss_on_held_out_rows(tmp_path, tiny_model_dir):
+    from cptkit.commands import sft
+
+    summary = sft.run(sft_config(tmp_path, tiny_model_dir, learning_rate=1e-3))
+    out = tmp_path / "sft"
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["status"] == "complete" and meta["stage"] == "sft" and meta["final"]["steps"] == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if r["type"] == "eval"]
+    assert {r["set"] for r in evals} == {"sft_heldout"} and all(r["tokens"] > 0 for r in evals)
+    assert [r["step"] for r in lines if r["type"] == "train"] == [1, 2, 3, 4]
+    assert summary["heldout"]["sft_heldout"]["loss"] == evals[-1]["loss"]
+
+
+def test_sft_stopped_by_a_nan_loss_records_failed(tmp_path, tiny_model_dir):
+    from cptkit.commands import sft
+
+    cfg = sft_config(tmp_path, tiny_model_dir, learning_rate=1e12, max_grad_norm=0.0, max_steps=6)
+    with pytest.raises(CptkitError, match="training stopped"):
+        sft.run(cfg)
+    meta = json.loads((tmp_path / "sft" / "run_meta.json").read_text())
+    assert meta["status"] == "failed" and "training stopped" in meta["error"]
+    assert not (tmp_path / "sft" / "model.safetensors").exists()

@@ -1,9 +1,10 @@
-"""PackedCollator: loss on every real token, none across a document boundary, none on padding."""
+"""PackedCollator and padded_batch: loss on every real token, none across a document boundary, none
+on padding; a row's own labels (SFT's prompt mask) kept."""
 
+import pytest
 import torch
 
-from cptkit.train.collator import IGNORE_INDEX, PackedCollator
-from cptkit.train.heldout import pack_documents
+from cptkit.train.collator import IGNORE_INDEX, PackedCollator, padded_batch
 from cptkit.train.schedules import lr_multiplier
 
 
@@ -31,11 +32,22 @@ def test_pad_to_multiple():
     assert (batch["labels"][0, 3:] == IGNORE_INDEX).all()
 
 
-def test_pack_documents_restarts_positions_and_splits_long_ones():
-    rows = pack_documents([[1, 2, 3], [4, 5], list(range(10, 17))], seq_length=5)
-    assert all(len(r["input_ids"]) <= 5 for r in rows)
-    assert sum(len(r["input_ids"]) for r in rows) == 12  # nothing lost
-    assert rows[0] == {"input_ids": [1, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]}
+def test_own_labels_are_kept_and_still_masked_at_segment_starts_and_padding():
+    rows = [
+        {
+            "input_ids": [5, 6, 7, 8],
+            "position_ids": [0, 1, 0, 1],
+            "labels": [-100, 6, 7, 8],
+            "doc_index": [0] * 4,
+        },
+        {"input_ids": [3, 4], "position_ids": [0, 1], "labels": [3, 4], "doc_index": [1, 1]},
+    ]
+    batch = padded_batch(rows, pad_token_id=0, width=5)
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, -100], [-100, 4, -100, -100, -100]]
+    assert batch["doc_index"].tolist() == [[0, 0, 0, 0, -1], [1, 1, -1, -1, -1]]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="shorter than the longest row"):
+        padded_batch(rows, pad_token_id=0, width=3)
 
 
 def test_schedules():

@@ -36,13 +36,12 @@ def run(cfg: Config) -> dict[str, Any]:
 
     from cptkit.model.load import load_model_and_tokenizer
     from cptkit.outputs import write_config, write_json
-    from cptkit.sft.collate import SftCollator
     from cptkit.sft.data import build_sft_data
     from cptkit.sft.formats import read_conversations
     from cptkit.train.build import build_trainer
     from cptkit.train.checks import check_mode, check_output_dir, resume_checkpoint, run_identity
+    from cptkit.train.fit import fit
     from cptkit.train.heldout import HeldoutSet
-    from cptkit.train.meta import write_run_meta
 
     sft_cfg, output_dir = cfg.sft, resolve(cfg).folder("sft")
     records = read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)  # data errors first
@@ -54,39 +53,15 @@ def run(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.seed)
     loaded = load_model_and_tokenizer(model_cfg, sft_cfg)
     data = build_sft_data(sft_cfg, loaded.tokenizer, cfg.seed, read=records)
-    heldout = [HeldoutSet("sft_heldout", "sft", data.heldout_rows)] if data.heldout_rows else []
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    trainer, callbacks = build_trainer(
-        sft_cfg,
-        loaded,
-        Dataset.from_list(data.train_rows),
-        heldout,
-        output_dir,
-        SftCollator(pad),
-        seed=cfg.seed,
-    )
-    main_process = trainer.args.process_index == 0
+    heldout = [HeldoutSet.from_rows("sft_heldout", "sft", data.heldout_rows)] if data.heldout_rows else []
+    rows = Dataset.from_list(data.train_rows)
+    trainer, callbacks = build_trainer(sft_cfg, loaded, rows, heldout, output_dir, seed=cfg.seed)
     meta = {"identity": identity, "mode": sft_cfg.mode, "base_model": model_cfg.name_or_path, "stage": "sft"}
-    if main_process:
+    if trainer.args.process_index == 0:
         write_config(output_dir, cfg)
         write_json(output_dir / SFT_DATA, data.stats)
-        write_run_meta(output_dir, status="running", **meta)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if callbacks["non_finite"].message:
-        raise CptkitError(callbacks["non_finite"].message)
-    trainer.save_model(str(output_dir))
-    summary = {
-        "output_dir": str(output_dir),
-        "base_model": model_cfg.name_or_path,
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "trained_tokens": callbacks["throughput"].trained_tokens,
-        "tokens_per_second": callbacks["throughput"].last.get("tokens_per_second"),
-        "heldout": callbacks["heldout"].results[-1:] or None,
-        "data": data.stats,
-    }
-    if main_process:
-        write_run_meta(output_dir, status="complete", final=summary)
+    extra = {"base_model": model_cfg.name_or_path, "data": data.stats}
+    summary = fit(trainer, callbacks, output_dir, meta, resume_from, extra)
     log.info("sft: %s steps on %s; model in %s", summary["steps"], model_cfg.name_or_path, output_dir)
     return summary
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from cptkit.commands import load_for
 from cptkit.config import Config
-from cptkit.errors import CptkitError
 from cptkit.paths import resolve
 
 log = logging.getLogger(__name__)
@@ -37,8 +35,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.outputs import write_config
     from cptkit.train.build import build_trainer
     from cptkit.train.checks import preflight
+    from cptkit.train.fit import fit
     from cptkit.train.heldout import load_heldout_sets
-    from cptkit.train.meta import write_run_meta
 
     train_cfg, model_cfg, paths = cfg.train, cfg.model, resolve(cfg)
     dataset_dir, output_dir = paths.prepared or paths.folder("prepare"), paths.folder("train")
@@ -52,7 +50,6 @@ def run(cfg: Config) -> dict[str, Any]:
     trainer, callbacks = build_trainer(
         train_cfg, loaded, rows, eval_sets, output_dir, flops_per_token=flops, seed=cfg.seed
     )
-    main_process = trainer.args.process_index == 0
     meta = {
         "identity": checked["identity"],
         "mode": train_cfg.mode,
@@ -66,37 +63,11 @@ def run(cfg: Config) -> dict[str, Any]:
         "causal_halving": False,
         "world_size": trainer.args.world_size,
     }
-    if main_process:
+    if trainer.args.process_index == 0:
         write_config(output_dir, cfg)
-        write_run_meta(output_dir, status="running", resumed_from=resume_from, **meta)
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-        callbacks["throughput"].restore(resume_from)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if callbacks["non_finite"].message:
-        if main_process:
-            write_run_meta(output_dir, status="failed", error=callbacks["non_finite"].message)
-        raise CptkitError(callbacks["non_finite"].message)
-    trainer.save_model(str(output_dir))
-    summary = _summary(result, callbacks, output_dir, meta)
-    if main_process:
-        write_run_meta(output_dir, status="complete", final=summary)
+    extra = {"mode": meta["mode"], "attention": meta["attention"]}
+    summary = fit(trainer, callbacks, output_dir, meta, resume_from, extra)
     log.info("trained %s steps; model in %s", summary["steps"], output_dir)
     return summary
 
 
-def _summary(result: Any, callbacks: dict, output_dir: Path, meta: dict) -> dict[str, Any]:
-    last_eval: dict[str, dict] = {}
-    for r in callbacks["heldout"].results:
-        last_eval[r["set"]] = {k: r[k] for k in ("role", "loss", "perplexity", "tokens", "step")}
-    return {
-        "output_dir": str(output_dir),
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "train_runtime_s": result.metrics.get("train_runtime"),
-        "trained_tokens": callbacks["throughput"].trained_tokens,
-        **{k: callbacks["throughput"].last.get(k) for k in ("tokens_per_second", "mfu", "peak_memory_gb")},
-        "heldout": last_eval,
-        "mode": meta["mode"],
-        "attention": meta["attention"],
-    }

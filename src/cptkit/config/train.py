@@ -84,6 +84,11 @@ class TrainingRun:
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA adapter shape")
     quantization: QuantizationConfig = opt(factory=QuantizationConfig, help="QLoRA quantisation")
     schedule: ScheduleConfig = opt(factory=ScheduleConfig, help="learning-rate schedule")
+    embedding_lr: float | None = opt(
+        None,
+        "learning rate for the input embeddings and lm_head when they train (always in full mode; with "
+        "lora.train_embeddings, where lora.embedding_lr takes precedence); default: the main lr",
+    )
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
     fused_cross_entropy: Literal["auto", "on", "off"] = opt(
         "auto",

@@ -6,14 +6,19 @@ context (positions restart at 0), its first token only conditions, so every pred
 document is scored exactly once and never with more than `seq_length - 1` tokens of context.
 Windows are packed best-fit into rows; `position_ids` restart at every window, there is no
 attention_mask (transformers then keeps attention inside each window), and labels are -100 at each
-window's first token and on padding.
+window's first token and on padding (`cptkit.train.collator.padded_batch`, as in training).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from cptkit.data.pack import best_fit_pack
+from cptkit.train.collator import padded_batch
 
 
 @dataclass
@@ -34,52 +39,37 @@ def windows(ids: list[int], seq_length: int) -> list[list[int]]:
     return [list(ids[start : start + seq_length]) for start in range(0, len(ids) - 1, step)]
 
 
-def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into rows of at most `capacity` tokens, best-fit decreasing."""
-    try:
-        from cptkit.data.pack import best_fit_pack
-    except ImportError:
-        best_fit_pack = None
-    if best_fit_pack is not None:
-        return best_fit_pack(lengths, capacity)
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        fits = [r for r in range(len(rows)) if free[r] >= lengths[i]]
-        if fits:
-            r = min(fits, key=lambda r: free[r])
-            rows[r].append(i)
-            free[r] -= lengths[i]
-        else:
-            rows.append([i])
-            free.append(capacity - lengths[i])
+def packed_rows(docs: list[list[int]], seq_length: int) -> list[dict[str, list[int]]]:
+    """Every document's windows packed best-fit into rows `{input_ids, position_ids, doc_index}` of at
+    most seq_length tokens, longest rows first (rows of similar length then share a batch: less padding)."""
+    segments = [(d, w) for d, ids in enumerate(docs) for w in windows(ids, seq_length) if len(w) >= 2]
+    groups = best_fit_pack([len(w) for _, w in segments], seq_length)
+    groups.sort(key=lambda g: -sum(len(segments[i][1]) for i in g))
+    rows = []
+    for group in groups:
+        row: dict[str, list[int]] = {"input_ids": [], "position_ids": [], "doc_index": []}
+        for i in group:
+            d, w = segments[i]
+            row["input_ids"] += w
+            row["position_ids"] += range(len(w))
+            row["doc_index"] += [d] * len(w)
+        rows.append(row)
     return rows
+
+
+def batches_of(rows: Sequence[Mapping[str, Any]], batch_size: int, pad_id: int = 0) -> list[Batch]:
+    """Packed rows, batch_size at a time, as Batches. Rows without `doc_index` (SFT's labelled rows)
+    count as one document each, numbered in order."""
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        group = [
+            r if "doc_index" in r else {**r, "doc_index": [start + k] * len(r["input_ids"])}
+            for k, r in enumerate(rows[start : start + batch_size])
+        ]
+        batches.append(Batch(**padded_batch(group, pad_id)))
+    return batches
 
 
 def packed_batches(docs: list[list[int]], seq_length: int, batch_size: int, pad_id: int = 0) -> list[Batch]:
     """Every document's windows packed into rows of seq_length, batch_size rows per Batch."""
-    segments = [(d, w) for d, ids in enumerate(docs) for w in windows(ids, seq_length) if len(w) >= 2]
-    rows = best_fit([len(w) for _, w in segments], seq_length)
-    rows.sort(
-        key=lambda r: -sum(len(segments[i][1]) for i in r)
-    )  # similar lengths share a batch: less padding
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        group = rows[start : start + batch_size]
-        width = max(sum(len(segments[i][1]) for i in row) for row in group)
-        ids, pos, labels, docs_of = [], [], [], []
-        for row in group:
-            r_ids, r_pos, r_lab, r_doc = [], [], [], []
-            for i in row:
-                d, w = segments[i]
-                r_ids += w
-                r_pos += range(len(w))
-                r_lab += [-100] + w[1:]
-                r_doc += [d] * len(w)
-            pad = width - len(r_ids)
-            ids.append(r_ids + [pad_id] * pad)
-            pos.append(r_pos + list(range(pad)))
-            labels.append(r_lab + [-100] * pad)
-            docs_of.append(r_doc + [-1] * pad)
-        batches.append(Batch(*(torch.tensor(x, dtype=torch.long) for x in (ids, pos, labels, docs_of))))
-    return batches
+    return batches_of(packed_rows(docs, seq_length), batch_size, pad_id)

@@ -61,15 +61,32 @@ def batch_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch
     return logits, targets[keep], batch.doc_index[:, 1:].to(device)[keep]
 
 
+def iter_batches(
+    model, batches: list[Batch], desc: str | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """batch_logits over every batch, with a progress bar when `desc` is given."""
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=None if desc else True, leave=False):
+        yield batch_logits(model, batch)
+
+
 def iter_scored(
     model, docs: list[list[int]], seq_length: int, batch_size: int, pad_id: int, desc: str | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """batch_logits over every packed batch of `docs`, with a progress bar when `desc` is given."""
-    from tqdm.auto import tqdm
+    yield from iter_batches(model, packed_batches(docs, seq_length, batch_size, pad_id), desc)
 
-    batches = packed_batches(docs, seq_length, batch_size, pad_id)
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=None if desc else True, leave=False):
-        yield batch_logits(model, batch)
+
+def score_batches(model, batches: list[Batch], num_docs: int, desc: str | None = None) -> Scores:
+    """Summed nats and predicted tokens per document (`Batch.doc_index`) over packed batches."""
+    nats = torch.zeros(num_docs, dtype=torch.float64)
+    tokens = torch.zeros(num_docs, dtype=torch.long)
+    for logits, targets, doc in iter_batches(model, batches, desc):
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        nats.index_add_(0, doc.cpu(), loss.double().cpu())
+        tokens.index_add_(0, doc.cpu(), torch.ones_like(doc.cpu()))
+    return Scores(nats.tolist(), tokens.tolist())
 
 
 def score_documents(
@@ -81,10 +98,4 @@ def score_documents(
     desc: str | None = None,
 ) -> Scores:
     """Summed nats and predicted tokens per document; identical to scoring each document on its own."""
-    nats = torch.zeros(len(docs), dtype=torch.float64)
-    tokens = torch.zeros(len(docs), dtype=torch.long)
-    for logits, targets, doc in iter_scored(model, docs, seq_length, batch_size, pad_id, desc):
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        nats.index_add_(0, doc.cpu(), loss.double().cpu())
-        tokens.index_add_(0, doc.cpu(), torch.ones_like(doc.cpu()))
-    return Scores(nats.tolist(), tokens.tolist())
+    return score_batches(model, packed_batches(docs, seq_length, batch_size, pad_id), len(docs), desc)

@@ -23,26 +23,49 @@ from cptkit.train.callbacks import (
 )
 from cptkit.train.collator import PackedCollator
 from cptkit.train.heldout import HeldoutSet
+from cptkit.train.losses import LossTerm, LossTerms, build_loss_terms
 from cptkit.train.schedules import make_scheduler
 
 log = logging.getLogger(__name__)
 
 
 class CptTrainer(Trainer):
-    """transformers.Trainer with three decisions made for continued pretraining:
+    """transformers.Trainer with four decisions made for continued pretraining:
 
     - the sampler is sequential: prepare already shuffled and mixed the rows, and a fixed order is what
       makes `resume` continue at exactly the same data position;
     - the schedule is cptkit's (cosine, WSD, linear, constant with min_lr_ratio and re-warming), which
       HF's named schedulers do not all offer;
-    - the input embeddings and lm_head, when trained, get their own learning rate.
+    - the input embeddings and lm_head, when trained, get their own learning rate;
+    - the loss is a sum of terms (`cptkit.train.losses`), whose metrics join each training log.
     Subclassing is the documented way to change these under DeepSpeed and FSDP (`optimizers=` is refused
     there), so nothing else is overridden.
     """
 
-    def __init__(self, *args: Any, cpt: TrainConfig, **kwargs: Any):
+    def __init__(self, *args: Any, cpt: TrainConfig, loss_terms: list[LossTerm] | None = None, **kwargs: Any):
         self.cpt = cpt
+        self.loss_terms = LossTerms(loss_terms or build_loss_terms(cpt))
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # transformers' forward with labels and its scaling (num_items_in_batch, averaging over devices)
+        # give the causal-LM term; the terms then share those outputs, so no second forward is made
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        outputs["loss"] = loss
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # an override that not every 5.x Trainer has
+        if scaled is None:  # transformers' own rule in training_step
+            scaled = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        # the training loop sets the micro-batches of the current step; a call outside it has the configured
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        total = self.loss_terms(model, inputs, outputs, steps, causal_lm_is_scaled=scaled)
+        return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: the loss terms' metrics since the last one join it
+            logs.update(self.loss_terms.pop_means())
+        super().log(logs, start_time)
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler:
         dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
@@ -58,9 +81,7 @@ class CptTrainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
-        lr = (
-            self.cpt.lora.embedding_lr if self.cpt.mode != "full" else getattr(self.cpt, "embedding_lr", None)
-        )
+        lr = embedding_learning_rate(self.cpt)
         if lr is None or getattr(self, "_embedding_group_done", False):
             return optimizer
         embedding = _embedding_param_ids(self.model)
@@ -74,6 +95,14 @@ class CptTrainer(Trainer):
         self._embedding_group_done = True
         log.info("embeddings/lm_head train at learning rate %g", lr)
         return optimizer
+
+
+def embedding_learning_rate(train_cfg: TrainConfig) -> float | None:
+    """The learning rate of the input embeddings and lm_head when they train: `train.embedding_lr`, or in
+    lora/qlora mode `train.lora.embedding_lr` where set (it came first); None: the main learning rate."""
+    if train_cfg.mode != "full" and train_cfg.lora.embedding_lr is not None:
+        return train_cfg.lora.embedding_lr
+    return train_cfg.embedding_lr
 
 
 def _embedding_param_ids(model: Any) -> set[int]:
@@ -158,9 +187,10 @@ def build_trainer(
     data_collator: Any = None,
     flops_per_token: float | None = None,
     seed: int = 1234,
+    loss_terms: list[LossTerm] | None = None,
 ) -> tuple[CptTrainer, dict[str, Any]]:
-    """A Trainer for `loaded` on `train_dataset` (rows of input_ids/position_ids, or whatever
-    `data_collator` takes; sft passes its own collator whose labels carry -100 on prompts).
+    """A Trainer for `loaded` on `train_dataset` (rows of input_ids/position_ids, plus labels for SFT's
+    prompt mask, or whatever `data_collator` takes). `loss_terms` default to `build_loss_terms(train_cfg)`.
 
     Returns the trainer and its cptkit callbacks by name ("throughput", "non_finite", "heldout") so the
     command can read what they measured.
@@ -177,7 +207,7 @@ def build_trainer(
         "non_finite": NonFiniteLossCallback(),
         "heldout": HeldoutEvalCallback(
             eval_sets,
-            collator,
+            pad,
             args.per_device_eval_batch_size,
             default_eval_steps(args, len(train_dataset), train_cfg),
             writer,
@@ -191,6 +221,7 @@ def build_trainer(
         processing_class=loaded.tokenizer,
         callbacks=list(callbacks.values()),
         cpt=train_cfg,
+        loss_terms=loss_terms,
     )
     callbacks["heldout"].trainer = trainer
     return trainer, callbacks

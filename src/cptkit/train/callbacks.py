@@ -1,5 +1,6 @@
 """What the Trainer does not measure for continued pretraining, as TrainerCallbacks: trained tokens/s,
-MFU, peak memory, held-out loss per set, a metrics.jsonl file, and a stop on a NaN/inf loss."""
+MFU, peak memory, held-out loss, perplexity and bits per byte per set, a metrics.jsonl file, and a stop
+on a NaN/inf loss."""
 
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ class MetricsWriter:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Trained (non-pad, loss-carrying) tokens/s, MFU and peak GPU memory, added to each train log and
-    written to metrics.jsonl. Time counts only the training steps, not evaluation or checkpointing."""
+    """Trained (non-pad, loss-carrying) tokens/s, MFU and peak GPU memory, added to each train log; the
+    whole log (loss, learning rate, grad norm, each loss term's metrics, ...) goes to metrics.jsonl.
+    Time counts only the training steps, not evaluation or checkpointing."""
 
     def __init__(self, counter: CountingCollator, flops_per_token: float | None, writer: MetricsWriter):
         self.counter = counter
@@ -117,16 +119,8 @@ class ThroughputCallback(TrainerCallback):
         self.window_tokens, self.window_seconds = 0, 0.0
         logs.update(record)
         self.last = record
-        self.writer.write(
-            {
-                "type": "train",
-                "step": state.global_step,
-                "loss": logs.get("loss"),
-                "learning_rate": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"),
-                **record,
-            }
-        )
+        first = {"loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"), "grad_norm": None}
+        self.writer.write({"type": "train", "step": state.global_step, **first, **logs})
 
     def on_save(self, args, state, control, **kwargs):
         """The count of trained tokens travels with each checkpoint, so a resumed run continues it."""
@@ -176,14 +170,14 @@ class NonFiniteLossCallback(TrainerCallback):
 
 
 class HeldoutEvalCallback(TrainerCallback):
-    """Every `eval_steps` steps (and before the first), loss and perplexity on each held-out set,
-    logged with its role (domain or general) so forgetting shows during training."""
+    """Every `eval_steps` steps (and before the first), loss, perplexity and bits per byte on each
+    held-out set, logged with its role (domain or general) so forgetting shows during training."""
 
     def __init__(
-        self, sets: list[HeldoutSet], collator: Any, batch_size: int, eval_steps: int, writer: MetricsWriter
+        self, sets: list[HeldoutSet], pad_id: int, batch_size: int, eval_steps: int, writer: MetricsWriter
     ):
         self.sets = sets
-        self.collator = collator
+        self.pad_id = pad_id
         self.batch_size = batch_size
         self.eval_steps = eval_steps
         self.writer = writer
@@ -198,19 +192,21 @@ class HeldoutEvalCallback(TrainerCallback):
             result = {
                 "type": "eval",
                 "step": state.global_step,
-                **evaluate_set(model, heldout, self.collator, self.batch_size),
+                **evaluate_set(model, heldout, self.batch_size, self.pad_id),
             }
             self.results.append(result)
             self.writer.write(result)
             logs[f"heldout_{heldout.name}_loss"] = round(result["loss"], 4)
+            bpb = f", {result['bits_per_byte']:.4f} bits per byte" if result["bits_per_byte"] else ""
             log.info(
-                "step %d held-out %s (%s): loss %.4f perplexity %.2f over %d tokens",
+                "step %d held-out %s (%s): loss %.4f perplexity %.2f over %d tokens%s",
                 state.global_step,
                 heldout.name,
                 heldout.role,
                 result["loss"],
                 result["perplexity"],
                 result["tokens"],
+                bpb,
             )
         if self.trainer is not None:
             should_log = control.should_log if control is not None else False

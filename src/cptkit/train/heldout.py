@@ -1,16 +1,22 @@
-"""Held-out evaluation during training: loss and perplexity on each held-out set, so both the gain on
-the domain and any forgetting of general text show while the run goes on."""
+"""Held-out evaluation during training: loss, perplexity and bits per byte on each held-out set, so
+both the gain on the domain and any forgetting of general text show while the run goes on.
+
+The numbers come from `cptkit eval`'s scorer (`cptkit.eval.perplexity`): the same windows overlapping
+by one token, every predicted token scored once. Only the amount differs: training scores the first
+documents of each set up to `train.eval_max_tokens`, `cptkit eval` all of them.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cptkit.train.collator import IGNORE_INDEX, PackedCollator
+from cptkit.eval.packing import Batch, batches_of, packed_rows
+from cptkit.eval.perplexity import score_batches, summarize
 
 if TYPE_CHECKING:
     from cptkit.data.prepared import Prepared
@@ -20,83 +26,75 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HeldoutSet:
-    """One evaluation set, already packed into rows `{input_ids, position_ids}`."""
+    """One evaluation set as packed rows `{input_ids, position_ids[, labels][, doc_index]}`.
+
+    `num_bytes` is the UTF-8 size of the text the rows score (None: unknown, no bits per byte)."""
 
     name: str
     role: str
-    rows: list[dict[str, list[int]]] = field(default_factory=list)
+    rows: list[dict[str, list[int]]]
+    num_documents: int
+    num_bytes: int | None = None
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(r["input_ids"]) for r in self.rows)
+    @classmethod
+    def from_documents(
+        cls, name: str, role: str, documents: list[list[int]], seq_length: int, num_bytes: int | None
+    ) -> HeldoutSet:
+        """Token documents, cut into windows and packed the way `cptkit eval` does it."""
+        return cls(name, role, packed_rows(documents, seq_length), len(documents), num_bytes)
 
+    @classmethod
+    def from_rows(cls, name: str, role: str, rows: Sequence[dict[str, list[int]]]) -> HeldoutSet:
+        """Rows already packed with their own labels (SFT: -100 on prompts); each row counts as a document."""
+        return cls(name, role, list(rows), len(rows))
 
-def pack_documents(documents: list[list[int]], seq_length: int) -> list[dict[str, list[int]]]:
-    """Pack token lists into rows of at most seq_length, in order (next fit). A document longer than a
-    row is cut into windows, each evaluated on its own; the full-context numbers are `cptkit eval`'s."""
-    pieces = [doc[i : i + seq_length] for doc in documents for i in range(0, len(doc), seq_length)]
-    rows: list[dict[str, list[int]]] = []
-    ids: list[int] = []
-    pos: list[int] = []
-    for piece in pieces:
-        if len(ids) + len(piece) > seq_length:
-            rows.append({"input_ids": ids, "position_ids": pos})
-            ids, pos = [], []
-        ids += piece
-        pos += list(range(len(piece)))
-    if ids:
-        rows.append({"input_ids": ids, "position_ids": pos})
-    return rows
+    def batches(self, batch_size: int, pad_id: int) -> list[Batch]:
+        return batches_of(self.rows, batch_size, pad_id)
 
 
 def load_heldout_sets(prepared: Prepared, seq_length: int, max_tokens: int) -> list[HeldoutSet]:
-    """Each held-out set of a prepared dataset, its first documents up to max_tokens, packed."""
+    """Each held-out set of a prepared dataset: its first whole documents up to max_tokens.
+
+    Whole documents, so that the set's bytes are exactly the bytes of what is scored (the prepared
+    sets record `num_bytes` per document). A set whose first document alone passes max_tokens keeps
+    that document cut at max_tokens, and has no bits per byte."""
     sets = []
     for name, info in prepared.heldout.items():
         if not info.documents:
             continue
         data = prepared.heldout_set(name)
-        documents, total = [], 0
-        for ids in data["input_ids"] if len(data) else []:
-            if total >= max_tokens:
+        documents, num_bytes, total = [], 0, 0
+        for ids, size in zip(data["input_ids"], data["num_bytes"], strict=True):
+            if total + len(ids) > max_tokens:
+                if not documents:  # the first document alone is longer than the budget
+                    documents, num_bytes = [list(ids)[:max_tokens]], None
                 break
-            ids = list(ids)[: max_tokens - total]
-            if len(ids) > 1:
-                documents.append(ids)
-                total += len(ids)
-        if documents:
-            sets.append(HeldoutSet(name, info.role, pack_documents(documents, seq_length)))
+            documents.append(list(ids))
+            num_bytes += size
+            total += len(ids)
+        heldout = HeldoutSet.from_documents(name, info.role, documents, seq_length, num_bytes)
+        if heldout.rows:  # some document has a token to predict
+            sets.append(heldout)
     return sets
 
 
 @torch.no_grad()
-def evaluate_set(
-    model: Any, heldout: HeldoutSet, collator: PackedCollator, batch_size: int
-) -> dict[str, Any]:
-    """Mean loss per predicted token over the set, and its perplexity."""
+def evaluate_set(model: Any, heldout: HeldoutSet, batch_size: int, pad_id: int) -> dict[str, Any]:
+    """Loss per predicted token over the set, its perplexity and bits per byte."""
     was_training = model.training
     model.eval()
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    loss_sum, count = 0.0, 0
-    for start in range(0, len(heldout.rows), batch_size):
-        batch = collator(heldout.rows[start : start + batch_size])
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        if n == 0:
-            continue
-        out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-        loss_sum += float(out.loss) * n
-        count += n
-    if was_training:
-        model.train()
-    loss = loss_sum / max(count, 1)
+    try:
+        scores = score_batches(model, heldout.batches(batch_size, pad_id), heldout.num_documents)
+    finally:
+        if was_training:
+            model.train()
+    nats, tokens = scores.total_nats, scores.total_tokens
+    numbers = summarize(nats, tokens, heldout.num_bytes or 0)
     return {
         "set": heldout.name,
         "role": heldout.role,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "tokens": count,
+        "loss": numbers["loss"],
+        "perplexity": numbers["perplexity"],
+        "bits_per_byte": numbers["bits_per_byte"] if heldout.num_bytes else None,
+        "tokens": tokens,
     }

@@ -1,0 +1,103 @@
+"""The training loss as a sum of terms: the causal-LM loss first, then any regularizer the config asks for.
+
+`CptTrainer.compute_loss` makes one forward pass with labels (so liger's fused linear cross-entropy
+never materialises the logits) and hands its outputs to every term. Each term returns its value and
+the metrics to log; `LossTerms` adds the values and keeps the metrics until the next training log,
+where they land in the logs and metrics.jsonl under whatever keys the term chose (e.g. `loss/causal_lm`).
+
+A new term (KL to the base model, L2 to the base weights, EWC, ...) is one class with the `LossTerm`
+shape and a config field that `build_loss_terms` reads; the trainer does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from cptkit.config.train import TrainConfig
+
+
+class LossTerm(Protocol):
+    """One part of the training loss.
+
+    Called with the model, the batch and the outputs of the trainer's forward pass. Returns the term's
+    value (a scalar tensor that carries gradients) and metrics to log (tensors or floats; tensors are
+    read only when the step is logged, so logging costs no device sync per batch). Every term after the
+    first returns a mean over its batch: the trainer scales it for gradient accumulation.
+    """
+
+    name: str
+
+    def __call__(
+        self, model: Any, inputs: Mapping[str, Any], outputs: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]: ...
+
+
+class CausalLMLoss:
+    """Next-token cross-entropy on the labelled tokens: the model's own loss from the forward pass
+    (`outputs.loss`, as transformers.Trainer scaled it for gradient accumulation and devices)."""
+
+    name = "causal_lm"
+
+    def __call__(self, model: Any, inputs: Mapping[str, Any], outputs: Any):
+        loss = outputs["loss"]
+        return loss, {"loss/causal_lm": loss.detach()}
+
+
+def build_loss_terms(train_cfg: TrainConfig) -> list[LossTerm]:
+    """The loss terms `train_cfg` asks for, the causal-LM loss first."""
+    return [CausalLMLoss()]
+
+
+class LossTerms:
+    """Sums the terms and keeps their metrics until the next training log.
+
+    Metrics are weighted the way their term enters the logged `loss` (a term's value is its share of
+    the loss, the parts add up to it) and averaged over the optimizer steps since the last log. They
+    are those of this process's batches.
+    """
+
+    def __init__(self, terms: Sequence[LossTerm]):
+        if not terms or not isinstance(terms[0], CausalLMLoss):
+            raise ValueError("the loss terms start with CausalLMLoss")
+        self.terms = list(terms)
+        self._sums: dict[str, torch.Tensor | float] = {}
+        self._steps = 0.0  # optimizer steps since the last log: each micro-batch is 1/accumulation_steps
+
+    def __call__(
+        self,
+        model: Any,
+        inputs: Mapping[str, Any],
+        outputs: Any,
+        accumulation_steps: int = 1,
+        causal_lm_is_scaled: bool = False,
+    ) -> torch.Tensor:
+        """The summed loss of one micro-batch.
+
+        `causal_lm_is_scaled`: the first term is already normalised over the `accumulation_steps`
+        micro-batches of the optimizer step (transformers passes `num_items_in_batch` to the model), so
+        the Trainer will not divide the sum by them: the other terms, batch means, are divided here.
+        """
+        steps = max(accumulation_steps, 1)
+        later = 1 / steps if causal_lm_is_scaled else 1.0  # the Trainer divides the whole sum otherwise
+        total, metrics = self.terms[0](model, inputs, outputs)
+        shares = {key: 1.0 if causal_lm_is_scaled else 1 / steps for key in metrics}
+        for term in self.terms[1:]:
+            value, more = term(model, inputs, outputs)
+            total = total + later * value
+            metrics = {**metrics, **more}
+            shares.update({key: 1 / steps for key in more})
+        if model.training:
+            self._steps += 1 / steps
+            for key, value in metrics.items():
+                value = value.detach() if isinstance(value, torch.Tensor) else value
+                self._sums[key] = self._sums.get(key, 0.0) + value * shares[key]
+        return total
+
+    def pop_means(self) -> dict[str, float]:
+        """Each metric averaged over the optimizer steps since the last call; the sums start again."""
+        means = {key: float(value) / self._steps for key, value in self._sums.items()} if self._steps else {}
+        self._sums, self._steps = {}, 0.0
+        return means
