@@ -25,7 +25,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """All linear layers and the embedding adapted, rank-stabilised scaling, a trained lm_head copy."""
+    """All linear layers and the embedding adapted, rank-stabilised scaling, a trained lm_head copy.
+    Seeded: peft draws lora_A from the global generator, which the tests run before would move."""
+    torch.manual_seed(0)
     return make_lora_adapter(
         tiny_model_dir,
         tmp_path_factory.mktemp("adapter"),
@@ -168,6 +170,12 @@ def test_model_folder_without_weights_is_refused(tmp_path, tiny_model_dir, adapt
         merge.run(config(tmp_path, empty, adapter_dir))
     with pytest.raises(CptkitError, match="not an adapter"):
         merge.run(config(tmp_path, tiny_model_dir, empty))
+    assert_nothing_written(tmp_path)
+
+
+def test_base_that_is_neither_a_folder_nor_on_the_hub_is_refused(tmp_path, adapter_dir):
+    with pytest.raises(CptkitError, match="not a local folder, and it could not be fetched from the hub"):
+        merge.run(config(tmp_path, "cptkit-tests/no-such-model", adapter_dir))
     assert_nothing_written(tmp_path)
 
 
