@@ -12,10 +12,12 @@ import torch
 from cptkit.commands import eval as eval_cmd
 from cptkit.commands import merge
 from cptkit.config import Config, build_config
+from cptkit.config.evaluate import EvalModel
 from cptkit.errors import CptkitError
 from cptkit.eval.packing import packed_batches, windows
 from cptkit.eval.perplexity import score_documents
 from cptkit.eval.results import HEADLINE_WORDING, REPORT_WORDING, RESULTS_WORDING, deltas, markdown, verdict
+from cptkit.eval.score import nf4_base
 from cptkit.testing.stages import make_lora_adapter, write_prepared
 from cptkit.testing.tiny import sample_texts
 
@@ -233,3 +235,17 @@ def test_results_markdown_reads_each_delta():
     assert "| adapted | sql | domain | -0.4000 | 7.389 -> 4.953 | -0.1333 | domain gain |" in md
     assert "| adapted | prose | general | +0.0500 | 4.482 -> 4.711 | +0.0167 | forgetting |" in md
     assert md[md.index("## Against the base model") + 3] == "|---|---|---|---:|---:|---:|---|"
+
+
+def test_a_qlora_adapter_is_evaluated_on_the_nf4_base_unless_told_not_to(tmp_path):
+    recorded = {"bits": 4, "quant_type": "nf4", "double_quant": False, "compute_dtype": "float16"}
+    for name, meta in (("qlora", {"mode": "qlora", "quantization": recorded}), ("lora", {"mode": "lora"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run_meta.json").write_text(json.dumps(meta))
+    qlora, lora = str(tmp_path / "qlora"), str(tmp_path / "lora")
+    expected = {"quant_type": "nf4", "double_quant": False, "dtype": torch.float16}
+    assert nf4_base(EvalModel(name="a", path="base", adapter=qlora)) == expected
+    assert nf4_base(EvalModel(name="a", path="base", adapter=qlora, nf4_base=False)) is None
+    assert nf4_base(EvalModel(name="a", path="base", adapter=lora)) is None
+    assert nf4_base(EvalModel(name="a", path="base", adapter=lora, nf4_base=True))["dtype"] == torch.bfloat16
+    assert nf4_base(EvalModel(name="a", path="base")) is None

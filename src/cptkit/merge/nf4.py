@@ -25,7 +25,9 @@ def nf4_available(device: torch.device | str) -> str | None:
         w = torch.randn(8, 64, device=device, dtype=torch.bfloat16)
         q, state = F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
         F.dequantize_4bit(q, state)
-    except (ImportError, OSError, RuntimeError, ValueError) as e:  # missing, no native library, no kernel
+    # not installed, no native library (OSError; AttributeError from a bitsandbytes whose library did not
+    # load), no kernel for this device (RuntimeError, NotImplementedError), a device it refuses (ValueError)
+    except (ImportError, OSError, AttributeError, RuntimeError, ValueError) as e:
         return f"bitsandbytes cannot quantise to NF4 on {device}: {type(e).__name__}: {e}"
     return None
 
