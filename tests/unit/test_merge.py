@@ -4,6 +4,7 @@ with nothing half-written, and QLoRA adapters are merged into both bases and com
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from cptkit.config import Config, build_config
 from cptkit.errors import CptkitError
 from cptkit.merge.adapter import LoraModule
 from cptkit.merge.checkpoint import SAFETENSORS_DTYPES
-from cptkit.merge.write import ShardWriter, TensorSpec, parse_size, plan_shards
+from cptkit.merge.nf4 import nf4_settings
+from cptkit.merge.qlora import choose_variant, plan_variants
+from cptkit.merge.write import ShardWriter, TensorSpec, check_disk_space, parse_size, plan_shards
 from cptkit.testing.stages import make_lora_adapter, write_prepared
 from cptkit.testing.tiny import make_tiny_llama, sample_texts
 
@@ -22,7 +25,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """All linear layers and the embedding adapted, rank-stabilised scaling, a trained lm_head copy."""
+    """All linear layers and the embedding adapted, rank-stabilised scaling, a trained lm_head copy.
+    Seeded: peft draws lora_A from the global generator, which the tests run before would move."""
+    torch.manual_seed(0)
     return make_lora_adapter(
         tiny_model_dir,
         tmp_path_factory.mktemp("adapter"),
@@ -123,15 +128,25 @@ def test_qlora_adapter_merged_into_both_bases_and_the_closer_kept(tmp_path, tiny
     assert forced["kept"] == "bf16" and forced["why"] == "merge.qlora_base: bf16"
 
 
-def test_qlora_without_bitsandbytes_falls_back_to_the_original_base(tmp_path, tiny_model_dir, monkeypatch):
-    import cptkit.merge.qlora as qlora
-
-    monkeypatch.setattr(
-        qlora, "nf4_available", lambda device: "bitsandbytes cannot quantise to NF4 on cpu: test"
+def test_qlora_without_nf4_kernels_is_merged_into_the_original_base_only(tmp_path):
+    variants, notes = plan_variants(
+        "qlora",
+        {"bits": 4},
+        torch.device("cpu"),
+        tmp_path,
+        nf4_check=lambda device: f"bitsandbytes cannot quantise to NF4 on {device}: test",
     )
-    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "qlora", mode="qlora")
-    report = merge.run(config(tmp_path, tiny_model_dir, adapter))
-    assert report["kept"] == "bf16" and "cannot quantise" in report["notes"][0]
+    assert [v.name for v in variants] == ["bf16"] and "cannot quantise to NF4 on cpu" in notes[0]
+    assert choose_variant(variants, None, "auto") == (variants[0], "the only merge made")
+    both, notes = plan_variants("qlora", {"bits": 4}, torch.device("cpu"), tmp_path, nf4_check=lambda d: None)
+    assert [v.name for v in both] == ["bf16", "dequantized"] and notes == []
+    assert both[1].quant == {"quant_type": "nf4", "double_quant": True, "dtype": torch.bfloat16}
+
+
+def test_nf4_settings_read_a_runs_quantization_record():
+    assert nf4_settings({}) == {"quant_type": "nf4", "double_quant": True, "dtype": torch.bfloat16}
+    recorded = {"bits": 4, "quant_type": "fp4", "double_quant": False, "compute_dtype": "float16"}
+    assert nf4_settings(recorded) == {"quant_type": "fp4", "double_quant": False, "dtype": torch.float16}
 
 
 def assert_nothing_written(tmp_path):
@@ -158,27 +173,27 @@ def test_model_folder_without_weights_is_refused(tmp_path, tiny_model_dir, adapt
     assert_nothing_written(tmp_path)
 
 
-def test_no_disk_space_is_refused_before_writing(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
-    import shutil
-    from collections import namedtuple
-
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(CptkitError, match="not enough disk space"):
-        merge.run(config(tmp_path, tiny_model_dir, adapter_dir))
+def test_base_that_is_neither_a_folder_nor_on_the_hub_is_refused(tmp_path, adapter_dir):
+    with pytest.raises(CptkitError, match="not a local folder, and it could not be fetched from the hub"):
+        merge.run(config(tmp_path, "cptkit-tests/no-such-model", adapter_dir))
     assert_nothing_written(tmp_path)
 
 
-def test_failure_while_writing_leaves_no_partial_model(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
+def test_no_disk_space_is_refused_before_writing(tmp_path):
+    with pytest.raises(CptkitError, match="not enough disk space"):
+        check_disk_space(tmp_path / "run" / "merged", 10**18)
+    assert not (tmp_path / "run").exists()
+
+
+def test_failure_while_writing_leaves_no_partial_model(tmp_path, tiny_model_dir, adapter_dir):
     merge.run(config(tmp_path, tiny_model_dir, adapter_dir))  # a previous, complete merge
     before = sorted(p.name for p in (tmp_path / "run/merged").iterdir())
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(merge, "write_model_files", boom)
-    with pytest.raises(OSError):
-        merge.run(config(tmp_path, tiny_model_dir, adapter_dir))
+    damaged = tmp_path / "damaged"  # a base whose weights end early: the merge fails half-way
+    shutil.copytree(tiny_model_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CptkitError, match="truncated"):
+        merge.run(config(tmp_path, damaged, adapter_dir))
     assert sorted(p.name for p in (tmp_path / "run/merged").iterdir()) == before
     assert not any(p.name.startswith(".merged") for p in (tmp_path / "run").iterdir())
 

@@ -69,5 +69,3 @@ def run(cfg: Config) -> dict[str, Any]:
     summary = fit(trainer, callbacks, output_dir, meta, resume_from, extra)
     log.info("trained %s steps; model in %s", summary["steps"], output_dir)
     return summary
-
-

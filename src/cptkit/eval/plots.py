@@ -23,27 +23,39 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def training(train: dict[str, Any], folder: Path) -> str | None:
-    """Training loss (left axis) and learning rate (right axis) over steps."""
-    pts = [
-        (s, x, lr)
-        for s, x, lr in zip(train["steps"], train["loss"], train["learning_rate"], strict=True)
-        if x is not None
+def _over_steps(train: dict[str, Any], left: str, right: str) -> list[tuple[Any, Any, Any]]:
+    """(step, left value, right value) of every logged step where the left value is known."""
+    return [
+        (s, a, b) for s, a, b in zip(train["steps"], train[left], train[right], strict=True) if a is not None
     ]
-    if not pts:
-        return None
+
+
+def _twin_axes(
+    pts: list[tuple[Any, Any, Any]], left: tuple[str, str], right: tuple[str, str], title: str, path: Path
+) -> str:
+    """The left series over steps on the left axis, the right one (where known) on a second axis;
+    `left` and `right` are (label, colour)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", label="train loss")
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=left[1], label=left[0])
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
-    lr = [(p[0], p[2]) for p in pts if p[2] is not None]
-    if lr:
+    ax.set_ylabel(left[0], color=left[1])
+    second = [(p[0], p[2]) for p in pts if p[2] is not None]
+    if second:
         ax2 = ax.twinx()
-        ax2.plot([p[0] for p in lr], [p[1] for p in lr], color="tab:orange", label="learning rate")
-        ax2.set_ylabel("learning rate", color="tab:orange")
-    ax.set_title("training loss and learning rate")
-    return _save(fig, folder / "training.png")
+        ax2.plot([p[0] for p in second], [p[1] for p in second], color=right[1], label=right[0])
+        ax2.set_ylabel(right[0], color=right[1])
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def training(train: dict[str, Any], folder: Path) -> str | None:
+    """Training loss (left axis) and learning rate (right axis) over steps."""
+    pts = _over_steps(train, "loss", "learning_rate")
+    if not pts:
+        return None
+    labels = ("train loss", "tab:blue"), ("learning rate", "tab:orange")
+    return _twin_axes(pts, *labels, "training loss and learning rate", folder / "training.png")
 
 
 def heldout(train: dict[str, Any], folder: Path) -> str | None:
@@ -70,25 +82,11 @@ def heldout(train: dict[str, Any], folder: Path) -> str | None:
 
 def throughput(train: dict[str, Any], folder: Path) -> str | None:
     """Trained tokens per second and peak GPU memory over steps."""
-    pts = [
-        (s, t, m)
-        for s, t, m in zip(train["steps"], train["tokens_per_second"], train["peak_memory_gb"], strict=True)
-        if t is not None
-    ]
+    pts = _over_steps(train, "tokens_per_second", "peak_memory_gb")
     if not pts:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:green")
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s", color="tab:green")
-    mem = [(p[0], p[2]) for p in pts if p[2] is not None]
-    if mem:
-        ax2 = ax.twinx()
-        ax2.plot([p[0] for p in mem], [p[1] for p in mem], color="tab:red")
-        ax2.set_ylabel("peak memory (GB)", color="tab:red")
-    ax.set_title("throughput and memory")
-    return _save(fig, folder / "throughput.png")
+    labels = ("tokens / s", "tab:green"), ("peak memory (GB)", "tab:red")
+    return _twin_axes(pts, *labels, "throughput and memory", folder / "throughput.png")
 
 
 def perplexity(results: list[dict[str, Any]], folder: Path) -> str | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.data.prepared import Prepared
+from cptkit.eval.results import REPORT_WORDING, SUMMARY_KEYS, perplexity_change, results_table, verdict
 from cptkit.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,8 @@ def _num(x: Any, fmt: str = ".4g") -> str:
 
 def _verdict(d: dict[str, Any]) -> str:
     """One line: a model's perplexity on one set before -> after, and what that means for its role."""
-    change = (d["perplexity_after"] / d["perplexity_before"] - 1) * 100 if d["perplexity_before"] else 0
-    word = (
-        ("gain" if d["loss_delta"] < 0 else "no gain")
-        if d["role"] == "domain"
-        else ("forgetting" if d["loss_delta"] > 0 else "no forgetting")
-    )
+    change = perplexity_change(d["perplexity_before"], d["perplexity_after"])
+    word = verdict(d["role"], d["loss_delta"], REPORT_WORDING)
     return (
         f"- **{d['model']}** on {d['role']} set `{d['set']}`: perplexity {d['perplexity_before']:.3f} -> "
         f"{d['perplexity_after']:.3f} ({change:+.1f}%), bits/byte {d['bpb_delta']:+.4f}: {word}"
@@ -174,14 +171,7 @@ def _sft_eval(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _results_table(results: list[dict[str, Any]]) -> list[str]:
-    return [
-        "| model | set | role | loss | perplexity | bits/byte | tokens |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ] + [
-        f"| {r['model']} | {r['set']} | {r['role']} | {r['loss']:.4f} | {r['perplexity']:.3f} | "
-        f"{r['bits_per_byte']:.4f} | {r['tokens']} |"
-        for r in results
-    ]
+    return results_table(results, SUMMARY_KEYS)
 
 
 def _sft_markdown(sft: dict[str, Any]) -> list[str]:

@@ -110,7 +110,8 @@ def resolve_model_folder(name_or_path: str) -> Path:
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
             )
         )
-    except Exception as e:  # offline, unknown repo, no access: all the same to the user
+    # no hub client (ImportError); offline, unknown repo, no access (OSError); not a valid repo id (ValueError)
+    except (ImportError, OSError, ValueError) as e:
         raise CptkitError(
             f"{name_or_path}: not a local folder, and it could not be fetched from the hub ({e}); "
             "download it first (`hf download NAME --local-dir DIR`) and point to DIR"

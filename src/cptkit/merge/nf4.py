@@ -8,6 +8,7 @@ quantised when double quant is on) and dequantises it to the compute dtype befor
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -24,9 +25,21 @@ def nf4_available(device: torch.device | str) -> str | None:
         w = torch.randn(8, 64, device=device, dtype=torch.bfloat16)
         q, state = F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
         F.dequantize_4bit(q, state)
-    except Exception as e:
+    # not installed, no native library (OSError; AttributeError from a bitsandbytes whose library did not
+    # load), no kernel for this device (RuntimeError, NotImplementedError), a device it refuses (ValueError)
+    except (ImportError, OSError, AttributeError, RuntimeError, ValueError) as e:
         return f"bitsandbytes cannot quantise to NF4 on {device}: {type(e).__name__}: {e}"
     return None
+
+
+def nf4_settings(quant: dict[str, Any]) -> dict[str, Any]:
+    """The round trip's settings ({quant_type, double_quant, dtype}) from a run's `quantization` record
+    (run_meta.json or the train section), with the defaults `cptkit train` uses for QLoRA."""
+    return {
+        "quant_type": quant.get("quant_type", "nf4"),
+        "double_quant": bool(quant.get("double_quant", True)),
+        "dtype": getattr(torch, str(quant.get("compute_dtype", "bfloat16"))),
+    }
 
 
 def nf4_roundtrip(

@@ -9,38 +9,40 @@ Both are written, measured against the adapter on the 4-bit base, and the closer
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from cptkit.merge.nf4 import nf4_available
+from cptkit.merge.nf4 import nf4_available, nf4_settings
 from cptkit.merge.stream import Variant
 
 log = logging.getLogger(__name__)
 
 
 def plan_variants(
-    mode: str, quant: dict[str, Any], device: torch.device, folder
+    mode: str,
+    quant: dict[str, Any],
+    device: torch.device,
+    folder,
+    nf4_check: Callable[[torch.device], str | None] = nf4_available,
 ) -> tuple[list[Variant], list[str]]:
-    """The merges to write, and notes for the report (why a variant was left out)."""
+    """The merges to write, and notes for the report (why a variant was left out). `nf4_check(device)`
+    says why the NF4 round trip cannot be computed on `device` (None when it can)."""
     if mode != "qlora":
         return [Variant("lora", folder)], []
     if int(quant.get("bits", 4)) != 4:
         return [Variant("bf16", folder / "bf16")], [
             f"{quant.get('bits')}-bit QLoRA: merged into the original base only"
         ]
-    reason = nf4_available(device)
+    reason = nf4_check(device)
     if reason:
         log.warning("%s; merging into the original base only", reason)
         return [Variant("bf16", folder / "bf16")], [
             f"{reason}: merged into the original (bf16) base only, "
             "not compared with the 4-bit base the adapter was trained on"
         ]
-    settings = {
-        "quant_type": quant.get("quant_type", "nf4"),
-        "double_quant": bool(quant.get("double_quant", True)),
-        "dtype": getattr(torch, str(quant.get("compute_dtype", "bfloat16"))),
-    }
+    settings = nf4_settings(quant)
     return [Variant("bf16", folder / "bf16"), Variant("dequantized", folder / "dequantized", settings)], []
 
 

@@ -183,3 +183,13 @@ def atomic_folder(final: Path) -> Iterator[Path]:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def promote(chosen: Path, root: Path) -> None:
+    """Move the kept variant's files from its subfolder to `root` and drop the other variants' subfolders."""
+    if chosen == root:
+        return
+    for f in chosen.iterdir():
+        shutil.move(str(f), root / f.name)
+    for sub in [p for p in root.iterdir() if p.is_dir()]:
+        shutil.rmtree(sub)
