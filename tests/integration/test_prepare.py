@@ -444,3 +444,13 @@ def test_progress_counts_every_input_byte_and_phases_come_in_order(tmp_path, tin
     run_with(config(tmp_path, tiny_tokenizer_dir, sources), executor=counted, on_phase=phases.append)
     assert sum(seen) == (tmp_path / "dom.jsonl").stat().st_size + (tmp_path / "gen.jsonl").stat().st_size
     assert phases == ["tokenize", "assemble", "write"]
+
+
+def test_process_workers_give_what_threads_give(tmp_path, tiny_tokenizer_dir, paragraphs):
+    sources = dom_and_gen(tmp_path, paragraphs[:80], paragraphs[80:140])
+    threads = config(tmp_path / "threads", tiny_tokenizer_dir, sources, num_proc=2)
+    processes = config(tmp_path / "processes", tiny_tokenizer_dir, sources, num_proc=2)
+    a = run_with(threads, pool="threads")
+    b = run_with(processes, pool="processes")
+    assert a["sources"] == b["sources"] and a["totals"] == b["totals"]
+    assert train_rows(threads.stage_dir("prepare")) == train_rows(processes.stage_dir("prepare"))
