@@ -64,9 +64,7 @@ def _digest(prepared: Path) -> dict[str, object]:
     train = load_from_disk(str(prepared / "train"))
     h = hashlib.sha256()
     for row in train.with_format("numpy"):
-        h.update(
-            row["input_ids"].astype("<i4").tobytes() + b"|" + row["position_ids"].astype("<i4").tobytes()
-        )
+        h.update(row["input_ids"].astype("<i4").tobytes() + b"|" + row["position_ids"].astype("<i4").tobytes())
     out["train"] = h.hexdigest()
     for name in sorted(manifest["heldout"]):
         held = load_from_disk(str(prepared / manifest["heldout"][name]["dir"]))
@@ -75,9 +73,7 @@ def _digest(prepared: Path) -> dict[str, object]:
             h.update(json.dumps([row["text"], list(row["input_ids"]), row["num_bytes"]]).encode())
         out[f"heldout/{name}"] = h.hexdigest()
     drop = {"path", "examples"}  # absolute paths of this machine
-    out["sources"] = {
-        n: {k: v for k, v in s.items() if k not in drop} for n, s in manifest["sources"].items()
-    }
+    out["sources"] = {n: {k: v for k, v in s.items() if k not in drop} for n, s in manifest["sources"].items()}
     out["heldout"] = manifest["heldout"]
     out["totals"] = manifest["totals"]
     return out
