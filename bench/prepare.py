@@ -185,9 +185,8 @@ def method(name: str, work: Path, corpus: Path, tokenizer: Path, seq_length: int
         return _result(start, cpu, tokens)
     if name == "seed":
         return seed_recipe(corpus, tok, seq_length)
-    from cptkit.commands import prepare
     from cptkit.config import Config, load_config
-    from cptkit.data import shards
+    from cptkit.data.prepare import prepare
 
     overrides = {
         "cptkit-seq": [f"data.seq_length={seq_length * 2}"],
@@ -198,10 +197,9 @@ def method(name: str, work: Path, corpus: Path, tokenizer: Path, seq_length: int
     cfg = load_config(Config, config_file(work, corpus, tokenizer, seq_length), overrides)
     if name in ("cptkit", "cptkit-procs", "cptkit-chars") and (work / "run").exists():
         shutil.rmtree(work / "run")  # cold cache
-    if name == "cptkit-procs":
-        shards.Tokenizing.__init__.__defaults__ = ("processes",)
+    pool = "processes" if name == "cptkit-procs" else None
     start, cpu = time.perf_counter(), cpu_seconds()
-    manifest = prepare.run(cfg)
+    manifest = prepare(cfg.data, cfg.stage_dir("prepare"), config=cfg, pool=pool).manifest
     tokens = sum(s["tokens"] for s in manifest["sources"].values())
     return _result(start, cpu, tokens) | {
         "rows": manifest["totals"]["rows"],

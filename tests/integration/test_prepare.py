@@ -16,10 +16,12 @@ from cptkit.cli import main as cli
 from cptkit.commands import prepare
 from cptkit.config import Config, build_config
 from cptkit.config.data import FilterConfig
+from cptkit.data.cache import CACHE_DIR
 from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.manifest import read_manifest
 from cptkit.data.normalize import normalize
-from cptkit.data.tokenize import Encoder
+from cptkit.data.prepare import prepare as prepare_data
+from cptkit.data.shards import tokenize_shard
 from cptkit.errors import CptkitError
 from cptkit.testing.tiny import sample_texts
 
@@ -169,16 +171,20 @@ def test_mix_ratio_within_one_percent(tmp_path, tiny_tokenizer_dir, paragraphs, 
     assert m["heldout"]["gen"]["role"] == "general"
 
 
-def _forbid_tokenizing(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("the tokenizer was called")
+def no_tokenizing(tasks, progress):
+    """An executor for runs that must find every shard in the cache."""
+    if tasks:
+        raise AssertionError(f"{len(tasks)} shard(s) were tokenized again")
+    return []
 
-    monkeypatch.setattr(Encoder, "encode", boom)
-    monkeypatch.setattr(prepare, "tokenize_shard", boom)
+
+def run_with(cfg, **hooks):
+    """`cptkit prepare` as the command runs it, with the pipeline's hooks (executor, on_phase) set."""
+    return prepare_data(cfg.data, cfg.stage_dir("prepare"), config=cfg, **hooks).manifest
 
 
 def test_rerun_does_nothing_and_new_seq_length_does_not_retokenize(
-    tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch, caplog
+    tmp_path, tiny_tokenizer_dir, paragraphs, caplog
 ):
     sources = [s | {"weight": 0.5} for s in dom_and_gen(tmp_path, paragraphs[:120], paragraphs[120:200])]
     cfg = config(tmp_path, tiny_tokenizer_dir, sources)
@@ -186,55 +192,51 @@ def test_rerun_does_nothing_and_new_seq_length_does_not_retokenize(
     out = cfg.stage_dir("prepare")
     arrow = sorted((out / "train").glob("*.arrow"))
     before = [p.stat().st_mtime_ns for p in arrow]
-    _forbid_tokenizing(monkeypatch)
     with caplog.at_level(logging.INFO):
-        again = prepare.run(cfg)
+        again = run_with(cfg, executor=no_tokenizing)
     assert again == first and [p.stat().st_mtime_ns for p in arrow] == before
     assert "nothing to do" in caplog.text
     sources[0]["weight"] = 0.7
-    longer = prepare.run(config(tmp_path, tiny_tokenizer_dir, sources, seq_length=128))
+    longer = run_with(config(tmp_path, tiny_tokenizer_dir, sources, seq_length=128), executor=no_tokenizing)
     assert longer["seq_length"] == 128 and longer["fingerprint"] != first["fingerprint"]
     assert max(map(len, train_rows(out)[0])) <= 128
     assert longer["sources"]["dom"]["tokens"] == first["sources"]["dom"]["tokens"]
 
 
-def test_interrupted_run_resumes(tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch):
+def test_interrupted_run_resumes(tmp_path, tiny_tokenizer_dir, paragraphs):
     sources = dom_and_gen(tmp_path, paragraphs[:100], paragraphs[100:180])
     reference = prepare.run(config(tmp_path / "ref", tiny_tokenizer_dir, sources))
     cfg = config(tmp_path, tiny_tokenizer_dir, sources)
-    real = prepare.tokenize_shard
     calls = []
 
-    def killed_after_first(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(args[0].source)
-        return real(*args, **kwargs)
+    def killed_after_first(tasks, progress):
+        for task in tasks:
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(task.shard.source)
+            yield tokenize_shard(task, progress)
 
-    monkeypatch.setattr(prepare, "tokenize_shard", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
-        prepare.run(cfg)
+        run_with(cfg, executor=killed_after_first)
     out = cfg.stage_dir("prepare")
     with pytest.raises(CptkitError):
         read_manifest(out)
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].source)
-        return real(*args, **kwargs)
+    def counting(tasks, progress):
+        for task in tasks:
+            calls.append(task.shard.source)
+            yield tokenize_shard(task, progress)
 
-    monkeypatch.setattr(prepare, "tokenize_shard", counting)
-    from cptkit.data import write
+    def killed_while_writing(phase):
+        if phase == "write":
+            raise KeyboardInterrupt
 
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(write, "write_heldout", crash)  # killed again, while writing
     with pytest.raises(KeyboardInterrupt):
-        prepare.run(cfg)
+        run_with(cfg, executor=counting, on_phase=killed_while_writing)
     assert calls == ["dom", "gen"]  # the first source came from the cache
-    monkeypatch.undo()
-    _forbid_tokenizing(monkeypatch)
-    resumed = prepare.run(cfg)
+    with pytest.raises(CptkitError):
+        read_manifest(out)
+    resumed = run_with(cfg, executor=no_tokenizing)
     assert resumed["totals"] == reference["totals"] and resumed["sources"] == reference["sources"]
     assert train_rows(out)[0] == train_rows(tmp_path / "ref" / "run" / "data")[0]
 
@@ -394,19 +396,61 @@ def test_near_duplicates_are_dropped_across_sources_before_the_split(
     assert exact["sources"]["mirror"]["duplicates"] == 1 and exact["sources"]["mirror"]["documents"] == 24
 
 
-def test_prune_cache_keeps_only_what_this_config_uses(tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch):
+def test_prune_cache_keeps_only_what_this_config_uses(tmp_path, tiny_tokenizer_dir, paragraphs):
     both = dom_and_gen(tmp_path, paragraphs[:60], paragraphs[60:100])
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both))
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both, filters={"min_chars": 80}))  # other settings
-    cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / prepare.CACHE
+    cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / CACHE_DIR
     assert len(list((cache / "dom").glob("*.arrow"))) == 2
     kept = prepare.run(
         config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, prune_cache=True)
     )
     assert [p.name for p in cache.iterdir() if p.is_dir()] == ["dom"]  # the removed source's entries went
     assert len(list((cache / "dom").glob("*.arrow"))) == len(list((cache / "dom").glob("*.json"))) == 1
-    _forbid_tokenizing(monkeypatch)  # what is left is exactly what this config reads
-    again = prepare.run(
-        config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, seq_length=32)
+    again = run_with(  # what is left is exactly what this config reads
+        config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, seq_length=32),
+        executor=no_tokenizing,
     )
     assert again["sources"]["dom"]["tokens"] == kept["sources"]["dom"]["tokens"]
+
+
+def in_fresh_processes(tasks, progress):
+    """An executor that runs each task in a fresh interpreter, as a distributed one would on another
+    machine: the task crosses as a pickle and only the cache on disk is shared."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(tokenize_shard, tasks)
+
+
+def test_shard_tasks_run_elsewhere_give_the_same_dataset(tmp_path, tiny_tokenizer_dir, paragraphs):
+    sources = dom_and_gen(tmp_path, paragraphs[:80], paragraphs[80:140])
+    here = prepare.run(config(tmp_path / "here", tiny_tokenizer_dir, sources, chunking="sentences"))
+    cfg = config(tmp_path / "elsewhere", tiny_tokenizer_dir, sources, chunking="sentences")
+    elsewhere = run_with(cfg, executor=in_fresh_processes)
+    assert elsewhere["sources"] == here["sources"] and elsewhere["totals"] == here["totals"]
+    assert train_rows(cfg.stage_dir("prepare")) == train_rows(tmp_path / "here" / "run" / "data")
+
+
+def test_progress_counts_every_input_byte_and_phases_come_in_order(tmp_path, tiny_tokenizer_dir, paragraphs):
+    sources = dom_and_gen(tmp_path, paragraphs[:50], paragraphs[50:90])
+    seen, phases = [], []
+
+    def counted(tasks, progress):
+        for task in tasks:
+            yield tokenize_shard(task, seen.append)
+
+    run_with(config(tmp_path, tiny_tokenizer_dir, sources), executor=counted, on_phase=phases.append)
+    assert sum(seen) == (tmp_path / "dom.jsonl").stat().st_size + (tmp_path / "gen.jsonl").stat().st_size
+    assert phases == ["tokenize", "assemble", "write"]
+
+
+def test_process_workers_give_what_threads_give(tmp_path, tiny_tokenizer_dir, paragraphs):
+    sources = dom_and_gen(tmp_path, paragraphs[:80], paragraphs[80:140])
+    threads = config(tmp_path / "threads", tiny_tokenizer_dir, sources, num_proc=2)
+    processes = config(tmp_path / "processes", tiny_tokenizer_dir, sources, num_proc=2)
+    a = run_with(threads, pool="threads")
+    b = run_with(processes, pool="processes")
+    assert a["sources"] == b["sources"] and a["totals"] == b["totals"]
+    assert train_rows(threads.stage_dir("prepare")) == train_rows(processes.stage_dir("prepare"))

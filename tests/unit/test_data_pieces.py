@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cptkit.config.data import FilterConfig
-from cptkit.data.chunk import segments, windows
+from cptkit.data.chunk import CHUNKERS, windows
 from cptkit.data.dedup import Deduper
 from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.mix import sample, sampling_factors
@@ -47,7 +47,7 @@ def test_every_strategy_tiles_every_document_exactly_once(chunking):
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 300, size=50)
     starts = [np.unique(np.concatenate([[0], rng.integers(0, n, size=5)])) for n in lengths]
-    doc, off, length = segments(lengths, starts, chunking, seq_length=64, chunk_tokens=32)
+    doc, off, length = CHUNKERS[chunking](seq_length=64, chunk_tokens=32).segments(lengths, starts)
     _tiles(lengths, doc, off, length)
     assert length.max() <= (32 if chunking in ("tokens", "sentences") else 64)
     assert length.min() > 0
@@ -61,7 +61,8 @@ def test_windows_cut_only_long_documents():
 
 
 def test_sentences_group_whole_sentences_up_to_the_budget():
-    doc, off, length = segments(np.array([40]), [np.array([0, 10, 20, 30])], "sentences", 64, chunk_tokens=25)
+    sentences = CHUNKERS["sentences"](seq_length=64, chunk_tokens=25)
+    doc, off, length = sentences.segments(np.array([40]), [np.array([0, 10, 20, 30])])
     assert list(zip(off.tolist(), length.tolist(), strict=True)) == [(0, 20), (20, 20)]
 
 

@@ -57,7 +57,7 @@ def test_full_run_report_holds_every_number(tmp_path, tiny_tokenizer):
     run = tmp_path / "run"
     write_prepared(
         run / "data",
-        {"sql": ("domain", ["SELECT * FROM t;"] * 2), "bible": ("general", ["In the beginning"])},
+        {"sql": ("domain", ["SELECT * FROM t;"] * 2 + [" "]), "bible": ("general", ["In the beginning"])},
         tiny_tokenizer,
     )
     write_metrics(run / "train", steps=20, sets={"sql": "domain", "bible": "general"})
@@ -87,7 +87,7 @@ def test_full_run_report_holds_every_number(tmp_path, tiny_tokenizer):
     assert sum(s["mix_share"] for s in saved["data"]["sources"].values()) == pytest.approx(1.0)
     md = (folder / "report.md").read_text()
     assert "7.389 -> 4.953" in md and "gain" in md and "4.482 -> 4.711" in md and "forgetting" in md
-    assert "![perplexity](perplexity.png)" in md and "| sql | domain |" in md and "too_short 1" in md
+    assert "![perplexity](perplexity.png)" in md and "| sql | domain |" in md and "empty 1" in md
 
 
 def test_partial_run_reports_what_exists_and_names_what_is_missing(tmp_path):

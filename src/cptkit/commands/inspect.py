@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
-from cptkit.data.manifest import read_manifest
+from cptkit.data.prepared import Prepared
 
 
 def main(args) -> int:
-    manifest = read_manifest(args.prepared_dir)
+    prepared = Prepared.load(args.prepared_dir)
     if args.json:
-        sys.stdout.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(prepared.to_json() + "\n")
         return 0
     from rich.console import Console
 
     from cptkit.data.summary import print_summary
 
+    manifest = prepared.manifest
     console = Console()
     console.print(
         f"{args.prepared_dir}: prepared {manifest.get('created', '?')}, format {manifest['format_version']}"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from cptkit.config.fields import opt
+from cptkit.data.chunk import CHUNKERS, describe_chunkers
 
 READABLE = "a folder of .txt/.md/.rst/.jsonl/.json/.parquet/.csv (optionally .gz/.zst), one such file, or a saved HF dataset"
 
@@ -67,10 +68,9 @@ class DataConfig:
     sources: list[SourceConfig] = opt(help="input corpora, each {name, path, weight, role, text_field}")
     output_dir: str | None = opt(None, "where the prepared dataset goes (default: RUN_DIR/data)")
     seq_length: int = opt(2048, "tokens per training row")
-    chunking: Literal["packing", "chars", "tokens", "sentences"] = opt(
-        "packing",
-        "packing: whole documents packed best-fit (long ones split, never truncated); chars: the seed's "
-        "fixed character chunks; tokens: fixed token windows; sentences: sentence/paragraph chunks up to a token budget",
+    # annotations are strings here, read when a config is loaded: every registered chunker is a choice
+    chunking: Literal[tuple(CHUNKERS)] = opt(
+        "packing", f"how documents are cut into training segments: {describe_chunkers()}"
     )
     chunk_chars: int = opt(512, "characters per chunk for chunking=chars (the seed's 512)")
     chunk_tokens: int | None = opt(

@@ -1,5 +1,7 @@
 """The data side of continued pretraining (`cptkit prepare`), one idea per module:
 
-readers -> normalize -> filters -> tokenize (cached by shards) -> dedup -> split -> chunk -> mix ->
-pack -> write, with the prepared folder's contract in `manifest`.
+readers -> normalize -> filters (document `steps`) -> tokenize (cached by `shards`, batches run by
+`workers`) -> dedup, near_dedup, split (corpus `steps`) -> chunk -> mix -> pack -> write. `prepare`
+chains them over a `plan` of the inputs; `manifest` is the prepared folder's contract and `prepared`
+its typed reader; `cache` prunes the tokenization cache.
 """

@@ -17,18 +17,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cptkit.config.data import DataConfig, SourceConfig
-from cptkit.data.chunk import segments
+from cptkit.data.chunk import Chunker
 from cptkit.data.dedup import Deduper
 from cptkit.data.mix import sample, sampling_factors
 from cptkit.data.near_dedup import NearDeduper
 from cptkit.data.pack import best_fit_pack
-from cptkit.data.shards import usable_cores
-from cptkit.data.split import heldout_mask
+from cptkit.data.split import HeldoutSplit
+from cptkit.data.steps import CorpusStep, SourceDocs
 from cptkit.data.tokenize import Encoder
+from cptkit.data.workers import usable_cores
 
 log = logging.getLogger(__name__)
 _GATHER_TOKENS = 1 << 22  # tokens gathered per block of rows written
-_NEAR_BLOCK = 4096
 
 
 @dataclass
@@ -118,50 +118,37 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
     near = NearDeduper(
         cfg.near_dedup_threshold, enabled=cfg.dedup == "near", workers=cfg.num_proc or usable_cores()
     )
+    split = HeldoutSplit(cfg.heldout_fraction, cfg.heldout_max_documents, cfg.seed)
     try:
-        return _assemble(tables, cfg, encoder, deduper, near)
+        return _assemble(tables, cfg, encoder, deduper, near, split)
     finally:
         near.close()
 
 
 def _assemble(
-    tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder, deduper: Deduper, near: NearDeduper
+    tables: dict[str, pa.Table],
+    cfg: DataConfig,
+    encoder: Encoder,
+    exact: CorpusStep,
+    near: CorpusStep,
+    split: CorpusStep,
 ) -> Assembled:
     rng = np.random.default_rng(cfg.seed)
+    chunker = Chunker.from_config(cfg)
     by_name: dict[str, SourceConfig] = {s.name: s for s in cfg.sources}
     seg_starts, seg_lens, stats, heldout = {}, {}, {}, {}
     flat_all = np.empty(_total_tokens(tables), np.int32)  # every source's cached tokens, one copy
     base = 0
     for name, table in tables.items():
-        src = by_name[name]
-        hashes = table.column("hash").to_pylist()
-        keep = deduper.keep_mask(hashes)
-        exact_kept = np.flatnonzero(keep)
-        if near.enabled:
-            _drop_near_duplicates(near, table.column("text"), exact_kept, keep)
-        kept = np.flatnonzero(keep)
-        fraction = cfg.heldout_fraction if src.heldout_fraction is None else src.heldout_fraction
-        if src.weight == 0 and src.heldout_fraction is None:
-            fraction = 1.0  # a weight-0 source is there to be evaluated on: hold out all of it (capped)
-        held_mask = heldout_mask(
-            [hashes[i] for i in kept],
-            fraction,
-            cfg.heldout_max_documents,
-            cfg.seed,
-            train_needed=src.weight > 0,
-        )
-        held = kept[held_mask]
+        source = SourceDocs(name, by_name[name], table)
+        exact_kept = exact.select(source, np.arange(table.num_rows))
+        kept = near.select(source, exact_kept)
+        held = split.select(source, kept)
         train = np.setdiff1d(kept, held, assume_unique=True)
         flat, lengths = _flat(table.column("input_ids"), out=flat_all[base:])
         doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        heldout[name] = _heldout(table, held, flat, doc_start, lengths, cfg, encoder)
-        doc, off, length = segments(
-            lengths[train],
-            _starts(table.column("starts"), train),
-            cfg.chunking,
-            cfg.seq_length,
-            cfg.chunk_tokens,
-        )
+        heldout[name] = _heldout(table, held, flat, doc_start, lengths, chunker, encoder)
+        doc, off, length = chunker.segments(lengths[train], _starts(table.column("starts"), train))
         seg_starts[name] = base + doc_start[train][doc] + off
         seg_lens[name] = length
         base += len(flat)
@@ -170,7 +157,7 @@ def _assemble(
             "documents": int(len(kept)),
             "characters": int(chars[kept].sum()),
             "tokens": int(lengths[kept].sum()),
-            "duplicates": int(len(hashes) - len(kept)),
+            "duplicates": int(table.num_rows - len(kept)),
             "near_duplicates": int(len(exact_kept) - len(kept)),
             "heldout_documents": int(len(held)),
             "heldout_tokens": int(sum(len(a) for a in heldout[name].ids)),
@@ -198,21 +185,10 @@ def _assemble(
     return Assembled(rows=rows, heldout=heldout, stats=stats)
 
 
-def _drop_near_duplicates(
-    near: NearDeduper, text: pa.ChunkedArray, candidates: np.ndarray, keep: np.ndarray
-) -> None:
-    """Clear `keep` for each candidate document that nearly duplicates one kept before; texts are read a
-    block at a time, so a large source is never all in memory as Python strings."""
-    for lo in range(0, len(candidates), _NEAR_BLOCK):
-        block = candidates[lo : lo + _NEAR_BLOCK]
-        texts = text.take(pa.array(block, pa.int64())).to_pylist()
-        keep[block[~near.keep_mask(texts)]] = False
-
-
-def _heldout(table, held, flat, doc_start, lengths, cfg: DataConfig, encoder: Encoder) -> HeldOut:
+def _heldout(table, held, flat, doc_start, lengths, chunker: Chunker, encoder: Encoder) -> HeldOut:
     texts = table.column("text").take(pa.array(held, pa.int64())).to_pylist() if len(held) else []
     num_bytes = table.column("num_bytes").to_numpy()[held].tolist()
-    if cfg.chunking == "chars":  # cached ids are per character chunk: evaluate on whole documents
+    if chunker.heldout_whole:  # the cached ids are not whole documents': evaluate on whole documents
         ids = encoder.encode(texts) if texts else []
     else:
         ids = [flat[doc_start[d] : doc_start[d] + lengths[d]] for d in held]

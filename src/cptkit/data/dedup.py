@@ -11,8 +11,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from cptkit.data.steps import SourceDocs
+
 
 class Deduper:
+    """Corpus step: keeps the documents whose text no earlier document (of this or an earlier source) had."""
+
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.seen: set[bytes] = set()
@@ -29,3 +33,8 @@ class Deduper:
                 seen.add(h)
                 keep[i] = True
         return keep
+
+    def select(self, source: SourceDocs, docs: np.ndarray) -> np.ndarray:
+        """The documents of `docs` seen for the first time."""
+        hashes = source.hashes
+        return docs[self.keep_mask(hashes[i] for i in docs)]

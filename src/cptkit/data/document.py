@@ -7,6 +7,7 @@ document came from (`file:line`); the summary shows each reason with its count a
 from __future__ import annotations
 
 import codecs
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,21 +55,10 @@ class Ledger:
 
 
 # Undecodable bytes are replaced by U+FFFD and counted, so a stray Latin-1 byte costs one character,
-# not a whole document, and the summary still names the file.
-_DECODE_ERRORS = [0]
-
-
-def _count_and_replace(error: UnicodeDecodeError) -> tuple[str, int]:
-    _DECODE_ERRORS[0] += 1
-    return "\ufffd", error.end
-
-
-codecs.register_error("cptkit-count", _count_and_replace)
-
-
-def decode_errors() -> int:
-    """Undecodable bytes replaced so far by the "cptkit-count" error handler (compare before/after)."""
-    return _DECODE_ERRORS[0]
+# not a whole document, and the summary still names the file. The count is the replacement characters
+# the decoding introduced: those in the text less those the bytes already held (EF BF BD is always a
+# genuine U+FFFD).
+_GENUINE = "\ufffd".encode()
 
 
 def decode(data: bytes) -> tuple[str, int]:
@@ -77,9 +67,39 @@ def decode(data: bytes) -> tuple[str, int]:
         text = data.decode("utf-8")
         errors = 0
     except UnicodeDecodeError:
-        before = _DECODE_ERRORS[0]
-        text = data.decode("utf-8", errors="cptkit-count")
-        errors = _DECODE_ERRORS[0] - before
+        text = data.decode("utf-8", errors="replace")
+        errors = text.count("\ufffd") - data.count(_GENUINE)
     if text.startswith("\ufeff"):
         text = text[1:]
     return text, errors
+
+
+class CountingDecode(io.BufferedIOBase):
+    """A binary stream that counts, as it is read, the undecodable bytes a UTF-8 text stream on top of it
+    (`errors="replace"`) turns into U+FFFD: `errors` so far. Each stream has its own count."""
+
+    def __init__(self, raw: io.BufferedIOBase):
+        self.raw = raw
+        self.errors = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._tail = b""  # the last bytes seen, so a genuine U+FFFD cut between reads is still found
+
+    def readable(self) -> bool:
+        return True
+
+    def _count(self, data: bytes) -> bytes:
+        text = self._decoder.decode(data, final=not data)
+        if "\ufffd" in text:
+            self.errors += text.count("\ufffd") - (self._tail + data).count(_GENUINE)
+        self._tail = (self._tail + data)[-2:]
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._count(self.raw.read(size))
+
+    def read1(self, size: int = -1) -> bytes:
+        return self._count(self.raw.read1(size))
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()

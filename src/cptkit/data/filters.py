@@ -1,18 +1,17 @@
-"""Document filters. Each is a function `text -> reason | None`: None keeps the document, a reason
-(a short snake_case string) drops it and is counted under that name in the manifest.
+"""Document filters, each a document step (`cptkit.data.steps`): `text -> text | Drop(reason)`. The
+text comes back unchanged to keep the document; a drop's reason (a short snake_case string) is counted
+under that name in the manifest.
 
 Adding a filter: write one such function and add it in `build_filters` (with its config field in
-`FilterConfig`). Filters run on normalised text, cheapest first, and the first reason wins.
+`FilterConfig`). Filters run on normalised text, cheapest first, and the first drop wins.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from cptkit.config.data import FilterConfig
-
-Filter = Callable[[str], "str | None"]
+from cptkit.data.steps import DocumentStep, Drop, apply_steps
 
 # Characters counted as text: letters, digits and "_" (\w), whitespace, ASCII and common Unicode
 # punctuation, and the combining marks of scripts whose vowels are marks. Whatever remains (symbols,
@@ -24,45 +23,45 @@ _TEXT_CHARS = re.compile(
 _WORD = re.compile(r"\S+")
 
 
-def empty(text: str) -> str | None:
-    return "empty" if not text.strip() else None
+def empty(text: str) -> str | Drop:
+    return Drop("empty") if not text.strip() else text
 
 
-def min_chars(limit: int) -> Filter:
-    def check(text: str) -> str | None:
-        return "too_short" if len(text) < limit else None
-
-    return check
-
-
-def max_chars(limit: int) -> Filter:
-    def check(text: str) -> str | None:
-        return "too_long" if len(text) > limit else None
+def min_chars(limit: int) -> DocumentStep:
+    def check(text: str) -> str | Drop:
+        return Drop("too_short") if len(text) < limit else text
 
     return check
 
 
-def min_words(limit: int) -> Filter:
-    def check(text: str) -> str | None:
+def max_chars(limit: int) -> DocumentStep:
+    def check(text: str) -> str | Drop:
+        return Drop("too_long") if len(text) > limit else text
+
+    return check
+
+
+def min_words(limit: int) -> DocumentStep:
+    def check(text: str) -> str | Drop:
         for count, _ in enumerate(_WORD.finditer(text), 1):
             if count >= limit:
-                return None
-        return "too_few_words"
+                return text
+        return Drop("too_few_words")
 
     return check
 
 
-def max_non_text_fraction(limit: float) -> Filter:
-    def check(text: str) -> str | None:
+def max_non_text_fraction(limit: float) -> DocumentStep:
+    def check(text: str) -> str | Drop:
         if text.isascii():  # normalised ASCII holds only printable characters, tab and newline
-            return None
+            return text
         non_text = len(_TEXT_CHARS.sub("", text))
-        return "mostly_non_text" if non_text > limit * len(text) else None
+        return Drop("mostly_non_text") if non_text > limit * len(text) else text
 
     return check
 
 
-def build_filters(cfg: FilterConfig) -> list[Filter]:
+def build_filters(cfg: FilterConfig) -> list[DocumentStep]:
     """The configured filters, cheapest first."""
     filters = [empty, min_chars(cfg.min_chars)]
     if cfg.max_chars is not None:
@@ -74,10 +73,7 @@ def build_filters(cfg: FilterConfig) -> list[Filter]:
     return filters
 
 
-def first_reason(text: str, filters: list[Filter]) -> str | None:
+def first_reason(text: str, filters: list[DocumentStep]) -> str | None:
     """The reason the first failing filter gives, or None when the document is kept."""
-    for f in filters:
-        reason = f(text)
-        if reason is not None:
-            return reason
-    return None
+    out = apply_steps(filters, text)
+    return out.reason if isinstance(out, Drop) else None

@@ -52,3 +52,19 @@ class HashCache:
 def digest(*parts: object) -> str:
     """A short stable hash of JSON-serialisable parts (cache keys, run fingerprints)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def hash_files(files: list[Path], cache_file: Path) -> dict[Path, str]:
+    """sha256 of every file (streamed, with a progress bar for large inputs; remembered in `cache_file`
+    by size and mtime between runs)."""
+    from tqdm.auto import tqdm
+
+    cache = HashCache(cache_file)
+    total = sum(p.stat().st_size for p in files)
+    sha = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing inputs", disable=total < 64 << 20) as bar:
+        for p in files:
+            sha[p] = cache.sha256(p)
+            bar.update(p.stat().st_size)
+    cache.save()
+    return sha

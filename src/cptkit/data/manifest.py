@@ -11,15 +11,23 @@ Layout of a folder written by `cptkit prepare`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cptkit.errors import CptkitError
 from cptkit.paths import MANIFEST
 
+if TYPE_CHECKING:
+    from cptkit.data.assemble import Assembled
+    from cptkit.data.plan import Plan
+    from cptkit.data.shards import ShardStats
+
 FORMAT_VERSION = 1
+TRAIN_DIR = "train"
+HELDOUT_DIR = "heldout"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -58,3 +66,85 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     if manifest.get("status") != "complete":
         raise CptkitError(f"{folder}: preparation did not finish; rerun `cptkit prepare` to resume it")
     return manifest
+
+
+def build_manifest(plan: Plan, read: dict[str, ShardStats], result: Assembled) -> dict[str, Any]:
+    """The manifest of a preparation (status "writing" until its folder is in place): what each source
+    gave (`read`: what reading and filtering found; `result`: dedup, split and mix), the held-out sets,
+    the training rows' totals, and the inputs with their hashes."""
+    from cptkit.outputs import now, versions
+
+    data = plan.data
+    rows = result.rows
+    capacity = rows.num_rows * data.seq_length
+    return {
+        "status": "writing",
+        "format_version": FORMAT_VERSION,
+        "created": now(),
+        "fingerprint": plan.fingerprint,
+        "seq_length": data.seq_length,
+        "chunking": data.chunking,
+        "train_dir": TRAIN_DIR,
+        "tokenizer": plan.tokenizer_info,
+        "mix": data.mix,
+        "heldout": {s.name: _heldout_entry(s, result) for s in data.sources},
+        "sources": {s.name: _source_entry(s, plan, read[s.name], result.stats[s.name]) for s in data.sources},
+        "totals": {
+            "rows": rows.num_rows,
+            "trained_tokens": rows.num_tokens,
+            "padding_tokens": capacity - rows.num_tokens,
+            "packing_efficiency": round(rows.num_tokens / capacity, 6) if capacity else 0.0,
+        },
+        "inputs": [
+            {"source": name, "path": str(p), "bytes": p.stat().st_size, "sha256": plan.sha256[p]}
+            for name, source in plan.sources.items()
+            for p in source.files
+        ],
+        "config": dataclasses.asdict(data),
+        "versions": versions(),
+    }
+
+
+_ASSEMBLED = (
+    "duplicates",
+    "near_duplicates",
+    "heldout_documents",
+    "heldout_tokens",
+    "train_documents",
+    "train_tokens",
+    "segments",
+    "sampling_factor",
+    "mixed_tokens",
+    "mixed_segments",
+    "mixed_share",
+)
+
+
+def _source_entry(source: Any, plan: Plan, read: ShardStats, assembled: dict[str, Any]) -> dict[str, Any]:
+    ignored = plan.sources[source.name].ignored or []
+    return {
+        "role": source.role,
+        "weight": source.weight,
+        "path": source.path,
+        "read": read.read,
+        "documents": assembled["documents"],
+        "characters": assembled["characters"],
+        "tokens": assembled["tokens"],
+        "drops": dict(read.ledger.drops),
+        "repairs": dict(read.ledger.repairs),
+        "ignored_files": len(ignored),
+        "examples": read.ledger.examples | ({"ignored_file": str(ignored[0])} if ignored else {}),
+        **{k: assembled[k] for k in _ASSEMBLED},
+        "shards": len(plan.shards[source.name]),
+    }
+
+
+def _heldout_entry(source: Any, result: Assembled) -> dict[str, Any]:
+    held = result.heldout[source.name]
+    return {
+        "dir": f"{HELDOUT_DIR}/{source.name}",
+        "role": source.role,
+        "documents": len(held.texts),
+        "tokens": result.stats[source.name]["heldout_tokens"],
+        "bytes": int(sum(held.num_bytes)),
+    }

@@ -21,10 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from cptkit.data.steps import SourceDocs
+
 _WORD = re.compile(r"\w+")
 _SHINGLE = 5
 _PERMUTATIONS = 128
 _BANDS = 16
+_BLOCK = 4096  # texts taken from the table at a time, so a source is never all in memory as str
 _PARALLEL_FROM = 256  # texts in one call below which worker processes cost more than they save
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio): spreads shingle hashes
 
@@ -74,7 +77,7 @@ def signature(text: str) -> np.ndarray:
 
 
 class NearDeduper:
-    """Keeps an LSH index of the documents kept so far; `keep_mask` drops the near duplicates of them.
+    """Corpus step: keeps an LSH index of the documents kept so far; drops the near duplicates of them.
 
     Signatures are computed on `workers` processes (they depend on the text alone); the index is
     built in document order on this one, so which copy is kept never depends on the workers."""
@@ -120,3 +123,17 @@ class NearDeduper:
         return np.fromiter(
             (not self.is_near_duplicate(sig) for sig in self._signatures(texts)), dtype=bool, count=len(texts)
         )
+
+    def select(self, source: SourceDocs, docs: np.ndarray) -> np.ndarray:
+        """The documents of `docs` that nearly duplicate no document kept before; their texts are read a
+        block at a time."""
+        if not self.enabled:
+            return docs
+        import pyarrow as pa
+
+        text = source.table.column("text")
+        keep = np.ones(len(docs), dtype=bool)
+        for lo in range(0, len(docs), _BLOCK):
+            block = docs[lo : lo + _BLOCK]
+            keep[lo : lo + len(block)] = self.keep_mask(text.take(pa.array(block, pa.int64())).to_pylist())
+        return docs[keep]

@@ -95,9 +95,12 @@ class Prepared:
 
     @property
     def heldout(self) -> dict[str, HeldoutInfo]:
-        """Held-out sets by name, sorted by name."""
+        """Held-out sets by name, sorted by name. A set with no documents (a source whose held-out
+        fraction is 0) is left out: there is nothing to score on it."""
         out = {}
         for name, info in sorted((self.manifest.get("heldout") or {}).items()):
+            if not info.get("documents", 0):
+                continue
             role = info.get("role") or self.sources.get(name, {}).get("role", "domain")
             out[name] = HeldoutInfo(
                 name=name,

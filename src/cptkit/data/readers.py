@@ -15,11 +15,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cptkit.data.document import Document, Ledger, decode, decode_errors
+from cptkit.data.document import CountingDecode, Document, Ledger, decode
 from cptkit.errors import CptkitError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ TEXT_FORMATS = (".txt", ".md", ".rst")
 ROW_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 COMPRESSIONS = (".gz", ".zst")
 _SNIFF_BYTES = 8192
+
+Progress = Callable[[int], None]  # called with the number of bytes just read from disk
 
 
 def file_format(path: Path) -> tuple[str, str] | None:
@@ -109,9 +111,10 @@ def walk(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def read_documents(
-    plan: SourcePlan, files: list[Path], text_field: str, ledger: Ledger
+    plan: SourcePlan, files: list[Path], text_field: str, ledger: Ledger, progress: Progress | None = None
 ) -> Iterator[Document]:
-    """Every document of `files` (a subset of the plan's), dropped rows recorded in `ledger`."""
+    """Every document of `files` (a subset of the plan's), dropped rows recorded in `ledger`;
+    `progress(n)` is told of every n bytes read from disk."""
     if plan.dataset is not None:
         yield from _read_saved_dataset(plan.dataset, text_field, ledger)
         return
@@ -119,13 +122,13 @@ def read_documents(
         fmt, compression = file_format(path)
         try:
             if fmt in TEXT_FORMATS:
-                yield from _read_text_file(path, compression, ledger)
+                yield from _read_text_file(path, compression, ledger, progress)
             elif fmt == ".parquet":
-                yield from _read_parquet(path, compression, text_field, ledger)
+                yield from _read_parquet(path, compression, text_field, ledger, progress)
             elif fmt == ".csv":
-                yield from _read_csv(path, compression, text_field, ledger)
+                yield from _read_csv(path, compression, text_field, ledger, progress)
             else:
-                yield from _read_json_lines(path, compression, text_field, ledger)
+                yield from _read_json_lines(path, compression, text_field, ledger, progress)
         except (OSError, EOFError, ValueError) as e:  # a truncated .gz, a corrupt parquet file, ...
             if isinstance(e, UnicodeError):
                 raise
@@ -135,16 +138,17 @@ def read_documents(
 class _Counted(io.RawIOBase):
     """A file that reports how many bytes were read from disk (for progress bars)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, progress: Progress | None):
         self.file = io.FileIO(path, "r")
+        self.progress = progress
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         n = self.file.readinto(buffer)
-        if n and _ON_BYTES[0] is not None:
-            _ON_BYTES[0](n)
+        if n and self.progress is not None:
+            self.progress(n)
         return n
 
     def close(self) -> None:
@@ -152,17 +156,9 @@ class _Counted(io.RawIOBase):
         super().close()
 
 
-_ON_BYTES: list = [None]
-
-
-def report_progress(callback) -> None:
-    """Call `callback(n)` with the number of bytes read from disk, as input files are read."""
-    _ON_BYTES[0] = callback
-
-
-def open_binary(path: Path, compression: str) -> io.BufferedIOBase:
+def open_binary(path: Path, compression: str, progress: Progress | None = None) -> io.BufferedIOBase:
     """A binary stream of the file's content, decompressed on the fly."""
-    raw = io.BufferedReader(_Counted(path), buffer_size=1 << 20)
+    raw = io.BufferedReader(_Counted(path, progress), buffer_size=1 << 20)
     if compression == ".gz":
         stream = gzip.GzipFile(fileobj=raw, mode="rb")
         stream.myfileobj = raw  # closed with the gzip stream
@@ -178,8 +174,10 @@ def _is_binary(head: bytes) -> bool:
     return b"\x00" in head
 
 
-def _read_text_file(path: Path, compression: str, ledger: Ledger) -> Iterator[Document]:
-    with open_binary(path, compression) as f:
+def _read_text_file(
+    path: Path, compression: str, ledger: Ledger, progress: Progress | None
+) -> Iterator[Document]:
+    with open_binary(path, compression, progress) as f:
         data = f.read()
     if _is_binary(data[: _SNIFF_BYTES * 8]):
         ledger.drop("binary_file", str(path))
@@ -205,8 +203,10 @@ def _row_text(row: object, text_field: str, where: str, ledger: Ledger) -> str |
     return value
 
 
-def _read_json_lines(path: Path, compression: str, text_field: str, ledger: Ledger) -> Iterator[Document]:
-    with open_binary(path, compression) as f:
+def _read_json_lines(
+    path: Path, compression: str, text_field: str, ledger: Ledger, progress: Progress | None
+) -> Iterator[Document]:
+    with open_binary(path, compression, progress) as f:
         head = f.peek(_SNIFF_BYTES)[:_SNIFF_BYTES] if hasattr(f, "peek") else b""
         if _is_binary(head):
             ledger.drop("binary_file", str(path))
@@ -238,17 +238,18 @@ def _read_json_array(f: io.BufferedIOBase, path: Path, text_field: str, ledger: 
     """A .json file holding an array of rows, streamed element by element."""
     from cptkit.data.json_array import iter_json_array
 
-    stream = io.TextIOWrapper(f, encoding="utf-8-sig", errors="cptkit-count")
-    errors = decode_errors()
+    counted = CountingDecode(f)
+    stream = io.TextIOWrapper(counted, encoding="utf-8-sig", errors="replace")
+    errors = 0
     index = -1
     try:
         for index, row in enumerate(iter_json_array(stream)):
             where = f"{path}[{index}]"
-            if decode_errors() != errors:
+            if counted.errors != errors:
                 ledger.repair(
-                    "encoding_errors", f"{where} ({decode_errors() - errors} undecodable bytes replaced)"
+                    "encoding_errors", f"{where} ({counted.errors - errors} undecodable bytes replaced)"
                 )
-                errors = decode_errors()
+                errors = counted.errors
             value = _row_text(row, text_field, where, ledger)
             if value is not None:
                 yield Document(value, where)
@@ -270,24 +271,26 @@ def _read_json_document(path: Path, compression: str, text_field: str, ledger: L
         yield Document(value, str(path))
 
 
-def _read_csv(path: Path, compression: str, text_field: str, ledger: Ledger) -> Iterator[Document]:
+def _read_csv(
+    path: Path, compression: str, text_field: str, ledger: Ledger, progress: Progress | None
+) -> Iterator[Document]:
     csv.field_size_limit(sys.maxsize)
-    with open_binary(path, compression) as raw:
+    with open_binary(path, compression, progress) as raw:
         if _is_binary(raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES] if hasattr(raw, "peek") else b""):
             ledger.drop("binary_file", str(path))
             return
-        stream = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="cptkit-count", newline="")
+        counted = CountingDecode(raw)
+        stream = io.TextIOWrapper(counted, encoding="utf-8-sig", errors="replace", newline="")
         reader = csv.DictReader(stream)
-        errors = decode_errors()
+        errors = 0
         try:
             for row in reader:
                 where = f"{path}:{reader.line_num}"
-                if decode_errors() != errors:
+                if counted.errors != errors:
                     ledger.repair(
-                        "encoding_errors",
-                        f"{where} ({decode_errors() - errors} undecodable bytes replaced)",
+                        "encoding_errors", f"{where} ({counted.errors - errors} undecodable bytes replaced)"
                     )
-                    errors = decode_errors()
+                    errors = counted.errors
                 value = _row_text(row, text_field, where, ledger)
                 if value is not None:
                     yield Document(value, where)
@@ -295,16 +298,18 @@ def _read_csv(path: Path, compression: str, text_field: str, ledger: Ledger) -> 
             ledger.drop("malformed_csv", f"{path}:{reader.line_num} ({e})")
 
 
-def _read_parquet(path: Path, compression: str, text_field: str, ledger: Ledger) -> Iterator[Document]:
+def _read_parquet(
+    path: Path, compression: str, text_field: str, ledger: Ledger, progress: Progress | None
+) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     if compression:  # parquet needs random access: a compressed one is read whole
-        with open_binary(path, compression) as f:
+        with open_binary(path, compression, progress) as f:
             pf = pq.ParquetFile(io.BytesIO(f.read()))
     else:
         pf = pq.ParquetFile(path)
-        if _ON_BYTES[0] is not None:
-            _ON_BYTES[0](path.stat().st_size)
+        if progress is not None:
+            progress(path.stat().st_size)
     if text_field not in pf.schema_arrow.names:
         ledger.drop(
             "no_text_field", f"{path} (columns: {', '.join(pf.schema_arrow.names)})", pf.metadata.num_rows

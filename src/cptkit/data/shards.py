@@ -11,26 +11,26 @@ shard without stats.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import multiprocessing
 import os
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
+from cptkit.config.data import FilterConfig
 from cptkit.data import normalize as normalize_mod
+from cptkit.data.chunk import Chunker
 from cptkit.data.document import Document, Ledger
-from cptkit.data.filters import build_filters, first_reason
+from cptkit.data.filters import build_filters
 from cptkit.data.hashing import digest
-from cptkit.data.readers import SourcePlan, read_documents
+from cptkit.data.readers import Progress, SourcePlan, read_documents
+from cptkit.data.steps import DocumentStep
 from cptkit.data.tokenize import Encoder
+from cptkit.data.workers import Batch, BatchProcessor, Flat, PoolKind, Workers
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,13 @@ class ShardStats:
     def from_dict(cls, d: dict[str, Any]) -> ShardStats:
         return cls(d["read"], d["kept"], d["characters"], d["tokens"], Ledger.from_dict(d))
 
-
-def tokenization_unit(chunking: str, chunk_chars: int) -> str:
-    """What one tokenizer call sees: a whole document, a document with sentence starts, or a char chunk."""
-    return {"chars": f"chars:{chunk_chars}", "sentences": "sentences"}.get(chunking, "document")
+    def add(self, other: ShardStats) -> None:
+        """Count `other` (another shard of the same source) in."""
+        self.read += other.read
+        self.kept += other.kept
+        self.characters += other.characters
+        self.tokens += other.tokens
+        self.ledger.merge(other.ledger)
 
 
 def plan_shards(
@@ -118,149 +121,52 @@ def plan_shards(
     return shards
 
 
-# --- the work on a batch of documents; runs in worker processes (state inherited by fork) ---
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything tokenizing one shard needs, and nothing else: the unit of work an executor runs.
 
-_WORKER: dict[str, Any] = {}
+    It is picklable (the tokenizer pickles as its spec) and `tokenize_shard(task)` depends only on it and
+    on the cache on disk, so tasks may run in any order, in other processes or on other machines that
+    see the inputs and `cache_dir`."""
 
+    shard: Shard
+    plan: SourcePlan
+    text_field: str
+    filters: FilterConfig
+    chunker: Chunker
+    tokenizer: Any  # a loaded HF tokenizer (truncation and padding off)
+    cache_dir: Path
+    num_proc: int = 1
+    pool: PoolKind | None = None  # threads or processes; None: threads for a fast tokenizer
 
-def _setup(encoder: Encoder, filters_cfg: Any, unit: str) -> None:
-    _WORKER.update(encoder=encoder, filters=build_filters(filters_cfg), unit=unit)
-
-
-def process_batch(docs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Normalise, filter, hash and tokenize a batch; returns columns for the cache and the drops."""
-    encoder, filters, unit = _WORKER["encoder"], _WORKER["filters"], _WORKER["unit"]
-    texts, wheres, hashes, nbytes, drops = [], [], [], [], []
-    for raw, where in docs:
-        text = normalize_mod.normalize(raw)
-        reason = first_reason(text, filters)
-        if reason is not None:
-            drops.append((reason, where))
-            continue
-        data = text.encode("utf-8")
-        texts.append(text)
-        wheres.append(where)
-        hashes.append(hashlib.blake2b(data, digest_size=16).digest())
-        nbytes.append(len(data))
-    starts = None
-    if unit == "document":
-        ids = encoder.encode(texts)
-    elif unit == "sentences":
-        ids, starts = encoder.encode_sentences(texts)
-    else:
-        ids, starts = encoder.encode_chunks(texts, int(unit.split(":")[1]))
-    return {
-        "texts": texts,
-        "wheres": wheres,
-        "hashes": hashes,
-        "num_bytes": nbytes,
-        "drops": drops,
-        "ids": _flatten(ids),
-        "starts": _flatten(starts) if starts is not None else None,
-    }
+    def steps(self) -> list[DocumentStep]:
+        """The document steps, in order: normalise, then the filters (cheapest first)."""
+        return [normalize_mod.normalize, *build_filters(self.filters)]
 
 
-def _flatten(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.empty(0, np.int32)
-    return values.astype(np.int32, copy=False), offsets
-
-
-def _list_array(flat: tuple[np.ndarray, np.ndarray] | None, n: int) -> pa.Array:
-    if flat is None:
-        return pa.nulls(n, pa.list_(pa.int32()))
-    values, offsets = flat
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, which containers and job schedulers set)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class Tokenizing:
-    """Runs `process_batch` over batches of documents on `num_proc` workers.
-
-    Fast (Rust) tokenizers release the GIL while encoding, so threads keep every core busy without
-    copying text between processes; slow (Python) tokenizers get a process pool instead. Submission
-    is bounded (two batches per worker in flight), so reading stays a stream."""
-
-    def __init__(self, encoder: Encoder, filters_cfg: Any, unit: str, num_proc: int, kind: str | None = None):
-        _setup(encoder, filters_cfg, unit)
-        self.num_proc = num_proc
-        self.kind = kind or ("threads" if encoder.backend is not None else "processes")
-        self.pool: Any = None
-        if num_proc > 1 and self.kind == "threads":
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(num_proc, thread_name_prefix="cptkit-tokenize")
-        elif num_proc > 1:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.pool = ctx.Pool(num_proc, initializer=_setup, initargs=(encoder, filters_cfg, unit))
-
-    def _submit(self, batch):
-        if self.kind == "threads":
-            return self.pool.submit(process_batch, batch).result
-        return self.pool.apply_async(process_batch, (batch,)).get
-
-    def map(self, batches: Iterator[list[tuple[str, str]]]) -> Iterator[dict[str, Any]]:
-        if self.pool is None:
-            for batch in batches:
-                yield process_batch(batch)
-            return
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(self._submit(batch))
-            if len(pending) >= 2 * self.num_proc:
-                yield pending.popleft()()
-        while pending:
-            yield pending.popleft()()
-
-    def close(self) -> None:
-        if self.pool is None:
-            return
-        if self.kind == "threads":
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        else:
-            self.pool.terminate()
-            self.pool.join()
-        self.pool = None
-
-
-def _batches(docs: Iterator[Document], stats: ShardStats) -> Iterator[list[tuple[str, str]]]:
-    batch, chars = [], 0
-    for doc in docs:
-        stats.read += 1
-        batch.append((doc.text, doc.where))
-        chars += len(doc.text)
-        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def tokenize_shard(
-    shard: Shard, plan: SourcePlan, text_field: str, work: Tokenizing, cache_dir: Path
-) -> ShardStats:
-    """Tokenize one shard into its cache entry (atomically); returns what was read and dropped."""
+def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardStats:
+    """Tokenize one shard into its cache entry (atomically); returns what was read and dropped.
+    `progress(n)` is told of every n bytes of input read."""
+    shard, cache_dir = task.shard, task.cache_dir
     stats = ShardStats()
     target = shard.path(cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    docs = read_documents(plan, shard.files, text_field, stats.ledger)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        for result in work.map(_batches(docs, stats)):
-            for reason, where in result["drops"]:
-                stats.ledger.drop(reason, where)
-            n = len(result["texts"])
+    docs = read_documents(task.plan, shard.files, task.text_field, stats.ledger, progress)
+    processor = BatchProcessor(Encoder(task.tokenizer), task.steps(), task.chunker)
+    with (
+        Workers(processor, task.num_proc, task.pool) as workers,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, SCHEMA) as writer,
+    ):
+        for batch in workers.map(_batches(docs)):
+            stats.ledger.merge(batch.dropped)
+            n = len(batch.texts)
             stats.kept += n
-            stats.characters += sum(len(t) for t in result["texts"])
-            stats.tokens += int(result["ids"][1][-1])
+            stats.characters += sum(len(t) for t in batch.texts)
+            stats.tokens += int(batch.ids[1][-1])
             if n:
-                writer.write_batch(_record_batch(result, n))
+                writer.write_batch(_record_batch(batch, n))
     tmp.replace(target)
     stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
     tmp_stats = shard.stats_path(cache_dir).with_suffix(".json.tmp")
@@ -269,17 +175,36 @@ def tokenize_shard(
     return stats
 
 
-def _record_batch(result: dict[str, Any], n: int) -> pa.RecordBatch:
-    texts = result["texts"]
+def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _list_array(flat: Flat | None, n: int) -> pa.Array:
+    if flat is None:
+        return pa.nulls(n, pa.list_(pa.int32()))
+    values, offsets = flat
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _record_batch(batch: Batch, n: int) -> pa.RecordBatch:
+    texts = batch.texts
     return pa.record_batch(
         [
-            pa.array(result["hashes"], pa.binary(16)),
-            pa.array(result["wheres"], pa.string()),
+            pa.array(batch.hashes, pa.binary(16)),
+            pa.array(batch.wheres, pa.string()),
             pa.array([len(t) for t in texts], pa.int64()),
-            pa.array(result["num_bytes"], pa.int64()),
+            pa.array(batch.num_bytes, pa.int64()),
             pa.array(texts, pa.large_string()),
-            _list_array(result["ids"], n),
-            _list_array(result["starts"], n),
+            _list_array(batch.ids, n),
+            _list_array(batch.starts, n),
         ],
         schema=SCHEMA,
     )
@@ -302,7 +227,7 @@ def open_shard(shard: Shard, cache_dir: Path) -> pa.Table:
 
 
 def settings_for(text_field: str, filters: dict[str, Any], unit: str, tokenizer_fp: str) -> dict[str, Any]:
-    """Everything that changes a shard's cached ids."""
+    """Everything that changes a shard's cached ids (`unit`: the chunker's `unit`)."""
     return {
         "text_field": text_field,
         "filters": filters,

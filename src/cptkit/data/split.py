@@ -10,8 +10,11 @@ least one for training, unless it trains nothing (weight 0: a held-out-only sour
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
+
+from cptkit.data.steps import SourceDocs
 
 
 def heldout_mask(
@@ -40,3 +43,24 @@ def heldout_mask(
     mask = np.zeros(n, dtype=bool)
     mask[chosen] = True
     return mask
+
+
+@dataclass
+class HeldoutSplit:
+    """Corpus step: selects the documents of a source held out for evaluation (`data.heldout_*`; a
+    source's own `heldout_fraction` wins; a weight-0 source without one is held out whole, up to the cap)."""
+
+    fraction: float
+    max_documents: int | None
+    seed: int
+
+    def select(self, source: SourceDocs, docs: np.ndarray) -> np.ndarray:
+        src = source.config
+        fraction = self.fraction if src.heldout_fraction is None else src.heldout_fraction
+        if src.weight == 0 and src.heldout_fraction is None:
+            fraction = 1.0  # a weight-0 source is there to be evaluated on
+        hashes = source.hashes
+        mask = heldout_mask(
+            [hashes[i] for i in docs], fraction, self.max_documents, self.seed, train_needed=src.weight > 0
+        )
+        return docs[mask]

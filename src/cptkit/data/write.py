@@ -1,16 +1,23 @@
-"""Writing the prepared folder: Arrow datasets (`datasets.save_to_disk`) for training and held-out rows."""
+"""Writing the prepared folder: Arrow datasets (`datasets.save_to_disk`) for training and held-out rows,
+put in place so that a reader never sees a mix of two preparations."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from cptkit.data.assemble import HeldOut, Rows
+from cptkit.data.assemble import Assembled, HeldOut, Rows
+from cptkit.data.manifest import HELDOUT_DIR, MANIFEST, TRAIN_DIR
+
+log = logging.getLogger(__name__)
 
 _MAX_CHUNK_TOKENS = 1 << 30  # list<int32> offsets are 32-bit: keep each Arrow chunk well under that
 
@@ -100,3 +107,24 @@ def write_heldout(heldout: HeldOut, folder: Path) -> None:
         }
     )
     _save(table, folder)
+
+
+def write_folder(out: Path, result: Assembled) -> None:
+    """Write train/ and heldout/ into a temporary folder, then move them in place. The old manifest goes
+    first, so from then on the folder reads as incomplete until the caller writes the new one."""
+    log.info(
+        "writing %s rows and %d held-out set(s) to %s", f"{result.rows.num_rows:,}", len(result.heldout), out
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".writing-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out / f".writing-{os.getpid()}"
+    write_train(result.rows, tmp / TRAIN_DIR)
+    for name, held in result.heldout.items():
+        write_heldout(held, tmp / HELDOUT_DIR / name)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for part in (TRAIN_DIR, HELDOUT_DIR):
+        if (out / part).exists():
+            shutil.rmtree(out / part)
+        (tmp / part).rename(out / part)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""Stage outputs made directly, for tests and benchmarks of the later stages: a prepared folder with
-held-out sets, a LoRA adapter with non-zero weights, and a train folder's metrics.jsonl."""
+"""Stage outputs for tests and benchmarks of the later stages: a prepared folder with given held-out sets
+(made by the real prepare on a tiny corpus), a LoRA adapter with non-zero weights, and a train folder's
+metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -9,72 +10,50 @@ from typing import Any
 
 from cptkit.paths import METRICS, RUN_META
 
+TRAINING_SOURCE = "training"
+
 
 def write_prepared(
     folder: str | Path, sets: dict[str, tuple[str, list[str]]], tokenizer, seq_length: int = 128
 ) -> Path:
-    """A folder shaped like `cptkit prepare`'s output: heldout/<source>/ (text, input_ids, num_bytes) and
-    manifest.json (status complete). `sets` maps a source name to (role, documents)."""
-    import datasets
-
-    from cptkit.data.manifest import tokenizer_fingerprint
+    """A folder made by the real `cptkit prepare`, whose held-out sets are exactly `sets` (a source name ->
+    (role, documents)): each is a held-out-only source (weight 0) of its documents in order, normalised
+    as prepare normalises them, none filtered or deduplicated. One more source, `training`, made of the
+    same documents, gives the training rows; it holds nothing out (an empty held-out set, which
+    `Prepared.heldout` leaves out). The inputs and the tokenizer (saved from the in-memory `tokenizer`) go to `<folder>-inputs/`."""
+    from cptkit.config.data import DataConfig, FilterConfig, SourceConfig
+    from cptkit.data.prepare import prepare
 
     folder = Path(folder)
-    heldout, sources = {}, {}
-    for name, (role, texts) in sets.items():
-        ids = [list(tokenizer(t)["input_ids"]) + [tokenizer.eos_token_id] for t in texts]
-        nbytes = [len(t.encode("utf-8")) for t in texts]
-        datasets.Dataset.from_dict({"text": texts, "input_ids": ids, "num_bytes": nbytes}).save_to_disk(
-            str(folder / "heldout" / name)
+    inputs = folder.parent / f"{folder.name}-inputs"
+    tokenizer.save_pretrained(str(inputs / "tokenizer"))
+    sources = [
+        SourceConfig(name=name, path=str(_jsonl(inputs / f"{name}.jsonl", texts)), weight=0, role=role)
+        for name, (role, texts) in sets.items()
+    ]
+    every = [t for _, texts in sets.values() for t in texts]
+    sources.append(
+        SourceConfig(
+            name=TRAINING_SOURCE, path=str(_jsonl(inputs / "training.jsonl", every)), heldout_fraction=0
         )
-        heldout[name] = {
-            "dir": f"heldout/{name}",
-            "role": role,
-            "documents": len(texts),
-            "tokens": sum(map(len, ids)),
-            "bytes": sum(nbytes),
-        }
-        sources[name] = {
-            "role": role,
-            "weight": 1.0,
-            "documents": len(texts) * 10,
-            "characters": 10 * sum(map(len, texts)),
-            "tokens": 10 * heldout[name]["tokens"],
-            "drops": {"too_short": 1},
-            "duplicates": 0,
-            "heldout_documents": len(texts),
-            "heldout_tokens": heldout[name]["tokens"],
-            "train_tokens": 9 * heldout[name]["tokens"],
-            "mixed_tokens": 9 * heldout[name]["tokens"],
-            "sampling_factor": 1.0,
-        }
-    manifest = {
-        "status": "complete",
-        "format_version": 1,
-        "seq_length": seq_length,
-        "chunking": "packing",
-        "train_dir": "train",
-        "tokenizer": {
-            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        "heldout": heldout,
-        "sources": sources,
-        "totals": {
-            "rows": 10,
-            "trained_tokens": sum(s["mixed_tokens"] for s in sources.values()),
-            "padding_tokens": 0,
-            "packing_efficiency": 0.97,
-        },
-        "inputs": [],
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    (folder / "train").mkdir(exist_ok=True)  # the rows' folder, for callers that write rows into it
+    )
+    data = DataConfig(
+        tokenizer=str(inputs / "tokenizer"),
+        sources=sources,
+        seq_length=seq_length,
+        heldout_max_documents=None,
+        dedup="none",
+        filters=FilterConfig(min_chars=1, min_words=1, max_non_text_fraction=1.0),
+        num_proc=1,
+    )
+    prepare(data, folder)
     return folder
+
+
+def _jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
 
 
 def make_lora_adapter(

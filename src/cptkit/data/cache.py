@@ -1,0 +1,41 @@
+"""The tokenization cache of a prepared folder (`<out>/cache/<source>/<key>.arrow|.json`): what is left
+from interrupted runs, and the entries no source of a config uses any more."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"  # inside the prepared folder
+FILE_HASHES = "file_hashes.json"  # inside the cache: input sha256 by (size, mtime)
+
+
+def clear_leftovers(cache_dir: Path) -> None:
+    """Remove the half-written entries of an interrupted run."""
+    for leftover in cache_dir.glob("*/*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def prune_cache(cache_dir: Path, keep: dict[str, set[str]]) -> tuple[int, int]:
+    """Delete cache entries that no source of this config uses (another tokenizer, filters, changed or
+    removed files, removed sources); `keep` holds each source's shard keys. Returns (entries removed,
+    bytes freed)."""
+    removed = freed = 0
+    if not cache_dir.is_dir():
+        return 0, 0
+    for folder in (p for p in cache_dir.iterdir() if p.is_dir()):
+        for entry in list(folder.iterdir()):
+            key = entry.name.split(".", 1)[0]
+            if folder.name in keep and key in keep[folder.name]:
+                continue
+            freed += entry.stat().st_size
+            removed += entry.suffix == ".arrow"
+            entry.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    log.info(
+        "cache: removed %d unused entr%s, %.1f MB freed", removed, "y" if removed == 1 else "ies", freed / 1e6
+    )
+    return removed, freed

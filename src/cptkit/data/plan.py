@@ -1,0 +1,105 @@
+"""What one `cptkit prepare` will read and how, worked out before any work: each source's files, their
+content hashes, the shards they are tokenized in (and cached under), and the fingerprint of everything
+that decides the output (a rerun with the same fingerprint has nothing to do)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cptkit.config.data import DataConfig
+from cptkit.data.cache import CACHE_DIR, FILE_HASHES
+from cptkit.data.chunk import Chunker
+from cptkit.data.hashing import digest, hash_files
+from cptkit.data.manifest import FORMAT_VERSION
+from cptkit.data.readers import SourcePlan, plan_source
+from cptkit.data.shards import Shard, ShardTask, plan_shards, settings_for
+from cptkit.data.tokenize import describe, load_tokenizer
+from cptkit.data.workers import PoolKind, usable_cores
+
+# Everything after tokenization that changes the output (a change re-assembles, never re-tokenizes).
+_ASSEMBLY_KEYS = (
+    "seq_length",
+    "chunking",
+    "chunk_chars",
+    "chunk_tokens",
+    "heldout_fraction",
+    "heldout_max_documents",
+    "dedup",
+    "mix",
+    "seed",
+)
+
+
+@dataclass
+class Plan:
+    """The inputs and shards of one preparation into `out`."""
+
+    data: DataConfig
+    out: Path
+    tokenizer: Any  # the loaded HF tokenizer
+    tokenizer_info: dict[str, Any]  # the manifest's `tokenizer` entry
+    sources: dict[str, SourcePlan]
+    sha256: dict[Path, str]
+    shards: dict[str, list[Shard]]
+    chunker: Chunker
+    fingerprint: str
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.out / CACHE_DIR
+
+    def shard_keys(self) -> dict[str, set[str]]:
+        return {name: {sh.key for sh in shards} for name, shards in self.shards.items()}
+
+    def tasks(self, pool: PoolKind | None = None) -> list[ShardTask]:
+        """One task per shard, sources in config order."""
+        num_proc = self.data.num_proc or usable_cores()
+        return [
+            ShardTask(
+                shard=sh,
+                plan=self.sources[s.name],
+                text_field=s.text_field,
+                filters=self.data.filters,
+                chunker=self.chunker,
+                tokenizer=self.tokenizer,
+                cache_dir=self.cache_dir,
+                num_proc=num_proc,
+                pool=pool,
+            )
+            for s in self.data.sources
+            for sh in self.shards[s.name]
+        ]
+
+
+def make_plan(data: DataConfig, out: Path) -> Plan:
+    """List and hash the inputs, load the tokenizer, key the shards; raises CptkitError when a source
+    has nothing to read or the tokenizer cannot be loaded."""
+    tok = load_tokenizer(data.tokenizer, data.trust_remote_code)
+    info = describe(tok, data.tokenizer)
+    sources = {
+        s.name: plan_source(s.path, s.text_field, f"data.sources[{i}] ({s.name})")
+        for i, s in enumerate(data.sources)
+    }
+    sha = hash_files([p for plan in sources.values() for p in plan.files], out / CACHE_DIR / FILE_HASHES)
+    chunker = Chunker.from_config(data)
+    filters = dataclasses.asdict(data.filters)
+    shards = {
+        s.name: plan_shards(
+            s.name,
+            sources[s.name],
+            sha,
+            settings_for(s.text_field, filters, chunker.unit, info["fingerprint"]),
+        )
+        for s in data.sources
+    }
+    fingerprint = digest([sh.key for v in shards.values() for sh in v], _assembly_settings(data))
+    return Plan(data, out, tok, info, sources, sha, shards, chunker, fingerprint)
+
+
+def _assembly_settings(data: DataConfig) -> dict[str, Any]:
+    d = {k: getattr(data, k) for k in _ASSEMBLY_KEYS}
+    d["sources"] = [(s.name, s.weight, s.role, s.heldout_fraction) for s in data.sources]
+    return d | {"format_version": FORMAT_VERSION}

@@ -1,0 +1,169 @@
+"""Raw corpora -> tokenized, chunked, mixed, packed dataset + held-out sets: the prepare pipeline.
+
+read -> normalise -> filter -> tokenize (cached per shard of input files) -> dedup -> held-out split ->
+chunk -> mix -> pack -> write. A rerun on unchanged inputs and settings does nothing; a rerun after
+changing only what comes after tokenization reuses the cached ids; an interrupted run resumes.
+
+Tokenizing a shard is one task (`ShardTask` -> `tokenize_shard`); an executor runs the tasks that are
+not cached yet. The default runs them one after another here, each on `data.num_proc` workers; one
+that sends them to other processes or machines only has to return each task's `ShardStats` in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cptkit.config.data import DataConfig
+from cptkit.data.cache import clear_leftovers, prune_cache
+from cptkit.data.manifest import MANIFEST, build_manifest
+from cptkit.data.plan import Plan, make_plan
+from cptkit.data.prepared import Prepared
+from cptkit.data.readers import Progress
+from cptkit.data.shards import ShardStats, ShardTask, cached_stats, open_shard, tokenize_shard
+from cptkit.data.workers import PoolKind
+from cptkit.errors import CptkitError
+
+log = logging.getLogger(__name__)
+
+Executor = Callable[[Sequence[ShardTask], Progress], Iterable[ShardStats]]
+
+
+def run_here(tasks: Sequence[ShardTask], progress: Progress) -> Iterator[ShardStats]:
+    """The default executor: each task in turn, in this process (on the task's worker threads or processes)."""
+    for task in tasks:
+        yield tokenize_shard(task, progress)
+
+
+def prepare(
+    data: DataConfig,
+    out: str | Path,
+    force: bool = False,
+    *,
+    config: Any = None,
+    executor: Executor = run_here,
+    pool: PoolKind | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> Prepared:
+    """Prepare `data` into `out` (or find it already done); returns the finished folder.
+
+    `force` tokenizes every shard again. `config` is what `out/config.yaml` records (default: `data`).
+    `executor` runs the shard tasks not cached yet; `pool` forces the workers' kind (threads or
+    processes); `on_phase(name)` is told as each phase (tokenize, assemble, write) starts."""
+    from cptkit.outputs import write_config, write_json
+
+    out = Path(out)
+    phase = on_phase or (lambda name: None)
+    plan = make_plan(data, out)
+    if data.prune_cache:
+        prune_cache(plan.cache_dir, plan.shard_keys())
+    current = _finished(out)
+    if not force and current is not None and current.manifest.get("fingerprint") == plan.fingerprint:
+        log.info("%s is up to date (same inputs, tokenizer and settings): nothing to do", out)
+        return current
+    timings: dict[str, float] = {}
+    phase("tokenize")
+    with _timed(timings, "tokenize_s"):
+        read = _tokenize(plan, force, executor, pool)
+    _check_nonempty(data, read)
+    phase("assemble")
+    with _timed(timings, "assemble_s"):
+        result = _assemble(plan)
+        _check_trainable(data, result.stats)
+    phase("write")
+    with _timed(timings, "write_s"):
+        from cptkit.data.write import write_folder
+
+        manifest = build_manifest(plan, read, result)
+        write_folder(out, result)
+        write_config(out, data if config is None else config)
+        manifest["status"] = "complete"
+    manifest["timings"] = timings
+    write_json(out / MANIFEST, manifest)  # the status "complete" lands last
+    totals = manifest["totals"]
+    log.info(
+        "prepared %s rows (%s tokens) in %s", f"{totals['rows']:,}", f"{totals['trained_tokens']:,}", out
+    )
+    return Prepared(out, manifest)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 3)
+
+
+def _finished(out: Path) -> Prepared | None:
+    try:
+        return Prepared.load(out)
+    except CptkitError:
+        return None
+
+
+def _tokenize(plan: Plan, force: bool, executor: Executor, pool: PoolKind | None) -> dict[str, ShardStats]:
+    """Tokenize every shard not already cached; returns each source's merged stats."""
+    from tqdm.auto import tqdm
+
+    tasks = plan.tasks(pool)
+    found = [None if force else cached_stats(t.shard, plan.cache_dir) for t in tasks]
+    todo = [t for t, s in zip(tasks, found, strict=True) if s is None]
+    if len(todo) < len(tasks):
+        log.info(
+            "reusing %d cached tokenized shard(s)%s",
+            len(tasks) - len(todo),
+            "" if todo else ": nothing to tokenize",
+        )
+    clear_leftovers(plan.cache_dir)
+    total = sum(t.shard.bytes for t in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not todo) as bar:
+        done = iter(executor(todo, bar.update) if todo else ())
+        stats = {name: ShardStats() for name in plan.shards}
+        for task, cached in zip(tasks, found, strict=True):
+            got = cached if cached is not None else next(done, None)
+            if got is None:
+                raise ValueError(
+                    f"the executor returned fewer results than the {len(todo)} task(s) it was given"
+                )
+            stats[task.shard.source].add(got)
+    return stats
+
+
+def _assemble(plan: Plan):
+    import pyarrow as pa
+
+    from cptkit.data.assemble import assemble
+    from cptkit.data.tokenize import Encoder
+
+    tables = {}
+    for name, shards in plan.shards.items():
+        parts = [open_shard(sh, plan.cache_dir) for sh in shards]
+        tables[name] = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    return assemble(tables, plan.data, Encoder(plan.tokenizer))
+
+
+def _check_nonempty(data: DataConfig, stats: dict[str, ShardStats]) -> None:
+    for i, s in enumerate(data.sources):
+        st = stats[s.name]
+        if st.kept == 0:
+            drops = ", ".join(f"{r}: {n}" for r, n in st.ledger.drops.most_common()) or "none"
+            raise CptkitError(
+                f"data.sources[{i}] ({s.name}): no documents left from {s.path} ({st.read} read; dropped: {drops}); "
+                f"check the path, text_field ({s.text_field!r}) and data.filters"
+            )
+
+
+def _check_trainable(data: DataConfig, stats: dict[str, dict[str, Any]]) -> None:
+    """A weighted source must give training tokens, or the asked mix silently cannot be met."""
+    for i, s in enumerate(data.sources):
+        a = stats[s.name]
+        if s.weight > 0 and a["train_tokens"] == 0:
+            raise CptkitError(
+                f"data.sources[{i}] ({s.name}): no training tokens left ({a['duplicates']} document(s) were "
+                f"duplicates of earlier documents, {a['heldout_documents']} held out); give it weight 0 "
+                "to keep it for held-out evaluation only, or set data.dedup: none"
+            )
