@@ -1,0 +1,93 @@
+"""Running the stage table: which stages a `cptkit run` takes on, and one stage run, skipped, or recorded
+as failed, with the one-line row the run's summary shows for it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cptkit.config import Config
+from cptkit.errors import CptkitError
+from cptkit.pipeline.stages import NAMES, STAGES, Stage
+from cptkit.pipeline.stamps import StageRecords, marker_hash, stamp
+
+
+@dataclass
+class Outcome:
+    """What one stage did: its summary row, its result when it ran, the error when it failed."""
+
+    row: dict[str, Any]
+    result: Any = None
+    error: BaseException | None = None
+
+
+def plan(cfg: Config, from_stage: str | None, only_stage: str | None) -> list[tuple[Stage, bool]]:
+    """The stages to run and whether each is forced (rerun even when current)."""
+    for flag, name in (("--from", from_stage), ("--only", only_stage)):
+        if name is not None and name not in NAMES:
+            raise CptkitError(f"{flag} {name}: no such stage; stages are {', '.join(NAMES)}")
+    if from_stage and only_stage:
+        raise CptkitError("--from and --only together: choose one")
+    configured = [s for s in STAGES if s.why_not(cfg) is None]
+    target = only_stage or from_stage
+    if target and target not in [s.name for s in configured]:
+        reason = next(s.why_not(cfg) for s in STAGES if s.name == target)
+        raise CptkitError(f"stage {target} is not configured in this file ({reason})")
+    if only_stage:
+        return [(s, True) for s in configured if s.name == only_stage]
+    if from_stage:
+        start = [s.name for s in configured].index(from_stage)
+        for earlier in configured[:start]:
+            if not earlier.marker(cfg).is_file():
+                raise CptkitError(
+                    f"--from {from_stage}: the earlier stage {earlier.name} has not finished "
+                    f"({earlier.marker(cfg)} is missing); run without --from, or --from {earlier.name}"
+                )
+        return [(s, True) for s in configured[start:]]
+    if not configured:
+        raise CptkitError("nothing to run: the config has none of the sections data, train, merge, eval, sft")
+    return [(s, False) for s in configured]
+
+
+def run_stage(
+    stage: Stage, cfg: Config, records: StageRecords, forced: bool, console: Any, head: str
+) -> Outcome:
+    """Skip the stage when it finished with the same config and inputs, else run it and record how it went."""
+    stage_stamp = stamp(stage.sections(cfg), stage.inputs(cfg))
+    marker = stage.marker(cfg)
+    if not forced and records.is_current(stage.name, stage_stamp, marker):
+        detail = records.records[stage.name].get("detail", "")
+        console.print(f"{head} [dim]skipped: done with the same config and inputs[/dim] {detail}")
+        return Outcome({"stage": stage.name, "status": "skipped", "seconds": 0.0, "detail": detail})
+    if stage.resumes_from and records.holds_stale_output(stage.name, stage_stamp, marker):
+        folder = stage.resumes_from(cfg)
+        if folder.exists():
+            console.print(
+                f"{head} [yellow]settings changed since its last run: starting over in {folder}[/yellow]"
+            )
+            shutil.rmtree(folder)
+    console.print(f"{head} running ...")
+    start = time.perf_counter()
+    try:
+        result = stage.run(cfg)
+    except Exception as e:  # any failure is recorded and shown in the summary; the caller raises it as it was
+        seconds = time.perf_counter() - start
+        records.record(stage.name, status="failed", stamp=stage_stamp, seconds=seconds, error=str(e))
+        console.print(f"{head} [red]failed after {seconds:.0f} s[/red]: {e}")
+        return Outcome(
+            {"stage": stage.name, "status": "failed", "seconds": seconds, "detail": str(e)}, error=e
+        )
+    seconds, detail = time.perf_counter() - start, stage.describe(result or {})
+    records.record(
+        stage.name,
+        status="complete",
+        stamp=stage_stamp,
+        seconds=seconds,
+        detail=detail,
+        marker=str(marker),
+        marker_hash=marker_hash(marker),
+    )
+    console.print(f"{head} [green]done[/green] in {seconds:.0f} s: {detail}")
+    return Outcome({"stage": stage.name, "status": "done", "seconds": seconds, "detail": detail}, result)
