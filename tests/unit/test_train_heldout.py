@@ -52,3 +52,22 @@ def test_labelled_rows_score_only_their_labels(model):
     with torch.no_grad():
         expected = model(**PackedCollator(0)(rows), use_cache=False).loss
     assert result["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_heldout_budget_is_filled_with_whole_documents_past_a_long_one(tmp_path, tiny_tokenizer):
+    """A document longer than what is left of the budget is passed over; the shorter ones after it
+    still fill it, and the set's bytes are exactly those of the documents scored."""
+    from cptkit.data.prepared import Prepared
+    from cptkit.testing.stages import write_prepared
+    from cptkit.train.heldout import load_heldout_sets
+
+    texts = ["A short first text about lists.", "word " * 400, "A short third one about dicts.", "Last."]
+    prepared = Prepared.load(write_prepared(tmp_path / "p", {"domain": ("domain", texts)}, tiny_tokenizer))
+    data = prepared.heldout_set("domain")
+    lengths, sizes = [len(ids) for ids in data["input_ids"]], list(data["num_bytes"])
+    budget = lengths[0] + lengths[2] + lengths[3]
+    assert lengths[1] > budget  # the long one never fits
+    (domain,) = load_heldout_sets(prepared, 64, budget)
+    assert (domain.num_documents, domain.num_bytes) == (3, sizes[0] + sizes[2] + sizes[3])
+    (short,) = load_heldout_sets(prepared, 64, lengths[0] + lengths[2])
+    assert (short.num_documents, short.num_bytes) == (2, sizes[0] + sizes[2])

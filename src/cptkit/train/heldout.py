@@ -53,11 +53,13 @@ class HeldoutSet:
 
 
 def load_heldout_sets(prepared: Prepared, seq_length: int, max_tokens: int) -> list[HeldoutSet]:
-    """Each held-out set of a prepared dataset: its first whole documents up to max_tokens.
+    """Each held-out set of a prepared dataset: whole documents, in order, up to max_tokens.
 
     Whole documents, so that the set's bytes are exactly the bytes of what is scored (the prepared
-    sets record `num_bytes` per document). A set whose first document alone passes max_tokens keeps
-    that document cut at max_tokens, and has no bits per byte."""
+    sets record `num_bytes` per document). A document longer than what is left of the budget is passed
+    over and the later ones still fill it, so one long document does not leave the set nearly empty.
+    A set none of whose documents fits keeps its first document cut at max_tokens, and has no bits per
+    byte."""
     sets = []
     for name, info in prepared.heldout.items():
         if not info.documents:
@@ -65,13 +67,12 @@ def load_heldout_sets(prepared: Prepared, seq_length: int, max_tokens: int) -> l
         data = prepared.heldout_set(name)
         documents, num_bytes, total = [], 0, 0
         for ids, size in zip(data["input_ids"], data["num_bytes"], strict=True):
-            if total + len(ids) > max_tokens:
-                if not documents:  # the first document alone is longer than the budget
-                    documents, num_bytes = [list(ids)[:max_tokens]], None
-                break
-            documents.append(list(ids))
-            num_bytes += size
-            total += len(ids)
+            if total + len(ids) <= max_tokens:
+                documents.append(list(ids))
+                num_bytes += size
+                total += len(ids)
+        if not documents:  # every document alone is longer than the budget
+            documents, num_bytes = [list(data[0]["input_ids"])[:max_tokens]], None
         heldout = HeldoutSet.from_documents(name, info.role, documents, seq_length, num_bytes)
         if heldout.rows:  # some document has a token to predict
             sets.append(heldout)
