@@ -22,7 +22,8 @@ def main(args) -> int:
 
 
 def run(cfg: Config, force: bool = False) -> dict[str, Any]:
-    """Prepare `cfg.data` into `cfg.stage_dir("prepare")` (its config.yaml records `cfg`); returns the manifest."""
+    """Prepare `cfg.data` into the run's prepare folder (its config.yaml records `cfg`); returns the manifest."""
     from cptkit.data.prepare import prepare
+    from cptkit.paths import resolve
 
-    return prepare(cfg.data, cfg.stage_dir("prepare"), force=force, config=cfg).manifest
+    return prepare(cfg.data, resolve(cfg).folder("prepare"), force=force, config=cfg).manifest
