@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cptkit.config import Config
@@ -62,12 +63,7 @@ def run_stage(
         console.print(f"{head} [dim]skipped: done with the same config and inputs[/dim] {detail}")
         return Outcome({"stage": stage.name, "status": "skipped", "seconds": 0.0, "detail": detail})
     if stage.resumes_from and records.holds_stale_output(stage.name, stage_stamp, marker):
-        folder = stage.resumes_from(cfg)
-        if folder.exists():
-            console.print(
-                f"{head} [yellow]settings changed since its last run: starting over in {folder}[/yellow]"
-            )
-            shutil.rmtree(folder)
+        _start_over(stage.resumes_from(cfg), records.made_by_older_stamps(stage.name), console, head)
     console.print(f"{head} running ...")
     start = time.perf_counter()
     try:
@@ -91,3 +87,28 @@ def run_stage(
     )
     console.print(f"{head} [green]done[/green] in {seconds:.0f} s: {detail}")
     return Outcome({"stage": stage.name, "status": "done", "seconds": seconds, "detail": detail}, result)
+
+
+def _start_over(folder: Path, older_stamps: bool, console: Any, head: str) -> None:
+    """Empty a folder this pipeline trained into for other settings, so the stage does not resume it.
+    A record from an earlier cptkit cannot tell changed settings from a changed way of stamping them:
+    its folder is kept, moved aside, rather than deleted."""
+    if not folder.exists():
+        return
+    if not older_stamps:
+        console.print(
+            f"{head} [yellow]settings changed since its last run: starting over in {folder}[/yellow]"
+        )
+        shutil.rmtree(folder)
+        return
+    aside = folder.with_name(f"{folder.name}.previous")
+    if aside.exists():
+        raise CptkitError(
+            f"{folder} was made by an earlier cptkit and is to be trained again, but {aside} is in the way: "
+            "move or remove it, then rerun"
+        )
+    folder.rename(aside)
+    console.print(
+        f"{head} [yellow]{folder} was made by an earlier cptkit, whose records cannot tell whether its "
+        f"settings changed: kept as {aside}, training again[/yellow]"
+    )

@@ -10,13 +10,13 @@ The records live in RUN_DIR/.cptkit/stages.json.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from cptkit.config.load import to_dict
 from cptkit.outputs import now, write_json
 
 SMALL_FILE = 1 << 20
@@ -46,10 +46,33 @@ def fingerprint(path: str | Path) -> list[Any]:
     return [[str(path), hashlib.sha256(json.dumps(entries).encode()).hexdigest()]]
 
 
+STAMP_VERSION = 2  # 2: config fields at their defaults are left out of the stamp
+
+
+def settings(value: Any) -> Any:
+    """A config value as its stamp sees it: of each dataclass only the fields that differ from their
+    defaults, so a field added to the schema later (at its default) changes no stamp."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if f.default is not dataclasses.MISSING and v == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and v == f.default_factory():
+                continue
+            out[f.name] = settings(v)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [settings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: settings(v) for k, v in value.items()}
+    return value
+
+
 def stamp(sections: dict[str, Any], inputs: list[str | Path]) -> str:
-    """The stamp of a stage: its config sections and its inputs' fingerprints."""
+    """The stamp of a stage: the settings of its config sections and its inputs' fingerprints."""
     data = {
-        "sections": {name: to_dict(value) for name, value in sections.items()},
+        "sections": {name: settings(value) for name, value in sections.items()},
         "inputs": [fingerprint(p) for p in inputs],
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -92,9 +115,15 @@ class StageRecords:
             return record.get("marker_hash") is not None and record.get("marker_hash") == marker_hash(marker)
         return record.get("stamp") != stage_stamp
 
+    def made_by_older_stamps(self, name: str) -> bool:
+        """The stage's record was written by a cptkit whose stamps were computed another way: a stamp
+        that differs says nothing about its settings."""
+        record = self.records.get(name)
+        return bool(record) and record.get("stamp_version") != STAMP_VERSION
+
     def is_complete(self, name: str, marker: Path) -> bool:
         return self.records.get(name, {}).get("status") == "complete" and marker.is_file()
 
     def record(self, name: str, **fields: Any) -> None:
-        self.records[name] = {**fields, "at": now()}
+        self.records[name] = {**fields, "stamp_version": STAMP_VERSION, "at": now()}
         write_json(self.path, self.records)
