@@ -199,16 +199,18 @@ class Paths:
     @classmethod
     def _rebased(cls, record: dict[str, Any], run_dir: Path) -> Paths:
         recorded_run = record.get("run_dir")
+        default = cls.under(run_dir)  # what a config that set no run_dir left unresolved (the report)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             value = record.get(f.name)
-            if value is None or f.name in ("merge_base", "sft_base"):
-                values[f.name] = value
+            if value is None:
+                values[f.name] = getattr(default, f.name)
                 continue
-            path = Path(value)
-            if recorded_run and path.is_relative_to(recorded_run):
-                path = run_dir / path.relative_to(recorded_run)
-            values[f.name] = path
+            if f.name in ("merge_base", "sft_base"):  # model names; a path under the run moves with it
+                rebased = _moved(Path(value), recorded_run, run_dir)
+                values[f.name] = str(rebased) if rebased is not None else value
+                continue
+            values[f.name] = _moved(Path(value), recorded_run, run_dir) or Path(value)
         values["run_dir"] = run_dir
         return cls(**values)
 
@@ -257,6 +259,13 @@ def _sft_base(cfg: Config, merged: Path | None, train: Path | None, base_model: 
     if full:
         return _text(train)
     return base_model
+
+
+def _moved(path: Path, recorded_run: str | None, run_dir: Path) -> Path | None:
+    """`path` under `run_dir` when it was under the recorded run folder, else None."""
+    if recorded_run and path.is_relative_to(recorded_run):
+        return run_dir / path.relative_to(recorded_run)
+    return None
 
 
 def _in(folder: Path | None, name: str) -> Path | None:

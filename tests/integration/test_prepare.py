@@ -4,6 +4,7 @@ resume, bad input, and the CLI (prepare + inspect)."""
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from collections import Counter
 from io import StringIO
@@ -339,6 +340,10 @@ def test_cli_prepare_and_inspect(tmp_path, tiny_tokenizer_dir, paragraphs, capsy
         assert key in manifest
     assert cli(["inspect", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    # the rows deleted after training to free the disk: the manifest still reads
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("train", "cache"))
+    assert cli(["inspect", str(kept)]) == 0 and "packing efficiency" in capsys.readouterr().out
     assert cli(["prepare", str(path), "--force"]) == 0
     rows = train_rows(out)[0]
     assert np.mean([len(r) for r in rows]) > 64

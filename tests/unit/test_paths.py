@@ -147,3 +147,33 @@ def test_eval_scores_the_dataset_train_trained_on(tmp_path, tiny_model_dir, tiny
     result = eval_cmd.run(cfg)
     assert {r["set"] for r in result["results"]} == {"only"}
     assert Path(dataset / "manifest.json") in stage("eval").inputs(cfg)
+
+
+def test_run_folder_of_a_config_without_run_dir_reports_into_it(tmp_path):
+    """Stages whose config set only their own output_dir: the run folder still gets its report."""
+    run = tmp_path / "run"
+    cfg = config(train={"output_dir": str(run / "train")}, eval={"output_dir": str(run / "eval")})
+    write_config(run / "eval", cfg)
+    paths = Paths.of_run_dir(run)
+    assert paths.report == run / "report" and paths.eval == run / "eval"
+
+
+def test_the_model_sft_starts_from_moves_with_the_run_folder(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    old, new = tmp_path / "old", tmp_path / "new"
+    cfg = config(
+        run_dir=str(old), model={"name_or_path": "base"}, merge={}, sft={"data": str(tmp_path / "x.jsonl")}
+    )
+    write_config(old / "sft", cfg)
+    old.rename(new)
+    paths = Paths.of_run_dir(new)
+    assert paths.sft_base == str(new / "merged") and paths.merge_base == "base"
+
+
+def test_report_names_what_it_could_not_find(tmp_path, capsys):
+    assert cli(["report", str(tmp_path / "runs" / "dmeo")]) == 2
+    assert "no such run folder or config file" in capsys.readouterr().err
+    path = tmp_path / "no_run_dir.yaml"
+    path.write_text(yaml.safe_dump({"eval": {"output_dir": str(tmp_path / "e")}}))
+    assert cli(["report", str(path)]) == 2
+    assert "run_dir is not set" in capsys.readouterr().err

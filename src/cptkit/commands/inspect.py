@@ -8,7 +8,7 @@ from cptkit.data.prepared import Prepared
 
 
 def main(args) -> int:
-    prepared = Prepared.load(args.prepared_dir)
+    prepared = Prepared.read(args.prepared_dir)
     if args.json:
         sys.stdout.write(prepared.to_json() + "\n")
         return 0

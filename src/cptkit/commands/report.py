@@ -24,13 +24,19 @@ def main(args) -> int:
 
 def _paths_of(args) -> Paths:
     """A run folder (no overrides) as its stages recorded it, else the config file's resolved paths."""
-    if Path(args.config).is_dir():
+    where = Path(args.config)
+    if where.is_dir():
         if args.overrides:
             raise CptkitError(f"{args.config}: overrides need a config file, not a run folder")
         return Paths.of_run_dir(args.config)
+    if not where.exists() and where.suffix not in (".yaml", ".yml"):
+        raise CptkitError(f"{args.config}: no such run folder or config file")
     from cptkit.commands import load_for
 
-    return resolve(load_for(args))
+    cfg = load_for(args)
+    if cfg.run_dir is None:
+        raise CptkitError(f"{args.config}: run_dir is not set; the report goes into RUN_DIR/report")
+    return resolve(cfg)
 
 
 def run(where: Paths | str | Path) -> dict[str, Any]:

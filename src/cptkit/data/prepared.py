@@ -53,14 +53,12 @@ class Prepared:
             )
         return prepared
 
-    @staticmethod
-    def is_complete(folder: str | Path) -> bool:
-        """True when `folder` holds a finished preparation (no error raised either way)."""
-        try:
-            Prepared.load(folder)
-        except CptkitError:
-            return False
-        return True
+    @classmethod
+    def read(cls, folder: str | Path) -> Prepared:
+        """The manifest of a finished preparation whose data may be gone (its rows deleted after
+        training to free the disk): enough for `cptkit inspect` and the report, not for training."""
+        folder = Path(folder)
+        return cls(folder, read_manifest(folder))
 
     # --- what the manifest records ---
     @property

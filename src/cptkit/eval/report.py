@@ -25,7 +25,7 @@ def gather(paths: Paths) -> dict[str, Any]:
     """report.json's content: the numbers of each stage found where `paths` says, and what is missing."""
     report: dict[str, Any] = {"run_dir": str(paths.run_dir), "missing": []}
     if paths.manifest is not None and paths.manifest.is_file():
-        report["data"] = data_summary(Prepared.load(paths.prepared))
+        report["data"] = data_summary(Prepared.read(paths.prepared))
     else:
         report["missing"].append(f"data: no {paths.manifest} (run `cptkit prepare`)")
     if paths.train_metrics is not None and paths.train_metrics.is_file():
