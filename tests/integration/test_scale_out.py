@@ -108,6 +108,9 @@ def test_two_processes_train_and_save_like_one(tmp_path, tiny_model_dir, dataset
     meta = json.loads((out / "run_meta.json").read_text())
     assert meta["status"] == "complete" and meta["world_size"] == 2
     assert set(losses(out)) == {1, 2, 3, 4}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for line in (x for x in lines if x["type"] == "train"):  # the loss terms' metrics are all ranks' too
+        assert line["loss/causal_lm"] == pytest.approx(line["loss"], rel=1e-4)
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
     one, two = _adapter(single), _adapter(out)
     assert one.keys() == two.keys()  # the whole adapter, gathered from the shards under FSDP2

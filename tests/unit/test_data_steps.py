@@ -139,3 +139,16 @@ def test_undecodable_bytes_are_counted_per_stream():
     text_two = io.TextIOWrapper(two, encoding="utf-8", errors="replace").read()
     assert (one.errors, two.errors) == (0, 3000)
     assert text_one == good.decode() * 3000 and text_two.count("\ufffd") == 3001
+
+
+def test_filters_pickle_for_process_pools_started_without_fork():
+    import pickle
+
+    from cptkit.config.data import FilterConfig
+    from cptkit.data.filters import build_filters
+    from cptkit.data.steps import apply_steps
+
+    filters = build_filters(FilterConfig(min_chars=3, max_chars=50, min_words=2, max_non_text_fraction=0.5))
+    copied = pickle.loads(pickle.dumps(filters))
+    for text in ("ok then", "x", "one", "word " * 20, "two words"):
+        assert apply_steps(copied, text) == apply_steps(filters, text)

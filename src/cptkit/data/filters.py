@@ -9,6 +9,7 @@ Adding a filter: write one such function and add it in `build_filters` (with its
 from __future__ import annotations
 
 import re
+from functools import partial
 
 from cptkit.config.data import FilterConfig
 from cptkit.data.steps import DocumentStep, Drop, apply_steps
@@ -27,38 +28,44 @@ def empty(text: str) -> str | Drop:
     return Drop("empty") if not text.strip() else text
 
 
+# Each configurable filter is a module-level function with its limit bound by `partial`, so the
+# filters pickle: a process pool started without fork receives them whole.
 def min_chars(limit: int) -> DocumentStep:
-    def check(text: str) -> str | Drop:
-        return Drop("too_short") if len(text) < limit else text
+    return partial(_min_chars, limit)
 
-    return check
+
+def _min_chars(limit: int, text: str) -> str | Drop:
+    return Drop("too_short") if len(text) < limit else text
 
 
 def max_chars(limit: int) -> DocumentStep:
-    def check(text: str) -> str | Drop:
-        return Drop("too_long") if len(text) > limit else text
+    return partial(_max_chars, limit)
 
-    return check
+
+def _max_chars(limit: int, text: str) -> str | Drop:
+    return Drop("too_long") if len(text) > limit else text
 
 
 def min_words(limit: int) -> DocumentStep:
-    def check(text: str) -> str | Drop:
-        for count, _ in enumerate(_WORD.finditer(text), 1):
-            if count >= limit:
-                return text
-        return Drop("too_few_words")
+    return partial(_min_words, limit)
 
-    return check
+
+def _min_words(limit: int, text: str) -> str | Drop:
+    for count, _ in enumerate(_WORD.finditer(text), 1):
+        if count >= limit:
+            return text
+    return Drop("too_few_words")
 
 
 def max_non_text_fraction(limit: float) -> DocumentStep:
-    def check(text: str) -> str | Drop:
-        if text.isascii():  # normalised ASCII holds only printable characters, tab and newline
-            return text
-        non_text = len(_TEXT_CHARS.sub("", text))
-        return Drop("mostly_non_text") if non_text > limit * len(text) else text
+    return partial(_max_non_text_fraction, limit)
 
-    return check
+
+def _max_non_text_fraction(limit: float, text: str) -> str | Drop:
+    if text.isascii():  # normalised ASCII holds only printable characters, tab and newline
+        return text
+    non_text = len(_TEXT_CHARS.sub("", text))
+    return Drop("mostly_non_text") if non_text > limit * len(text) else text
 
 
 def build_filters(cfg: FilterConfig) -> list[DocumentStep]:

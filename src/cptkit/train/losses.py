@@ -56,7 +56,7 @@ class LossTerms:
 
     Metrics are weighted the way their term enters the logged `loss` (a term's value is its share of
     the loss, the parts add up to it) and averaged over the optimizer steps since the last log. They
-    are those of this process's batches.
+    are averaged over the processes when the step is logged.
     """
 
     def __init__(self, terms: Sequence[LossTerm]):
@@ -97,7 +97,20 @@ class LossTerms:
         return total
 
     def pop_means(self) -> dict[str, float]:
-        """Each metric averaged over the optimizer steps since the last call; the sums start again."""
+        """Each metric averaged over the optimizer steps since the last call, and over the processes of
+        a distributed run (every rank logs at the same steps with the same terms); the sums start again."""
         means = {key: float(value) / self._steps for key, value in self._sums.items()} if self._steps else {}
         self._sums, self._steps = {}, 0.0
+        return _mean_over_processes(means)
+
+
+def _mean_over_processes(means: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not means or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return means
+    keys = sorted(means)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    values = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values.tolist(), strict=True)}
