@@ -4,8 +4,8 @@ resume, bad input, and the CLI (prepare + inspect)."""
 from __future__ import annotations
 
 import json
-import shutil
 import logging
+import shutil
 from collections import Counter
 from io import StringIO
 
