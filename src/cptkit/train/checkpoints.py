@@ -169,6 +169,23 @@ def mark_diverged(output_dir: str | Path, after_step: int, since: int, reason: s
     return marked
 
 
+def set_aside_diverged(output_dir: str | Path) -> list[Path]:
+    """Rename each diverged `checkpoint-N` to `diverged-checkpoint-N` before a rerun trains past N, so
+    the new save of step N does not land in it (it is kept, under a name no resume looks at)."""
+    moved = []
+    for checkpoint in list_checkpoints(output_dir):
+        if (checkpoint / DIVERGED_MARKER).is_file():
+            target = checkpoint.with_name(f"diverged-{checkpoint.name}")
+            for n in range(1, 1000):
+                if not target.exists():
+                    break
+                target = checkpoint.with_name(f"diverged-{checkpoint.name}-{n}")
+            checkpoint.rename(target)
+            log.info("%s diverged: kept as %s", checkpoint, target.name)
+            moved.append(target)
+    return moved
+
+
 def holds_only_checkpoint_files(folder: Path) -> bool:
     return all(_matches(p.name, _CHECKPOINT_FILES) for p in folder.iterdir())
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from cptkit.errors import CptkitError
 from cptkit.paths import METRICS, RUN_META
-from cptkit.train.checkpoints import remove_unfinished, truncate_metrics
+from cptkit.train.checkpoints import remove_unfinished, set_aside_diverged, truncate_metrics
 from cptkit.train.guard import report_divergence
 from cptkit.train.meta import write_run_meta
 
@@ -56,13 +56,14 @@ def fit(
 
 def prepare_folder(output_dir: str | Path, identity: str | None, resume_from: str | None) -> None:
     """Before a run of `identity` trains into `output_dir`: when the folder is this run's, remove the
-    checkpoints a killed save left and keep metrics.jsonl only up to the step resumed (nothing when
-    training starts over), so each step is logged once."""
+    checkpoints a killed save left, set the diverged ones aside and keep metrics.jsonl only up to the
+    step resumed (nothing when training starts over), so each step is logged once."""
     meta_path = Path(output_dir) / RUN_META
     recorded = json.loads(meta_path.read_text()).get("identity") if meta_path.is_file() else None
     if resume_from is None and (recorded is None or recorded != identity):
         return  # a new folder, or files no run of this identity wrote: nothing here is ours to change
     remove_unfinished(output_dir)
+    set_aside_diverged(output_dir)
     step = -1
     if resume_from is not None:
         step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
