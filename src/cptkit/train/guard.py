@@ -184,12 +184,14 @@ def report_divergence(output_dir: str | Path, verdict: Verdict, write: bool) -> 
     message = f"training stopped at step {verdict.step}: {verdict.what}"
     if verdict.since != verdict.step:
         message += f" (from step {verdict.since})"
-    message += "; no checkpoint of these weights was written"
     if marked:
         names = ", ".join(c.name for c in marked)
         message += (
-            f" after the last good step; {names} came later and are marked diverged (kept, never resumed)"
+            f"; {names} saved after the last good step ({verdict.last_good_step}) hold these weights and are "
+            "marked diverged (kept, never resumed)"
         )
+    else:
+        message += "; no checkpoint of these weights was written"
     if last_good is not None:
         message += (
             f". The last good checkpoint is {last_good}. Lower train.hf.learning_rate (or change train.schedule "
