@@ -366,3 +366,109 @@ def test_heldout_sets_keep_whole_documents_and_count_their_bytes(prepared):
     cut = domain_set(10)  # no document fits: the first one cut, and no bytes to divide by
     assert min(lengths) > 10
     assert cut.num_bytes is None and sum(len(r["input_ids"]) for r in cut.rows) == 10
+
+
+def _train_lines(folder: Path) -> list[tuple]:
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], round(r["loss"], 5), r["learning_rate"]) for r in lines if r["type"] == "train"]
+
+
+def test_a_killed_save_is_skipped_and_each_step_is_logged_once(tmp_path, tiny_model_dir, prepared, caplog):
+    """A kill during the save of checkpoint-9 (some files written) and one just after checkpoint-8's
+    folder was made: the rerun resumes from the whole checkpoint-6, says which it skipped, trains the
+    same losses as an uninterrupted run, and metrics.jsonl holds each step once."""
+    from cptkit.commands.train import run
+
+    whole = tmp_path / "whole"
+    run(make_cfg(whole, tiny_model_dir, prepared, mode="lora", max_steps=9, save_steps=3))
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(whole / "checkpoint-6", part / "checkpoint-6")
+    (part / "checkpoint-8").mkdir()
+    (part / "checkpoint-9").mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(whole / "checkpoint-9" / name, part / "checkpoint-9" / name)
+    shutil.copy(whole / "run_meta.json", part / "run_meta.json")
+    # the killed run had logged steps 7 to 9 (and half a line) after its last whole checkpoint
+    logged = (whole / "metrics.jsonl").read_text()
+    (part / "metrics.jsonl").write_text(logged + '{"type": "train", "step": 10, "lo')
+
+    with caplog.at_level("WARNING", logger="cptkit.train.checks"):
+        run(make_cfg(part, tiny_model_dir, prepared, mode="lora", max_steps=9, save_steps=3))
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint-8" in skipped and "checkpoint-9" in skipped and "did not finish" in skipped
+    meta = json.loads((part / "run_meta.json").read_text())
+    assert meta["status"] == "complete" and meta["resumed_from"].endswith("checkpoint-6")
+    resumed, plain = losses(part), losses(whole)
+    for step in (7, 8, 9):
+        assert abs(resumed[step] - plain[step]) < 1e-5, (resumed, plain)
+    lines = _train_lines(part)
+    assert [s for s, *_ in lines] == list(range(1, 10))
+    assert lines == _train_lines(whole)
+    assert not (part / "checkpoint-8").exists()  # what the killed save left is gone
+    assert (part / "checkpoint-9" / "cptkit_complete.json").is_file()
+
+
+class FreezeAfter:
+    """A toy failure: after `steps` optimizer steps the loss keeps its value but carries no gradient,
+    as in a run that collapsed (grad norm exactly 0 from then on)."""
+
+    name = "freeze"
+
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, model, inputs, outputs):
+        self.calls += 1
+        zero = torch.zeros(())
+        if self.calls > self.steps:
+            zero = outputs["loss"].detach() - outputs["loss"]  # cancels the causal-LM gradient
+        return zero, {}
+
+
+def test_a_collapse_stops_at_the_last_good_checkpoint_and_a_lower_rate_continues_there(
+    tmp_path, tiny_model_dir, prepared
+):
+    from cptkit.commands.train import run
+    from cptkit.data.prepared import Prepared
+    from cptkit.train.checks import run_identity
+    from cptkit.train.fit import fit
+    from cptkit.train.losses import CausalLMLoss
+    from cptkit.train.schedules import lr_multiplier
+
+    out = tmp_path / "out"
+    cfg = make_cfg(out, tiny_model_dir, prepared, max_steps=10, save_steps=2)
+    cfg.train.guard.patience = 3
+    trainer, callbacks = _trainer(cfg, [CausalLMLoss(), FreezeAfter(4)])
+    identity = run_identity(cfg.train, cfg.model, Prepared.load(prepared).manifest_hash)
+    with pytest.raises(CptkitError) as stopped:
+        fit(trainer, callbacks, out, {"identity": identity})
+    message = str(stopped.value)
+    # steps 5, 6, 7 had no gradient: stopped at 7; checkpoint-6 holds the frozen model
+    assert "training stopped at step 7" in message and "grad norm was exactly 0" in message
+    assert f"last good checkpoint is {out / 'checkpoint-4'}" in message and "checkpoint-6" in message
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["status"] == "failed" and meta["diverged"]["since"] == 5
+    assert meta["diverged"]["last_good_checkpoint"] == str(out / "checkpoint-4")
+    assert (out / "checkpoint-6" / "cptkit_diverged.json").is_file()
+
+    # the advice works: the same command at a lower rate continues from checkpoint-4, with that rate
+    lower = make_cfg(out, tiny_model_dir, prepared, max_steps=10, save_steps=2, learning_rate=1e-3)
+    assert run(lower)["steps"] == 10
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["status"] == "complete" and meta["resumed_from"] == str(out / "checkpoint-4")
+    lines = _train_lines(out)
+    assert [s for s, *_ in lines] == list(range(1, 11))
+    rates = {s: lr for s, _, lr in lines}  # step 5 trains at the schedule's value after 4 steps
+    assert rates[5] == pytest.approx(1e-3 * lr_multiplier(4, lower.train.schedule, 10))
+    assert (out / "diverged-checkpoint-6" / "cptkit_diverged.json").is_file()  # kept aside
+    assert not (out / "checkpoint-6" / "cptkit_diverged.json").exists()
+
+
+def test_the_guard_never_stops_a_healthy_run_from_random_weights(tmp_path, tiny_model_dir, prepared):
+    """A random model starts at about ln(vocabulary size): the collapse rule must not take that for one."""
+    from cptkit.commands.train import run
+
+    cfg = make_cfg(tmp_path / "o", tiny_model_dir, prepared, max_steps=12, learning_rate=1e-4)
+    cfg.train.guard.patience, cfg.train.guard.window = 2, 4
+    assert run(cfg)["steps"] == 12

@@ -71,6 +71,37 @@ class ScheduleConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Stops a run whose loss diverged without becoming NaN (a collapse to uniform guessing, gradients
+    that vanished, a spike), before more checkpoints of a broken model are written. A NaN/inf loss or
+    grad norm always stops a run."""
+
+    enabled: bool = opt(True, "watch for collapse, zero gradients and loss spikes (NaN/inf always stop)")
+    patience: int = opt(
+        5, "logged steps in a row of a collapsed loss or a zero grad norm before the run is stopped"
+    )
+    uniform_margin: float = opt(
+        0.05, "a loss within this many nats of ln(vocabulary size), or above, is a collapsed model"
+    )
+    spike_factor: float = opt(
+        3.0, "stop when a logged loss is more than this many times the median of the last `window` ones"
+    )
+    window: int = opt(20, "logged losses in the running median; the spike rule waits until it is full")
+
+    def check(self, path: str):
+        problems = []
+        if self.patience < 1:
+            problems.append((f"{path}.patience", f"{self.patience}: must be at least 1"))
+        if self.uniform_margin < 0:
+            problems.append((f"{path}.uniform_margin", f"{self.uniform_margin}: must be >= 0"))
+        if not self.spike_factor > 1:
+            problems.append((f"{path}.spike_factor", f"{self.spike_factor}: must be above 1"))
+        if self.window < 1:
+            problems.append((f"{path}.window", f"{self.window}: must be at least 1"))
+        return problems
+
+
+@dataclass
 class TrainingRun:
     """What every cptkit training run reads (`train` and `sft`): the mode, the adapter, the schedule,
     where it writes and resumes, and what goes to transformers.TrainingArguments."""
@@ -100,6 +131,7 @@ class TrainingRun:
     resume: str = opt(
         "auto", "auto: continue from the last checkpoint in output_dir; never; or a checkpoint path"
     )
+    guard: GuardConfig = opt(factory=GuardConfig, help="divergence guard: what stops a run that broke")
     report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="tensorboard, wandb, mlflow, or none")
     overwrite_output_dir: bool = opt(False, "allow writing into an output folder that holds another run")
     hf: dict[str, Any] = opt(

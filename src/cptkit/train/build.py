@@ -4,6 +4,7 @@ defaults under the user's `train.hf`, our schedules and optimizer groups, and th
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,10 @@ from transformers import Trainer, TrainingArguments
 from cptkit.config.train import TrainConfig
 from cptkit.model.load import LoadedModel
 from cptkit.paths import METRICS
-from cptkit.train.callbacks import (
-    CountingCollator,
-    HeldoutEvalCallback,
-    MetricsWriter,
-    NonFiniteLossCallback,
-    ThroughputCallback,
-)
+from cptkit.train.callbacks import CountingCollator, HeldoutEvalCallback, MetricsWriter, ThroughputCallback
+from cptkit.train.checkpoints import COMPLETE_MARKER, CheckpointCallback
 from cptkit.train.collator import PackedCollator
+from cptkit.train.guard import DivergenceGuard
 from cptkit.train.heldout import HeldoutSet
 from cptkit.train.losses import LossTerm, LossTerms, build_loss_terms
 from cptkit.train.schedules import make_scheduler
@@ -37,15 +34,46 @@ class CptTrainer(Trainer):
     - the schedule is cptkit's (cosine, WSD, linear, constant with min_lr_ratio and re-warming), which
       HF's named schedulers do not all offer;
     - the input embeddings and lm_head, when trained, get their own learning rate;
-    - the loss is a sum of terms (`cptkit.train.losses`), whose metrics join each training log.
+    - the loss is a sum of terms (`cptkit.train.losses`), whose metrics join each training log;
+    - a checkpoint saved under other optimisation settings (`optimization_settings`) resumes its weights,
+      step and data position with a fresh optimizer and the configured schedule at that step.
     Subclassing is the documented way to change these under DeepSpeed and FSDP (`optimizers=` is refused
     there), so nothing else is overridden.
     """
 
-    def __init__(self, *args: Any, cpt: TrainConfig, loss_terms: list[LossTerm] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        cpt: TrainConfig,
+        loss_terms: list[LossTerm] | None = None,
+        settings: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         self.cpt = cpt
         self.loss_terms = LossTerms(loss_terms or build_loss_terms(cpt))
+        self.settings = settings
         super().__init__(*args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The saved optimizer and scheduler state hold the learning rate, weight decay and schedule
+        # they ran with: loading them would bring back the settings a rerun changed (the advice after a
+        # divergence is a lower learning rate). Such a checkpoint keeps its weights, step and data
+        # position, and the optimizer and the new schedule start fresh at its step.
+        saved = _saved_settings(checkpoint)
+        if checkpoint is None or saved is None or saved == self.settings or self.is_deepspeed_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        changed = sorted(
+            k for k in {**saved, **(self.settings or {})} if saved.get(k) != (self.settings or {}).get(k)
+        )
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        log.info(
+            "%s was trained with other optimisation settings (%s): continuing from its weights at step %d "
+            "with a fresh optimizer and the configured schedule",
+            checkpoint,
+            ", ".join(changed),
+            step,
+        )
+        _schedule_at(self.lr_scheduler, step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # transformers' forward with labels and its scaling (num_items_in_batch, averaging over devices)
@@ -95,6 +123,40 @@ class CptTrainer(Trainer):
         self._embedding_group_done = True
         log.info("embeddings/lm_head train at learning rate %g", lr)
         return optimizer
+
+
+def _saved_settings(checkpoint: str | None) -> dict[str, Any] | None:
+    """The optimisation settings recorded in a checkpoint's completion marker (None: not recorded)."""
+    path = Path(checkpoint) / COMPLETE_MARKER if checkpoint else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("optimization")
+
+
+def _schedule_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Move a fresh LambdaLR to `step`, as if it had stepped that often (the Trainer steps it on)."""
+    scheduler.last_epoch = step
+    for group, base, fn in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def optimization_settings(args: TrainingArguments, train_cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint's optimizer and scheduler state depend on: the learning rates, the schedule,
+    the optimizer and its settings, clipping and the batch (recorded in each checkpoint)."""
+    optim = getattr(args.optim, "value", args.optim)
+    keys = (
+        "learning_rate optim_args weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm "
+        "per_device_train_batch_size gradient_accumulation_steps"
+    ).split()
+    return {
+        **{k: getattr(args, k) for k in keys},
+        "optim": str(optim),
+        "embedding_lr": embedding_learning_rate(train_cfg),
+        "schedule": dataclasses.asdict(train_cfg.schedule),
+    }
 
 
 def embedding_learning_rate(train_cfg: TrainConfig) -> float | None:
@@ -192,19 +254,24 @@ def build_trainer(
     """A Trainer for `loaded` on `train_dataset` (rows of input_ids/position_ids, plus labels for SFT's
     prompt mask, or whatever `data_collator` takes). `loss_terms` default to `build_loss_terms(train_cfg)`.
 
-    Returns the trainer and its cptkit callbacks by name ("throughput", "non_finite", "heldout") so the
-    command can read what they measured.
+    Returns the trainer and its cptkit callbacks by name ("throughput", "guard", "heldout",
+    "checkpoints") so the command can read what they measured.
     """
     args = training_arguments(train_cfg, output_dir, loaded.dtype, seed)
+    settings = optimization_settings(args, train_cfg)
+    # cptkit applies save_total_limit itself, after marking a checkpoint complete: the Trainer's own
+    # rotation runs before that and would count an unfinished folder as the newest checkpoint
+    save_total_limit, args.save_total_limit = args.save_total_limit, None
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     collator = data_collator or PackedCollator(
         pad, pad_to_multiple_of=8 if torch.cuda.is_available() else None
     )
     counting = CountingCollator(collator)
     writer = MetricsWriter(Path(output_dir) / METRICS, enabled=args.process_index == 0)
-    callbacks = {
+    guard = DivergenceGuard(train_cfg.guard)
+    callbacks = {  # in this order: the guard may cancel a save; the marker lists the throughput file
         "throughput": ThroughputCallback(counting, flops_per_token, writer),
-        "non_finite": NonFiniteLossCallback(),
+        "guard": guard,
         "heldout": HeldoutEvalCallback(
             eval_sets,
             pad,
@@ -212,6 +279,7 @@ def build_trainer(
             default_eval_steps(args, len(train_dataset), train_cfg),
             writer,
         ),
+        "checkpoints": CheckpointCallback(settings, save_total_limit, keep=guard.keep),
     }
     trainer = CptTrainer(
         model=loaded.model,
@@ -222,6 +290,7 @@ def build_trainer(
         callbacks=list(callbacks.values()),
         cpt=train_cfg,
         loss_terms=loss_terms,
+        settings=settings,
     )
     callbacks["heldout"].trainer = trainer
     return trainer, callbacks

@@ -1,12 +1,11 @@
 """What the Trainer does not measure for continued pretraining, as TrainerCallbacks: trained tokens/s,
-MFU, peak memory, held-out loss, perplexity and bits per byte per set, a metrics.jsonl file, and a stop
-on a NaN/inf loss."""
+MFU, peak memory, held-out loss, perplexity and bits per byte per set, and a metrics.jsonl file (the
+divergence guard is `cptkit.train.guard`, the checkpoint markers `cptkit.train.checkpoints`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -132,41 +131,6 @@ class ThroughputCallback(TrainerCallback):
         path = Path(checkpoint) / THROUGHPUT_STATE
         if path.is_file():
             self.trained_tokens = int(json.loads(path.read_text())["trained_tokens"])
-
-
-class NonFiniteLossCallback(TrainerCallback):
-    """Stops training at the first NaN/inf loss or grad norm, before a checkpoint of bad weights is
-    written; the last good checkpoint stays. `message` tells the command what happened."""
-
-    def __init__(self):
-        self.message: str | None = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
-            return
-        for key in ("loss", "grad_norm"):
-            value = logs.get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                self.message = (
-                    f"{key} became {value} at step {state.global_step}: training stopped and no checkpoint of "
-                    "these weights was written. Lower train.hf.learning_rate or set train.hf.max_grad_norm, "
-                    "then rerun to resume from the last good checkpoint"
-                )
-                control.should_training_stop = True
-                control.should_save = False
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        # a checkpoint is due: make sure the weights it would hold are finite (the loss may not be
-        # logged every step, so on_log alone could miss a NaN that happened since the last log)
-        if control.should_save and model is not None:
-            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-            if bad:
-                self.message = (
-                    f"non-finite weights at step {state.global_step} ({bad[0]} and {len(bad) - 1} more): "
-                    "training stopped without saving them; lower train.hf.learning_rate and rerun to resume"
-                )
-                control.should_training_stop = True
-                control.should_save = False
 
 
 class HeldoutEvalCallback(TrainerCallback):

@@ -165,15 +165,28 @@ def preflight(
 
 
 def resume_checkpoint(train_cfg: TrainingRun, output_dir: Path) -> str | None:
-    """The checkpoint to continue from: the last one for `auto`, none for `never`, or the given path."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to continue from: for `auto` the newest complete one (see
+    `cptkit.train.checkpoints`; the newer ones that are not are logged with why), none for `never`, or
+    the given path, which must be complete."""
+    from cptkit.train.checkpoints import DIVERGED_MARKER, scan_checkpoints, why_incomplete
 
     if train_cfg.resume == "never":
         return None
     if train_cfg.resume == "auto":
-        return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if not Path(train_cfg.resume).is_dir():
+        scan = scan_checkpoints(output_dir)
+        for folder, reason in scan.skipped:
+            log.warning("not resuming from %s: %s", folder, reason)
+        return str(scan.newest) if scan.newest else None
+    given = Path(train_cfg.resume)
+    if not given.is_dir():
         raise CptkitError(
             f"train.resume: {train_cfg.resume} is not a checkpoint folder (use auto, never, or a path)"
         )
+    reason = why_incomplete(given)
+    if reason and not (given / DIVERGED_MARKER).exists():
+        raise CptkitError(
+            f"train.resume: {given} cannot be resumed: {reason}; give another checkpoint or auto"
+        )
+    if reason:
+        log.warning("resuming from %s as train.resume says, although it was %s", given, reason)
     return train_cfg.resume

@@ -1,14 +1,19 @@
-"""One training run's lifecycle, shared by `cptkit train` and `cptkit sft`: run_meta.json says running,
-the Trainer trains (continuing a checkpoint's token count on resume), a NaN/inf stop is recorded as
-failed and raised, the model is saved, and run_meta.json says complete with the run's summary."""
+"""One training run's lifecycle, shared by `cptkit train` and `cptkit sft`: the folder made ready (what a
+killed save left removed, metrics.jsonl cut back to the checkpoint resumed), run_meta.json says running,
+the Trainer trains (continuing a checkpoint's token count on resume), a stop by the divergence guard is
+recorded as failed and raised, the model is saved, and run_meta.json says complete with the summary."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from cptkit.errors import CptkitError
+from cptkit.paths import METRICS, RUN_META
+from cptkit.train.checkpoints import remove_unfinished, set_aside_diverged, truncate_metrics
+from cptkit.train.guard import report_divergence
 from cptkit.train.meta import write_run_meta
 
 log = logging.getLogger(__name__)
@@ -28,21 +33,45 @@ def fit(
     run_meta.json's `final` and returned. Only the main process writes files."""
     main_process = trainer.args.process_index == 0
     if main_process:
-        write_run_meta(output_dir, status="running", resumed_from=resume_from, **meta)
+        prepare_folder(output_dir, meta.get("identity"), resume_from)
+        write_run_meta(
+            output_dir, status="running", resumed_from=resume_from, error=None, diverged=None, **meta
+        )
     if resume_from:
         log.info("resuming from %s", resume_from)
         callbacks["throughput"].restore(resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    stopped = callbacks["non_finite"].message
-    if stopped:
+    verdict = callbacks["guard"].verdict
+    if verdict is not None:
+        message, record = report_divergence(output_dir, verdict, write=main_process)
         if main_process:
-            write_run_meta(output_dir, status="failed", error=stopped)
-        raise CptkitError(stopped)
+            write_run_meta(output_dir, status="failed", error=message, diverged=record)
+        raise CptkitError(message)
     trainer.save_model(str(output_dir))
     final = {**run_summary(result, callbacks, output_dir), **(summary or {})}
     if main_process:
         write_run_meta(output_dir, status="complete", final=final)
     return final
+
+
+def prepare_folder(output_dir: str | Path, identity: str | None, resume_from: str | None) -> None:
+    """Before a run of `identity` trains into `output_dir`: when the folder is this run's, remove the
+    checkpoints a killed save left, set the diverged ones aside and keep metrics.jsonl only up to the
+    step resumed (nothing when training starts over), so each step is logged once."""
+    meta_path = Path(output_dir) / RUN_META
+    recorded = json.loads(meta_path.read_text()).get("identity") if meta_path.is_file() else None
+    if resume_from is None and (recorded is None or recorded != identity):
+        return  # a new folder, or files no run of this identity wrote: nothing here is ours to change
+    remove_unfinished(output_dir)
+    set_aside_diverged(output_dir)
+    step = -1
+    if resume_from is not None:
+        step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
+    dropped = truncate_metrics(Path(output_dir) / METRICS, step)
+    if dropped:
+        log.info(
+            "metrics.jsonl: %d lines after step %d removed (they are trained again)", dropped, max(step, 0)
+        )
 
 
 def run_summary(result: Any, callbacks: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
