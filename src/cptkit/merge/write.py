@@ -155,7 +155,11 @@ def _header(specs: list[TensorSpec]) -> bytes:
 def check_disk_space(folder: Path, needed_bytes: int, free_space: FreeSpace = free_bytes) -> None:
     """Refuse to start a merge that cannot finish: the free space must hold the output plus 5%."""
     check_free_space(
-        folder, needed_bytes, "the merged model", "free some space or set merge.output_dir elsewhere", free_space
+        folder,
+        needed_bytes,
+        "the merged model",
+        "free some space or set merge.output_dir elsewhere",
+        free_space,
     )
 
 
