@@ -15,21 +15,24 @@ neither take nor check it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cptkit.errors import CptkitError
 
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".cptkit.lock"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def lock_path(folder: str | Path) -> Path:
@@ -135,3 +138,20 @@ def _refusal(folder: Path, path: Path, holder: dict[str, Any] | None) -> str:
         f"{folder} is in use by pid {holder.get('pid')} on host {holder.get('host')} since {since} "
         f"({holder.get('command', 'cptkit')}); wait for it or, if that process is gone, remove {path}"
     )
+
+
+def locks_stage_folder(stage: str) -> Callable[[F], F]:
+    """Decorate a command's `run(cfg, ...)` so that the stage's output folder (`resolve(cfg).folder(stage)`)
+    is locked for the whole run, checks included."""
+
+    def decorate(run: F) -> F:
+        @functools.wraps(run)
+        def locked(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            from cptkit.paths import resolve
+
+            with folder_lock(resolve(cfg).folder(stage), f"cptkit {stage}"):
+                return run(cfg, *args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate

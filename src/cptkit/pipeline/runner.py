@@ -3,7 +3,6 @@ as failed, with the one-line row the run's summary shows for it."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +66,11 @@ def run_stage(
             console.print(
                 f"{head} [yellow]settings changed since its last run: starting over in {folder}[/yellow]"
             )
-            shutil.rmtree(folder)
+            from cptkit.locks import folder_lock
+            from cptkit.train.checks import remove_run
+
+            with folder_lock(folder, "cptkit run"):  # never under a run that is still working there
+                remove_run(folder)
     console.print(f"{head} running ...")
     start = time.perf_counter()
     try:
