@@ -135,10 +135,12 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, se
 
 
 # what a training run (train or sft) writes into its folder: the Trainer's checkpoints and logs, the
-# model or adapter and tokenizer as transformers and peft save them, and cptkit's own records
+# model or adapter and tokenizer as transformers and peft save them, cptkit's own records, and the
+# evaluation of the SFT model (`sft/eval`, see cptkit.paths)
 RUN_OUTPUTS = (
     "checkpoint-*",
     "runs",
+    "eval",
     RUN_META,
     METRICS,
     CONFIG,
