@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -87,7 +88,9 @@ def _acquire(path: Path, folder: Path, command: str) -> str:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            holder = _read(path)
+            holder = _read(path, settle_s=0.5)
+            if holder is None and not path.exists():  # released meanwhile: try again
+                continue
             if holder is None or not _stale(holder):
                 raise CptkitError(_refusal(folder, path, holder)) from None
             log.warning(
@@ -99,8 +102,12 @@ def _acquire(path: Path, folder: Path, command: str) -> str:
             if _read(path) == holder:  # not replaced meanwhile by a run that took it over first
                 path.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+        except BaseException:  # (a full disk) an empty lock would turn every later run away
+            path.unlink(missing_ok=True)
+            raise
         return token
     raise CptkitError(_refusal(folder, path, _read(path)))  # another run took the stale lock first
 
@@ -112,12 +119,18 @@ def _release(path: Path, token: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def _read(path: Path, settle_s: float = 0.0) -> dict[str, Any] | None:
+    """The lock's record, or None when it cannot be read; `settle_s` waits that long for a lock that
+    another run has just created but not written yet."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return None
+        time.sleep(0.02)
 
 
 def _stale(holder: dict[str, Any]) -> bool:
