@@ -48,16 +48,24 @@ def write_config(folder: str | Path, config: Any) -> None:
         record = {RECORD_KEY: resolve(config).to_record()}
         text += "# where this run's stages read and write, as resolved (skipped when loaded back)\n"
         text += dump_yaml(record)
-    (folder / CONFIG).write_text(text, encoding="utf-8")
+    _write_text(folder / CONFIG, text)
 
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically: a reader never sees a half-written file."""
-    path = Path(path)
+    _write_text(Path(path), json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary beside `path`, then rename it into place; a failed write (a full
+    disk) removes the temporary and leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def now() -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from cptkit.config import Config
 from cptkit.config.model import ModelConfig
 from cptkit.errors import CptkitError
+from cptkit.locks import locks_stage_folder
 from cptkit.paths import SFT_DATA, resolve
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def main(args) -> int:
     return 0
 
 
+@locks_stage_folder("sft")
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune as `cfg.sft` says; returns the run's summary (also in run_meta.json)."""
     from datasets import Dataset

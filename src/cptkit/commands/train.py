@@ -15,6 +15,7 @@ from typing import Any
 
 from cptkit.commands import load_for
 from cptkit.config import Config
+from cptkit.locks import locks_stage_folder
 from cptkit.paths import resolve
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def main(args) -> int:
     return 0
 
 
+@locks_stage_folder("train")
 def run(cfg: Config) -> dict[str, Any]:
     """Train as `cfg.train` says; returns the run's summary (also in run_meta.json)."""
     from transformers import set_seed

@@ -21,12 +21,15 @@ from typing import Any
 from cptkit.config.data import DataConfig
 from cptkit.data.cache import clear_leftovers, prune_cache
 from cptkit.data.manifest import MANIFEST, build_manifest
+from cptkit.data.owned import check_writable, mark_started
 from cptkit.data.plan import Plan, make_plan
 from cptkit.data.prepared import Prepared
 from cptkit.data.readers import Progress
 from cptkit.data.shards import ShardStats, ShardTask, cached_stats, open_shard, tokenize_shard
 from cptkit.data.workers import PoolKind
+from cptkit.disk import FreeSpace, free_bytes, reporting_disk_full
 from cptkit.errors import CptkitError
+from cptkit.locks import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +51,38 @@ def prepare(
     executor: Executor = run_here,
     pool: PoolKind | None = None,
     on_phase: Callable[[str], None] | None = None,
+    free_space: FreeSpace = free_bytes,
 ) -> Prepared:
     """Prepare `data` into `out` (or find it already done); returns the finished folder.
 
     `force` tokenizes every shard again. `config` is what `out/config.yaml` records (default: `data`).
     `executor` runs the shard tasks not cached yet; `pool` forces the workers' kind (threads or
-    processes); `on_phase(name)` is told as each phase (tokenize, assemble, write) starts."""
+    processes); `on_phase(name)` is told as each phase (tokenize, assemble, write) starts;
+    `free_space(path)` says how many bytes are free where the dataset is written.
+
+    `out` is locked for the whole run (a second prepare into it refuses), is refused when it holds
+    files cptkit did not write, and a full disk is a one-line error with the run's temporaries removed."""
+    out = Path(out)
+    with (
+        folder_lock(out, "cptkit prepare"),
+        reporting_disk_full(out, "free some space or set data.output_dir elsewhere"),
+    ):
+        check_writable(out)
+        return _prepare(data, out, force, config, executor, pool, on_phase or (lambda name: None), free_space)
+
+
+def _prepare(
+    data: DataConfig,
+    out: Path,
+    force: bool,
+    config: Any,
+    executor: Executor,
+    pool: PoolKind | None,
+    phase: Callable[[str], None],
+    free_space: FreeSpace,
+) -> Prepared:
     from cptkit.outputs import write_config, write_json
 
-    out = Path(out)
-    phase = on_phase or (lambda name: None)
     plan = make_plan(data, out)
     if data.prune_cache:
         prune_cache(plan.cache_dir, plan.shard_keys())
@@ -65,6 +90,7 @@ def prepare(
     if not force and current is not None and current.manifest.get("fingerprint") == plan.fingerprint:
         log.info("%s is up to date (same inputs, tokenizer and settings): nothing to do", out)
         return current
+    mark_started(out)
     timings: dict[str, float] = {}
     phase("tokenize")
     with _timed(timings, "tokenize_s"):
@@ -79,7 +105,7 @@ def prepare(
         from cptkit.data.write import write_folder
 
         manifest = build_manifest(plan, read, result)
-        write_folder(out, result)
+        write_folder(out, result, free_space)
         write_config(out, data if config is None else config)
         manifest["status"] = "complete"
     manifest["timings"] = timings

@@ -154,24 +154,28 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     docs = read_documents(task.plan, shard.files, task.text_field, stats.ledger, progress)
     processor = BatchProcessor(Encoder(task.tokenizer), task.steps(), task.chunker)
-    with (
-        Workers(processor, task.num_proc, task.pool) as workers,
-        pa.OSFile(str(tmp), "wb") as sink,
-        pa.ipc.new_file(sink, SCHEMA) as writer,
-    ):
-        for batch in workers.map(_batches(docs)):
-            stats.ledger.merge(batch.dropped)
-            n = len(batch.texts)
-            stats.kept += n
-            stats.characters += sum(len(t) for t in batch.texts)
-            stats.tokens += int(batch.ids[1][-1])
-            if n:
-                writer.write_batch(_record_batch(batch, n))
-    tmp.replace(target)
-    stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
     tmp_stats = shard.stats_path(cache_dir).with_suffix(".json.tmp")
-    tmp_stats.write_text(json.dumps(stats.to_dict()), encoding="utf-8")
-    tmp_stats.replace(shard.stats_path(cache_dir))
+    try:
+        with (
+            Workers(processor, task.num_proc, task.pool) as workers,
+            pa.OSFile(str(tmp), "wb") as sink,
+            pa.ipc.new_file(sink, SCHEMA) as writer,
+        ):
+            for batch in workers.map(_batches(docs)):
+                stats.ledger.merge(batch.dropped)
+                n = len(batch.texts)
+                stats.kept += n
+                stats.characters += sum(len(t) for t in batch.texts)
+                stats.tokens += int(batch.ids[1][-1])
+                if n:
+                    writer.write_batch(_record_batch(batch, n))
+        tmp.replace(target)
+        stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
+        tmp_stats.write_text(json.dumps(stats.to_dict()), encoding="utf-8")
+        tmp_stats.replace(shard.stats_path(cache_dir))
+    finally:  # a failed write (a full disk, an interrupt) leaves no temporary to keep the disk full
+        tmp.unlink(missing_ok=True)
+        tmp_stats.unlink(missing_ok=True)
     return stats
 
 

@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from cptkit.data.assemble import Assembled, HeldOut, Rows
-from cptkit.data.manifest import HELDOUT_DIR, MANIFEST, TRAIN_DIR
+from cptkit.data.manifest import HELDOUT_DIR, TRAIN_DIR
+from cptkit.data.owned import mark_incomplete
+from cptkit.disk import FreeSpace, check_free_space, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +111,42 @@ def write_heldout(heldout: HeldOut, folder: Path) -> None:
     _save(table, folder)
 
 
-def write_folder(out: Path, result: Assembled) -> None:
-    """Write train/ and heldout/ into a temporary folder, then move them in place. The old manifest goes
-    first, so from then on the folder reads as incomplete until the caller writes the new one."""
+def dataset_bytes(result: Assembled) -> int:
+    """About how many bytes the prepared folder's datasets take: int32 ids and positions (and a 32-bit
+    offset per row) for training, ids, text and sizes for the held-out sets."""
+    size = result.rows.num_tokens * 4 * 2 + result.rows.num_rows * 4 * 2
+    for held in result.heldout.values():
+        size += sum(len(a) for a in held.ids) * 4 + sum(held.num_bytes) + len(held.ids) * 16
+    return size
+
+
+def write_folder(out: Path, result: Assembled, free_space: FreeSpace = free_bytes) -> None:
+    """Write train/ and heldout/ into a temporary folder, then move them in place. The old manifest is
+    replaced by one saying `incomplete` first, so from then on the folder reads as unfinished (and still
+    as cptkit's) until the caller writes the new one. The free space is checked first (`free_space`);
+    the temporary folder is removed whatever stops the write."""
     log.info(
         "writing %s rows and %d held-out set(s) to %s", f"{result.rows.num_rows:,}", len(result.heldout), out
     )
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".writing-*"):
+    for stale in out.glob(".writing-*"):  # left by a killed run: while we hold the folder's lock, not in use
         shutil.rmtree(stale, ignore_errors=True)
+    check_free_space(
+        out,
+        dataset_bytes(result),
+        "the prepared dataset",
+        "free some space or set data.output_dir elsewhere",
+        free_space,
+    )
     tmp = out / f".writing-{os.getpid()}"
-    write_train(result.rows, tmp / TRAIN_DIR)
-    for name, held in result.heldout.items():
-        write_heldout(held, tmp / HELDOUT_DIR / name)
-    (out / MANIFEST).unlink(missing_ok=True)
-    for part in (TRAIN_DIR, HELDOUT_DIR):
-        if (out / part).exists():
-            shutil.rmtree(out / part)
-        (tmp / part).rename(out / part)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_train(result.rows, tmp / TRAIN_DIR)
+        for name, held in result.heldout.items():
+            write_heldout(held, tmp / HELDOUT_DIR / name)
+        mark_incomplete(out)
+        for part in (TRAIN_DIR, HELDOUT_DIR):
+            if (out / part).exists():
+                shutil.rmtree(out / part)
+            (tmp / part).rename(out / part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

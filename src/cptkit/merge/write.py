@@ -20,8 +20,11 @@ from typing import BinaryIO
 
 import torch
 
+from cptkit.disk import FreeSpace, check_free_space, free_bytes, reporting_disk_full
 from cptkit.errors import CptkitError
+from cptkit.locks import folder_lock
 from cptkit.merge.checkpoint import DTYPE_BYTES, SAFETENSORS_DTYPES
+from cptkit.paths import MERGE_REPORT
 
 log = logging.getLogger(__name__)
 
@@ -149,40 +152,57 @@ def _header(specs: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def check_disk_space(folder: Path, needed_bytes: int) -> None:
-    """Refuse to start a write that cannot finish: the free space must hold the output plus 5%."""
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed_bytes * 1.05:
-        raise CptkitError(
-            f"{folder}: not enough disk space: the merged model needs about {needed_bytes / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free on {probe}; free some space or set merge.output_dir elsewhere"
-        )
+def check_disk_space(folder: Path, needed_bytes: int, free_space: FreeSpace = free_bytes) -> None:
+    """Refuse to start a merge that cannot finish: the free space must hold the output plus 5%."""
+    check_free_space(
+        folder,
+        needed_bytes,
+        "the merged model",
+        "free some space or set merge.output_dir elsewhere",
+        free_space,
+    )
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `final`; on success it replaces `final`, on any failure it is removed."""
+def atomic_folder(final: Path, command: str = "cptkit merge", marker: str = MERGE_REPORT) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it replaces `final`, on any failure it is removed.
+
+    `final` is locked meanwhile (see `cptkit.locks`; `command` names the holder), so a second writer
+    refuses rather than removing this one's temp folder; a full disk is a one-line error. An existing
+    `final` is replaced only when it is what this writer wrote before (it holds `marker`)."""
     final = Path(final)
+    _check_replaceable(final, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old"
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with folder_lock(final, command), reporting_disk_full(final, "free some space or write it elsewhere"):
+        tmp = final.parent / f".{final.name}.partial"
+        if tmp.exists():  # left by a run that was killed: nobody else writes it while we hold the lock
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = final.parent / f".{final.name}.old"
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_replaceable(final: Path, marker: str) -> None:
+    """Never replace (and so delete) a folder of files that no cptkit run wrote."""
+    if not final.is_dir() or (final / marker).is_file():
+        return
+    found = sorted(p.name for p in final.iterdir())
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise CptkitError(
+            f"{final} holds files that cptkit did not write ({shown}; no {marker}); choose another "
+            "output folder, or move them away"
+        )
 
 
 def promote(chosen: Path, root: Path) -> None:

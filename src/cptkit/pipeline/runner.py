@@ -3,7 +3,6 @@ as failed, with the one-line row the run's summary shows for it."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,24 +89,29 @@ def run_stage(
 
 
 def _start_over(folder: Path, older_stamps: bool, console: Any, head: str) -> None:
-    """Empty a folder this pipeline trained into for other settings, so the stage does not resume it.
-    A record from an earlier cptkit cannot tell changed settings from a changed way of stamping them:
-    its folder is kept, moved aside, rather than deleted."""
+    """Empty a folder this pipeline trained into for other settings, so the stage does not resume it
+    (only what a training run writes is removed, never under a run still working there). A record from
+    an earlier cptkit cannot tell changed settings from a changed way of stamping them: its folder is
+    kept, moved aside, rather than emptied."""
+    from cptkit.locks import folder_lock
+    from cptkit.train.checks import remove_run
+
     if not folder.exists():
         return
-    if not older_stamps:
-        console.print(
-            f"{head} [yellow]settings changed since its last run: starting over in {folder}[/yellow]"
-        )
-        shutil.rmtree(folder)
-        return
     aside = folder.with_name(f"{folder.name}.previous")
-    if aside.exists():
+    if older_stamps and aside.exists():
         raise CptkitError(
             f"{folder} was made by an earlier cptkit and is to be trained again, but {aside} is in the way: "
             "move or remove it, then rerun"
         )
-    folder.rename(aside)
+    with folder_lock(folder, "cptkit run"):
+        if not older_stamps:
+            console.print(
+                f"{head} [yellow]settings changed since its last run: starting over in {folder}[/yellow]"
+            )
+            remove_run(folder)
+            return
+        folder.rename(aside)
     console.print(
         f"{head} [yellow]{folder} was made by an earlier cptkit, whose records cannot tell whether its "
         f"settings changed: kept as {aside}, training again[/yellow]"

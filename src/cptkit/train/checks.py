@@ -3,6 +3,7 @@ where they do not depend on each other."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from cptkit.config.train import TrainingRun
 from cptkit.data.manifest import tokenizer_fingerprint
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
-from cptkit.paths import RUN_META
+from cptkit.paths import CONFIG, METRICS, RUN_META, SFT_DATA
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,9 @@ def check_mode(train_cfg: TrainingRun) -> None:
 
 def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, section: str = "train") -> bool:
     """An output folder may hold nothing, or this same run (to resume it), or, with
-    `overwrite_output_dir`, anything else. Another cptkit run is then removed, so nothing of it (a
-    checkpoint to resume from, its metrics lines) mixes into this one; files that no cptkit run wrote
-    are left where they are (the folder may be a user's own) and written over. Returns True when
+    `overwrite_output_dir`, anything else. Another cptkit run is then removed (`remove_run`), so nothing
+    of it (a checkpoint to resume from, its metrics lines) mixes into this one; files that no cptkit run
+    writes are left where they are (the folder may be a user's own) and written beside. Returns True when
     training must start from scratch because the folder held something else.
 
     Every rank reads the folder and reaches the same answer; only the first removes anything. (A rank
@@ -117,8 +118,9 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, se
     if not train_cfg.overwrite_output_dir:
         if recorded is None:
             raise CptkitError(
-                f"{section}.output_dir: {output_dir} already holds files that no cptkit train run wrote; choose "
-                f"another folder or set {section}.overwrite_output_dir: true (which deletes them)"
+                f"{section}.output_dir: {output_dir} already holds files that no cptkit train run wrote "
+                f"({_listing(output_dir)}); choose another folder or set {section}.overwrite_output_dir: "
+                "true (which trains beside them)"
             )
         raise CptkitError(
             f"{section}.output_dir: {output_dir} holds another run (other base model, mode, adapter or dataset); "
@@ -128,9 +130,57 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, se
         log.warning("overwrite_output_dir: training into %s beside files no cptkit run wrote", output_dir)
     elif int(os.environ.get("RANK", "0")) == 0:
         log.warning("overwrite_output_dir: removing the other run in %s", output_dir)
-        shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True)
+        remove_run(output_dir)
     return True
+
+
+# what a training run (train or sft) writes into its folder: the Trainer's checkpoints and logs, the
+# model or adapter and tokenizer as transformers and peft save them, cptkit's own records, and the
+# evaluation of the SFT model (`sft/eval`, see cptkit.paths)
+RUN_OUTPUTS = (
+    "checkpoint-*",
+    "runs",
+    "eval",
+    RUN_META,
+    METRICS,
+    CONFIG,
+    SFT_DATA,
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "training_args.bin",
+    "pytorch_model*.bin",
+    "adapter_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "README.md",
+    "*.tmp",
+)
+
+
+def remove_run(output_dir: Path) -> None:
+    """Remove what a cptkit training run wrote into `output_dir` (nothing unless it holds run_meta.json);
+    any other file is left there, with a warning."""
+    if not (output_dir / RUN_META).is_file():
+        return
+    kept = []
+    for entry in sorted(output_dir.iterdir()):
+        if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_OUTPUTS):
+            kept.append(entry.name)
+        elif entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if kept:
+        log.warning("%s: left %s there (not written by a cptkit run)", output_dir, ", ".join(kept))
+
+
+def _listing(folder: Path, limit: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def preflight(

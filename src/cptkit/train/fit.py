@@ -10,11 +10,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cptkit.disk import FreeSpace, free_bytes
 from cptkit.errors import CptkitError
 from cptkit.paths import METRICS, RUN_META
 from cptkit.train.checkpoints import remove_unfinished, set_aside_diverged, truncate_metrics
 from cptkit.train.guard import report_divergence
 from cptkit.train.meta import write_run_meta
+from cptkit.train.space import check_checkpoint_space, failing_on_full_disk
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +28,15 @@ def fit(
     meta: dict[str, Any],
     resume_from: str | None = None,
     summary: dict[str, Any] | None = None,
+    free_space: FreeSpace = free_bytes,
 ) -> dict[str, Any]:
     """Train `trainer` (from `build_trainer`, with its `callbacks`) into `output_dir`.
 
     `meta` goes into run_meta.json before training; `summary` joins the measured summary written as
-    run_meta.json's `final` and returned. Only the main process writes files."""
+    run_meta.json's `final` and returned. Only the main process writes files. A disk that cannot hold
+    a checkpoint (`free_space(path)`: free bytes) is refused first; one that fills is a failed run."""
     main_process = trainer.args.process_index == 0
+    check_checkpoint_space(trainer, output_dir, free_space)
     if main_process:
         prepare_folder(output_dir, meta.get("identity"), resume_from)
         write_run_meta(
@@ -40,14 +45,16 @@ def fit(
     if resume_from:
         log.info("resuming from %s", resume_from)
         callbacks["throughput"].restore(resume_from)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with failing_on_full_disk(trainer, output_dir):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     verdict = callbacks["guard"].verdict
     if verdict is not None:
         message, record = report_divergence(output_dir, verdict, write=main_process)
         if main_process:
             write_run_meta(output_dir, status="failed", error=message, diverged=record)
         raise CptkitError(message)
-    trainer.save_model(str(output_dir))
+    with failing_on_full_disk(trainer, output_dir):
+        trainer.save_model(str(output_dir))
     final = {**run_summary(result, callbacks, output_dir), **(summary or {})}
     if main_process:
         write_run_meta(output_dir, status="complete", final=final)

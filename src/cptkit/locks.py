@@ -1,0 +1,170 @@
+"""One run per output folder: a lock file beside the folder, held for the whole stage.
+
+`RUN_DIR/data` is locked by `RUN_DIR/.data.cptkit.lock`, which holds the holder's pid, host, start time
+and command as JSON. It sits beside the folder rather than in it, so nothing that lists or fingerprints
+the folder (resume, `cptkit run`'s stamps, the foreign-folder checks) ever sees it, and a folder that is
+replaced whole (a merge's temp folder renamed into place) stays locked. It is created atomically
+(`O_CREAT | O_EXCL`), so of two runs started at once exactly one gets it, and removed when the stage ends,
+whether it succeeded or failed. A lock left by a process that is gone (same host, pid not alive) is taken
+over with a warning; one from another host cannot be checked and is refused.
+
+Under `accelerate launch` only the main process (RANK 0) takes the lock; the other ranks of the same run
+neither take nor check it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cptkit.errors import CptkitError
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".cptkit.lock"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def lock_path(folder: str | Path) -> Path:
+    """The lock file of an output folder: `.<name>.cptkit.lock` beside it."""
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+
+
+def is_main_process() -> bool:
+    """True except on the ranks > 0 of a distributed launch (RANK, else LOCAL_RANK, as torchrun sets them)."""
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    return int(rank or 0) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, command: str) -> Iterator[Path | None]:
+    """Hold `folder`'s lock for the `with` block (`command` names the holder in refusals, e.g.
+    "cptkit prepare"). Yields the lock file, or None on the ranks > 0 of a distributed run."""
+    if not is_main_process():
+        yield None
+        return
+    path = lock_path(folder)
+    token = _acquire(path, Path(folder), command)
+    try:
+        yield path
+    finally:
+        _release(path, token)
+
+
+def _acquire(path: Path, folder: Path, command: str) -> str:
+    token = uuid.uuid4().hex
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command,
+        "token": token,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):  # a second try only after removing a stale lock
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read(path, settle_s=0.5)
+            if holder is None and not path.exists():  # released meanwhile: try again
+                continue
+            if holder is None or not _stale(holder):
+                raise CptkitError(_refusal(folder, path, holder)) from None
+            log.warning(
+                "%s: taking over the lock of pid %s (%s), which is no longer running",
+                folder,
+                holder.get("pid"),
+                holder.get("command", "cptkit"),
+            )
+            if _read(path) == holder:  # not replaced meanwhile by a run that took it over first
+                path.unlink(missing_ok=True)
+            continue
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+        except BaseException:  # (a full disk) an empty lock would turn every later run away
+            path.unlink(missing_ok=True)
+            raise
+        return token
+    raise CptkitError(_refusal(folder, path, _read(path)))  # another run took the stale lock first
+
+
+def _release(path: Path, token: str) -> None:
+    """Remove the lock, unless it is no longer ours (taken over as stale by another run)."""
+    holder = _read(path)
+    if holder is not None and holder.get("token") == token:
+        path.unlink(missing_ok=True)
+
+
+def _read(path: Path, settle_s: float = 0.0) -> dict[str, Any] | None:
+    """The lock's record, or None when it cannot be read; `settle_s` waits that long for a lock that
+    another run has just created but not written yet."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return None
+        time.sleep(0.02)
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """Left by a process of this host that is gone; a lock from another host cannot be checked."""
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)
+
+
+def _refusal(folder: Path, path: Path, holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return (
+            f"{folder} is in use by another cptkit run (its lock {path} cannot be read); wait for it or, "
+            f"if no cptkit run is working on {folder}, remove {path}"
+        )
+    started = str(holder.get("started", "?"))
+    since = started[11:16] if len(started) >= 16 else started
+    return (
+        f"{folder} is in use by pid {holder.get('pid')} on host {holder.get('host')} since {since} "
+        f"({holder.get('command', 'cptkit')}); wait for it or, if that process is gone, remove {path}"
+    )
+
+
+def locks_stage_folder(stage: str) -> Callable[[F], F]:
+    """Decorate a command's `run(cfg, ...)` so that the stage's output folder (`resolve(cfg).folder(stage)`)
+    is locked for the whole run, checks included."""
+
+    def decorate(run: F) -> F:
+        @functools.wraps(run)
+        def locked(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            from cptkit.paths import resolve
+
+            with folder_lock(resolve(cfg).folder(stage), f"cptkit {stage}"):
+                return run(cfg, *args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate
