@@ -188,7 +188,7 @@ class _Builder:
         if origin is Literal:
             choices = get_args(tp)
             if value not in choices:
-                hint = _nearest(str(value), [str(c) for c in choices])
+                hint = nearest_hint(str(value), [str(c) for c in choices])
                 self.problem(path, f"{value!r} is not one of {', '.join(map(str, choices))}{hint}")
             return value
         if origin is list:
@@ -237,7 +237,7 @@ class _Builder:
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         for key in value:
             if key not in fields:
-                hint = _nearest(str(key), list(fields))
+                hint = nearest_hint(str(key), list(fields))
                 known = "" if hint else f" (known keys: {', '.join(fields)})"
                 self.problem(_join(path, key), f"unknown key{hint}{known}", wrong=False)
         kwargs = {}
@@ -284,7 +284,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _nearest(word: str, options: list[str]) -> str:
+def nearest_hint(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
