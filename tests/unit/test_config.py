@@ -91,9 +91,9 @@ def test_overrides_apply_before_validation(tmp_path):
     )
     assert cfg.data.seq_length == 1024 and cfg.data.sources[0].weight == 0.25 and cfg.train.mode == "qlora"
     cfg = load_config(
-        Config, path, ["train.hf.learning_rate=1e-4", "train.hf.weight_decay=-1E+1", "train.hf.run_name=1e4x"]
+        Config, path, ["train.hf.learning_rate=1e-4", "train.hf.max_grad_norm=1E+1", "train.hf.run_name=1e4x"]
     )
-    assert cfg.train.hf["learning_rate"] == 1e-4 and cfg.train.hf["weight_decay"] == -10.0
+    assert cfg.train.hf["learning_rate"] == 1e-4 and cfg.train.hf["max_grad_norm"] == 10.0
     assert cfg.train.hf["run_name"] == "1e4x"
     with pytest.raises(ConfigError) as info:
         load_config(Config, path, ["data.seq_length=many", "nonsense"])

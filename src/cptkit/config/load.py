@@ -249,7 +249,8 @@ class _Builder:
                 if sub not in self.wrong or required:  # else the default stands in, already reported
                     kwargs[name] = built
             elif required:
-                self.problem(sub, f"required: {f.metadata.get('help', 'missing')}")
+                if not self.reported(sub):  # else the section itself was not a mapping
+                    self.problem(sub, f"required: {f.metadata.get('help', 'missing')}")
                 kwargs[name] = None  # a stand-in, so the other fields are still checked
         try:
             obj = cls(**kwargs)

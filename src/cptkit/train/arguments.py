@@ -187,5 +187,6 @@ def _is_number(text: str) -> bool:
 
 def _field_named(message: str, hf: dict[str, Any], where: str) -> str:
     """The YAML path of the `train.hf` field a TrainingArguments message names, else the section."""
-    named = [key for key in hf if key.lower() in message.lower()]
-    return f"{where}.{max(named, key=len)}" if named else where
+    lowered = message.lower()
+    named = [key for key in hf if key.lower() in lowered]
+    return f"{where}.{min(named, key=lambda key: lowered.index(key.lower()))}" if named else where
