@@ -17,6 +17,7 @@ CONFIG_COMMANDS = {
     "eval": "perplexity and bits-per-byte of models on the held-out sets",
     "sft": "supervised fine-tuning on instruction data (loss on responses only)",
     "run": "every configured stage in order: prepare -> train -> merge -> eval -> sft -> report",
+    "config": "validate a config and print it as cptkit resolves it (defaults, presets, overrides, folders)",
 }
 
 

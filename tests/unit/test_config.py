@@ -57,7 +57,10 @@ data:
     assert "data.seq_lenght (line 5): unknown key (did you mean 'seq_length'?)" in problems
     assert "data.chunking (line 6): 'pack' is not one of" in problems
     assert "data.sources[0].weight" in problems and "expected a number" in problems
-    assert len(info.value.problems) == 3  # path and range checks run once types are right
+    # a type error on one field hides nothing else: the missing path and the range are reported too
+    assert "data.sources[0].path (line 9): /nonexistent/med does not exist" in problems
+    assert "data.near_dedup_threshold (line 7): 1.5 must be in (0, 1]" in problems
+    assert len(info.value.problems) == 5
     fixed = path.read_text().replace("seq_lenght", "seq_length").replace("pack\n", "packing\n")
     path.write_text(fixed.replace("weight: abc", "weight: 1").replace("/nonexistent/med", str(tmp_path)))
     with pytest.raises(ConfigError) as info:
@@ -88,9 +91,9 @@ def test_overrides_apply_before_validation(tmp_path):
     )
     assert cfg.data.seq_length == 1024 and cfg.data.sources[0].weight == 0.25 and cfg.train.mode == "qlora"
     cfg = load_config(
-        Config, path, ["train.hf.learning_rate=1e-4", "train.hf.weight_decay=-1E+1", "train.hf.run_name=1e4x"]
+        Config, path, ["train.hf.learning_rate=1e-4", "train.hf.max_grad_norm=1E+1", "train.hf.run_name=1e4x"]
     )
-    assert cfg.train.hf["learning_rate"] == 1e-4 and cfg.train.hf["weight_decay"] == -10.0
+    assert cfg.train.hf["learning_rate"] == 1e-4 and cfg.train.hf["max_grad_norm"] == 10.0
     assert cfg.train.hf["run_name"] == "1e4x"
     with pytest.raises(ConfigError) as info:
         load_config(Config, path, ["data.seq_length=many", "nonsense"])

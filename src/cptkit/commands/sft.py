@@ -44,10 +44,12 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.train.checks import check_mode, check_output_dir, resume_checkpoint, run_identity
     from cptkit.train.fit import fit
     from cptkit.train.heldout import HeldoutSet
+    from cptkit.train.optional import check_optional_dependencies
 
     sft_cfg, output_dir = cfg.sft, resolve(cfg).folder("sft")
     records = read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)  # data errors first
     model_cfg = _model_config(cfg)
+    check_optional_dependencies(sft_cfg, model_cfg, section="sft")
     check_mode(sft_cfg)
     identity = run_identity(sft_cfg, model_cfg, _data_hash(sft_cfg))
     fresh = check_output_dir(output_dir, identity, sft_cfg, section="sft")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cptkit.config.fields import opt
+from cptkit.config.fields import at_least, opt
 from cptkit.data.chunk import CHUNKERS, describe_chunkers
 
 READABLE = "a folder of .txt/.md/.rst/.jsonl/.json/.parquet/.csv (optionally .gz/.zst), one such file, or a saved HF dataset"
@@ -58,6 +58,14 @@ class FilterConfig:
         0.3,
         "drop documents whose share of characters that are neither letters, digits, punctuation nor space exceeds this",
     )
+
+    def check(self, path: str):
+        problems = at_least(self, path, min_chars=0, max_chars=1, min_words=0)
+        if not 0 <= self.max_non_text_fraction <= 1:
+            problems.append(
+                (f"{path}.max_non_text_fraction", f"{self.max_non_text_fraction} must be in [0, 1]")
+            )
+        return problems
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cptkit.config.fields import opt
+from cptkit.config.fields import at_least, opt
 
 
 @dataclass
@@ -31,6 +31,9 @@ class MergeConfig:
     )
     compare_documents: int = opt(4, "QLoRA: held-out documents per set used to compare the merges")
     compare_tokens: int = opt(4096, "QLoRA: tokens in all compared documents together")
+
+    def check(self, path: str):
+        return at_least(self, path, compare_documents=1, compare_tokens=2)
 
 
 @dataclass
@@ -75,3 +78,6 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = opt(
         "auto", "auto: the GPU if there is one (bfloat16), else the CPU (float32)"
     )
+
+    def check(self, path: str):
+        return at_least(self, path, batch_size=1, seq_length=2, max_documents=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -40,8 +41,18 @@ _OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][\w.\[\]-]*)=(?P<value>.*)$", re.S)
 _PART = re.compile(r"([A-Za-z_][\w-]*)|\[(\d+)\]")
 
 
-def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
-    """Parse a YAML file, returning the data and a map from YAML path to 1-based line number."""
+@dataclasses.dataclass
+class YamlFile:
+    """A parsed config file: its data, the 1-based line of each YAML path, and the problems found
+    while reading it (a key given twice in one mapping, which plain YAML resolves to the last value)."""
+
+    data: Any
+    lines: dict[str, int]
+    problems: list[str]
+
+
+def parse_yaml(path: str | Path) -> YamlFile:
+    """Parse a YAML file; a repeated key is a problem to report with the others, not a silent override."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"], source=str(path))
@@ -50,23 +61,41 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], source=str(path)) from None
-    lines: dict[str, int] = {}
+    parsed = YamlFile({}, {}, [])
     if node is None:
-        return {}, lines
-    _collect_lines(node, "", lines)
-    return _load(text) or {}, lines
+        return parsed
+    _collect_lines(node, "", parsed)
+    parsed.data = _load(text) or {}
+    return parsed
 
 
-def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
-    lines[prefix] = node.start_mark.line + 1
+def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """Parse a YAML file, returning the data and a map from YAML path to 1-based line number; a key
+    given twice raises ConfigError."""
+    parsed = parse_yaml(path)
+    if parsed.problems:
+        raise ConfigError(parsed.problems, source=str(path))
+    return parsed.data, parsed.lines
+
+
+def _collect_lines(node: yaml.Node, prefix: str, parsed: YamlFile) -> None:
+    parsed.lines[prefix] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            _collect_lines(value_node, key, lines)
-            lines[key] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, parsed)
+            if key in seen:
+                parsed.problems.append(
+                    f"{key} (lines {seen[key]} and {line}): given twice; keep one (YAML would silently "
+                    "take the last)"
+                )
+            else:
+                seen[key] = parsed.lines[key] = line
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _collect_lines(item, f"{prefix}[{i}]", lines)
+            _collect_lines(item, f"{prefix}[{i}]", parsed)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
@@ -107,16 +136,34 @@ def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
 
 
 class _Builder:
-    """Turns plain YAML data into dataclass instances, collecting problems with their paths."""
+    """Turns plain YAML data into dataclass instances, collecting problems with their paths.
+
+    A field whose value is wrong (type, choice, NaN) is built with its default, so the checks of
+    every other field still run: one mistake never hides another. `wrong` holds the paths already
+    reported; a check's finding at or under one of them is a consequence, not news, and is left out."""
 
     def __init__(self, lines: dict[str, int]):
         self.lines = lines
         self.problems: list[str] = []
+        self.found: list[tuple[str, str]] = []  # the same problems as (path, message)
+        self.wrong: set[str] = set()
 
-    def problem(self, path: str, message: str) -> None:
+    def problem(self, path: str, message: str, wrong: bool = True) -> None:
         line = self.lines.get(path)
         where = f"{path} (line {line})" if line else path
         self.problems.append(f"{where}: {message}")
+        self.found.append((path, message))
+        if wrong:
+            self.wrong.add(path)
+
+    def reported(self, path: str, below: bool = False) -> bool:
+        """Whether `path` or a path above it (with `below`: also one under it) was reported wrong."""
+        for wrong in self.wrong:
+            if path == wrong or path.startswith((f"{wrong}.", f"{wrong}[")):
+                return True
+            if below and (not path or wrong.startswith((f"{path}.", f"{path}["))):
+                return True
+        return False
 
     def build(self, tp: Any, value: Any, path: str) -> Any:
         origin = get_origin(tp)
@@ -141,7 +188,7 @@ class _Builder:
         if origin is Literal:
             choices = get_args(tp)
             if value not in choices:
-                hint = _nearest(str(value), [str(c) for c in choices])
+                hint = nearest_hint(str(value), [str(c) for c in choices])
                 self.problem(path, f"{value!r} is not one of {', '.join(map(str, choices))}{hint}")
             return value
         if origin is list:
@@ -164,18 +211,13 @@ class _Builder:
                 self.problem(path, f"expected an integer, got {value!r}")
             return value
         if tp is float:
-            if isinstance(value, bool):
+            number = _number(value)
+            if number is None:
                 self.problem(path, f"expected a number, got {value!r}")
                 return value
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            self.problem(path, f"expected a number, got {value!r}")
-            return value
+            if not math.isfinite(number):
+                self.problem(path, f"{value!r} is not a finite number")
+            return number
         if tp is str:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
@@ -189,21 +231,27 @@ class _Builder:
             value = {}
         if not isinstance(value, dict):
             self.problem(path or "(top level)", f"expected a mapping of {cls.__name__} fields, got {value!r}")
+            self.wrong.add(path)
             value = {}
         hints = get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         for key in value:
             if key not in fields:
-                hint = _nearest(str(key), list(fields))
+                hint = nearest_hint(str(key), list(fields))
                 known = "" if hint else f" (known keys: {', '.join(fields)})"
-                self.problem(_join(path, key), f"unknown key{hint}{known}")
+                self.problem(_join(path, key), f"unknown key{hint}{known}", wrong=False)
         kwargs = {}
         for name, f in fields.items():
             sub = _join(path, name)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if name in value:
-                kwargs[name] = self.build(hints[name], value[name], sub)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                self.problem(sub, f"required: {f.metadata.get('help', 'missing')}")
+                built = self.build(hints[name], value[name], sub)
+                if sub not in self.wrong or required:  # else the default stands in, already reported
+                    kwargs[name] = built
+            elif required:
+                if not self.reported(sub):  # else the section itself was not a mapping
+                    self.problem(sub, f"required: {f.metadata.get('help', 'missing')}")
+                kwargs[name] = None  # a stand-in, so the other fields are still checked
         try:
             obj = cls(**kwargs)
         except TypeError as e:
@@ -212,13 +260,21 @@ class _Builder:
         return obj
 
     def check(self, obj: Any, path: str) -> None:
-        """Run each dataclass's own `check(path)` (cross-field and filesystem checks), depth first."""
+        """Run each dataclass's own `check(path)` (cross-field, value and filesystem checks), depth first."""
         if dataclasses.is_dataclass(obj):
             for f in dataclasses.fields(obj):
                 self.check(getattr(obj, f.name), _join(path, f.name))
             checker = getattr(obj, "check", None)
-            if callable(checker):
-                for sub, message in checker(path) or []:
+            if not callable(checker):
+                return
+            try:
+                found = checker(path) or []
+            except (TypeError, AttributeError):
+                if not self.reported(path, below=True):
+                    raise
+                found = []  # a required value reported above (missing or of the wrong type) broke the check
+            for sub, message in found:
+                if not self.reported(sub):
                     self.problem(sub, message)
         elif isinstance(obj, list):
             for i, item in enumerate(obj):
@@ -229,9 +285,23 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _nearest(word: str, options: list[str]) -> str:
+def nearest_hint(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float where YAML gave a number (or a string that is one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _describe(tp: Any) -> str:
@@ -242,20 +312,35 @@ def _describe(tp: Any) -> str:
 T = typing.TypeVar("T")
 
 
-def build_config(cls: type[T], data: dict, lines: dict[str, int] | None = None, source: str = "config") -> T:
-    """Build and check a config dataclass from plain data; raise ConfigError listing every problem."""
+def build_config(
+    cls: type[T],
+    data: dict,
+    lines: dict[str, int] | None = None,
+    source: str = "config",
+    problems: list[str] | None = None,
+) -> T:
+    """Build and check a config dataclass from plain data; raise ConfigError listing every problem
+    (`problems`: those found before, e.g. while reading the file, come first)."""
     builder = _Builder(lines or {})
     obj = builder.build_dataclass(cls, data, "")
-    if not builder.problems:
-        builder.check(obj, "")
-    if builder.problems:
-        raise ConfigError(builder.problems, source=source)
+    builder.check(obj, "")
+    found = [*(problems or []), *builder.problems]
+    if found:
+        raise ConfigError(found, source=source)
     return obj
+
+
+def check_value(tp: Any, value: Any, path: str) -> list[tuple[str, str]]:
+    """The type problems of one value against an annotation, as `check(path)` methods return them."""
+    builder = _Builder({})
+    builder.build(tp, value, path)
+    return builder.found
 
 
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """Read `path`, apply overrides, and build `cls`; every problem is reported at once."""
-    data, lines = read_yaml(path)
+    parsed = parse_yaml(path)
+    data = parsed.data
     if not isinstance(data, dict):
         raise ConfigError(
             [f"expected a mapping of sections at the top level, got {type(data).__name__}"], str(path)
@@ -264,8 +349,8 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = No
         data.pop(written, None)
     problems = apply_overrides(data, overrides or [])
     if problems:
-        raise ConfigError(problems, source=str(path))
-    return build_config(cls, data, lines, source=str(path))
+        raise ConfigError([*parsed.problems, *problems], source=str(path))
+    return build_config(cls, data, parsed.lines, source=str(path), problems=parsed.problems)
 
 
 def to_dict(obj: Any) -> Any:

@@ -30,6 +30,10 @@ class LoraConfig:
             problems.append((f"{path}.r", f"{self.r}: rank must be at least 1"))
         if not 0 <= self.dropout < 1:
             problems.append((f"{path}.dropout", f"{self.dropout} must be in [0, 1)"))
+        if self.alpha <= 0:
+            problems.append((f"{path}.alpha", f"{self.alpha} must be positive"))
+        if self.embedding_lr is not None and self.embedding_lr <= 0:
+            problems.append((f"{path}.embedding_lr", f"{self.embedding_lr} must be a positive learning rate"))
         return problems
 
 
@@ -67,6 +71,8 @@ class ScheduleConfig:
             problems.append((f"{path}.decay", "must be in [0, 1]"))
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append((f"{path}.min_lr_ratio", "must be in [0, 1]"))
+        if self.rewarm_from_step is not None and self.rewarm_from_step < 0:
+            problems.append((f"{path}.rewarm_from_step", "must be 0 or more"))
         return problems
 
 
@@ -142,19 +148,22 @@ class TrainingRun:
 
     def check(self, path: str):
         problems = []
-        for owned in (
-            "output_dir",
-            "lr_scheduler_type",
-            "warmup_ratio",
-            "gradient_checkpointing",
-            "report_to",
-            "eval_steps",
-        ):
+        for owned in OWNED_BY:
             if owned in self.hf:
                 problems.append(
-                    (f"{path}.hf.{owned}", f"set by cptkit; use {path}.{_OWNED_BY.get(owned, owned)} instead")
+                    (f"{path}.hf.{owned}", f"set by cptkit; use {path}.{OWNED_BY[owned]} instead")
                 )
-        return problems
+        if self.embedding_lr is not None and self.embedding_lr <= 0:
+            problems.append((f"{path}.embedding_lr", f"{self.embedding_lr} must be a positive learning rate"))
+        if self.eval_steps is not None and self.eval_steps < 1:
+            problems.append(
+                (f"{path}.eval_steps", f"{self.eval_steps} must be at least 1 (none: 10 times a run)")
+            )
+        # TrainingArguments as the run will build them (imported here: transformers is slow to import
+        # and only configs that train need it)
+        from cptkit.train.arguments import hf_problems
+
+        return problems + hf_problems(self, path)
 
 
 @dataclass
@@ -166,8 +175,15 @@ class TrainConfig(TrainingRun):
         200_000, "held-out tokens per set evaluated during training (the full set in cptkit eval)"
     )
 
+    def check(self, path: str):
+        problems = list(super().check(path))
+        if self.eval_max_tokens < 1:
+            problems.append((f"{path}.eval_max_tokens", f"{self.eval_max_tokens} must be at least 1"))
+        return problems
 
-_OWNED_BY = {
+
+# TrainingArguments fields that cptkit sets itself -> the cptkit key that says what the user wants
+OWNED_BY = {
     "lr_scheduler_type": "schedule.type",
     "warmup_ratio": "schedule.warmup",
     "output_dir": "output_dir",

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from cptkit.config.data import DataConfig, SourceConfig
 from cptkit.data.chunk import Chunker
 from cptkit.data.dedup import Deduper
-from cptkit.data.mix import sample, sampling_factors
+from cptkit.data.mix import mix_warning, sample, sampling_factors
 from cptkit.data.near_dedup import NearDeduper
 from cptkit.data.pack import best_fit_pack
 from cptkit.data.split import HeldoutSplit
@@ -177,6 +177,14 @@ def _assemble(
         stats[name]["mixed_tokens"] = int(seg_lens[name][picked].sum())
         stats[name]["mixed_segments"] = int(len(picked))
     total = sum(s["mixed_tokens"] for s in stats.values()) or 1
+    warning = mix_warning(
+        {n: stats[n]["train_tokens"] for n in tables},
+        {n: stats[n]["mixed_tokens"] for n in tables},
+        {n: by_name[n].weight for n in tables},
+        cfg.mix,
+    )
+    if warning:
+        log.warning(warning)
     for s in stats.values():
         s["mixed_share"] = round(s["mixed_tokens"] / total, 6)
     n_segments = sum(len(x) for x in picked_lens)

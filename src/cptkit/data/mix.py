@@ -42,3 +42,20 @@ def sample(lengths: np.ndarray, factor: float, rng: np.random.Generator) -> np.n
             k += 1  # one more segment lands closer to the target
         picked.append(order[:k])
     return np.concatenate(picked) if picked else np.empty(0, dtype=np.int64)
+
+
+def mix_warning(
+    train_tokens: dict[str, int], mixed_tokens: dict[str, int], weights: dict[str, float], policy: str
+) -> str | None:
+    """What to tell the user when `mix: downsample` keeps less than half of the training tokens (every
+    source cut to what the scarcest one supplies at its weight), with the settings that keep them."""
+    available, kept = sum(train_tokens.values()), sum(mixed_tokens.values())
+    if policy != "downsample" or available == 0 or kept >= available / 2:
+        return None
+    trained = {n: t for n, t in train_tokens.items() if weights.get(n, 0) > 0}
+    sizes = ", ".join(f"{n}: {t / available:.3g}" for n, t in trained.items())
+    return (
+        f"the mix keeps {kept:,} of {available:,} training tokens ({kept / available:.1%}): mix: downsample "
+        "cuts every source to what the scarcest one supplies at its weight. To keep them, set "
+        f"data.mix: upsample (repeats segments instead), or weights proportional to the sources' sizes ({sizes})"
+    )

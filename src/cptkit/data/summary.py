@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from cptkit.data.mix import mix_warning
 
 
 def _n(x: Any) -> str:
@@ -31,6 +35,33 @@ _SOURCE_ROWS = (
 )
 
 
+# beyond this many sources, one column per source no longer fits a terminal: one row per source instead
+WIDE_SOURCES = 4
+# counts per table in the one-row-per-source layout: each table fits 80 columns with 13-digit counts
+_PER_TABLE = (5, 4, 4)
+
+
+def sources_tables(manifest: dict[str, Any]) -> list[Table]:
+    """The per-source counts: one table with a column per source for a handful of sources, else a few
+    narrow tables with a row per source, so that no number is cut short on a terminal."""
+    if len(manifest["sources"]) <= WIDE_SOURCES:
+        return [sources_table(manifest)]
+    title = f"sources (chunking: {manifest['chunking']}, seq_length: {manifest['seq_length']})"
+    near = _has_near(manifest)
+    tables, start = [], 0
+    for part, size in enumerate(_PER_TABLE):  # the same counts as sources_table, in that order
+        rows = _SOURCE_ROWS[start : start + size]
+        start += size
+        t = Table(title=title if part == 0 else None, box=box.SIMPLE_HEAD)
+        t.add_column("source", overflow="fold", min_width=min(24, max(map(len, manifest["sources"]))))
+        for label, key in rows:
+            t.add_column(_label(label, key, near), justify="right")  # labels wrap, numbers do not
+        for name, s in manifest["sources"].items():
+            t.add_row(name, *(Text(_cell(s, key, near), no_wrap=True) for _, key in rows))
+        tables.append(t)
+    return tables
+
+
 def sources_table(manifest: dict[str, Any]) -> Table:
     """One column per source, one row per count (reads well for the usual handful of sources)."""
     t = Table(title=f"sources (chunking: {manifest['chunking']}, seq_length: {manifest['seq_length']})")
@@ -38,25 +69,41 @@ def sources_table(manifest: dict[str, Any]) -> Table:
     names = list(manifest["sources"])
     for name in names:
         t.add_column(name, justify="right")
-    near = any(s.get("near_duplicates") for s in manifest["sources"].values())
+    near = _has_near(manifest)
     for label, key in _SOURCE_ROWS:
-        if near and key == "duplicates":
-            label = "duplicates (near)"
-        cells = []
-        for name in names:
-            s = manifest["sources"][name]
-            if key is None:
-                cells.append(_n(sum(s["drops"].values())))
-            elif key == "mixed_share":
-                cells.append(f"{s.get(key, 0):.2%}")
-            elif key == "sampling_factor":
-                cells.append(f"{s[key]:.4f}")
-            elif near and key == "duplicates":
-                cells.append(f"{_n(s[key])} ({_n(s.get('near_duplicates', 0))})")
-            else:
-                cells.append(_n(s.get(key, "")))
-        t.add_row(label, *cells)
+        t.add_row(_label(label, key, near), *(_cell(manifest["sources"][n], key, near) for n in names))
     return t
+
+
+def _has_near(manifest: dict[str, Any]) -> bool:
+    return any(s.get("near_duplicates") for s in manifest["sources"].values())
+
+
+def _label(label: str, key: str | None, near: bool) -> str:
+    return "duplicates (near)" if near and key == "duplicates" else label
+
+
+def _cell(s: dict[str, Any], key: str | None, near: bool) -> str:
+    if key is None:
+        return _n(sum(s["drops"].values()))
+    if key == "mixed_share":
+        return f"{s.get(key, 0):.2%}"
+    if key == "sampling_factor":
+        return f"{s[key]:.4f}"
+    if near and key == "duplicates":
+        return f"{_n(s[key])} ({_n(s.get('near_duplicates', 0))})"
+    return _n(s.get(key, ""))
+
+
+def mix_note(manifest: dict[str, Any]) -> str | None:
+    """The warning of `cptkit.data.mix.mix_warning` for this dataset, if its mix dropped most tokens."""
+    sources = manifest["sources"]
+    return mix_warning(
+        {n: s.get("train_tokens", 0) for n, s in sources.items()},
+        {n: s.get("mixed_tokens", 0) for n, s in sources.items()},
+        {n: s.get("weight", 0) for n, s in sources.items()},
+        manifest.get("mix", "downsample"),
+    )
 
 
 def skips_table(manifest: dict[str, Any]) -> Table | None:
@@ -114,8 +161,10 @@ def totals_table(manifest: dict[str, Any]) -> Table:
 
 def heldout_table(manifest: dict[str, Any]) -> Table:
     t = Table(title="held-out sets")
-    for col in ("set", "role", "dir", "documents", "tokens", "bytes"):
-        t.add_column(col, justify="left" if col in ("set", "role", "dir") else "right")
+    for col in ("set", "role", "dir"):
+        t.add_column(col, overflow="fold")  # names wrap; counts stay whole
+    for col in ("documents", "tokens", "bytes"):
+        t.add_column(col, justify="right", no_wrap=True)
     for name, h in manifest["heldout"].items():
         t.add_row(name, h["role"], h["dir"], _n(h["documents"]), _n(h["tokens"]), _n(h["bytes"]))
     return t
@@ -127,9 +176,13 @@ def print_summary(manifest: dict[str, Any], console: Console | None = None) -> N
     console.print(
         f"tokenizer: {tok['name_or_path']} (vocab {tok['vocab_size']:,}, fingerprint {tok['fingerprint']})"
     )
-    console.print(sources_table(manifest))
+    for table in sources_tables(manifest):
+        console.print(table)
     skips = skips_table(manifest)
     if skips is not None:
         console.print(skips)
     console.print(heldout_table(manifest))
     console.print(totals_table(manifest))
+    note = mix_note(manifest)
+    if note:
+        console.print(Text(f"warning: {note}", style="yellow"))

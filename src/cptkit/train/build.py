@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 from cptkit.config.train import TrainConfig
 from cptkit.model.load import LoadedModel
 from cptkit.paths import METRICS
+from cptkit.train.arguments import training_arguments
 from cptkit.train.callbacks import CountingCollator, HeldoutEvalCallback, MetricsWriter, ThroughputCallback
 from cptkit.train.checkpoints import COMPLETE_MARKER, CheckpointCallback
 from cptkit.train.collator import PackedCollator
@@ -177,55 +178,6 @@ def _embedding_param_ids(model: Any) -> set[int]:
         ):
             ids.add(id(param))
     return ids
-
-
-def training_arguments(
-    train_cfg: TrainConfig, output_dir: str | Path, dtype: torch.dtype, seed: int
-) -> TrainingArguments:
-    """cptkit's defaults, then `train.hf` on top (HF validates its own fields)."""
-    on_gpu = torch.cuda.is_available()
-    defaults: dict[str, Any] = {
-        "learning_rate": 2e-5,
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "num_train_epochs": 1,
-        "logging_steps": 10,
-        "save_steps": 500,
-        "save_total_limit": 3,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "bf16": on_gpu and dtype == torch.bfloat16,
-        "fp16": on_gpu and dtype == torch.float16,
-        "dataloader_num_workers": 0,  # the collator runs in-process, where it counts tokens
-        "dataloader_pin_memory": on_gpu,
-        "remove_unused_columns": False,
-        "logging_nan_inf_filter": False,  # a NaN loss must show, not be averaged away
-        "ddp_find_unused_parameters": False,
-        "eval_strategy": "no",  # held-out evaluation runs in HeldoutEvalCallback
-        "save_strategy": "steps",
-        "use_cpu": not on_gpu,
-    }
-    hf = {**defaults, **train_cfg.hf}
-    hf.setdefault("per_device_eval_batch_size", hf["per_device_train_batch_size"])
-    report_to = [r for r in train_cfg.report_to if r != "none"] or "none"
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unknown = sorted(set(hf) - known)
-    if unknown:
-        from cptkit.errors import CptkitError
-
-        raise CptkitError(f"train.hf: unknown TrainingArguments field(s) {', '.join(unknown)}")
-    args = TrainingArguments(output_dir=str(output_dir), seed=seed, report_to=report_to, **hf)
-    if args.n_gpu > 1:
-        # One process seeing several GPUs: HF would fall back to nn.DataParallel, which is slower than one
-        # GPU with these kernels and breaks per-batch state. Train on one; scale out with accelerate launch.
-        log.warning(
-            "%d GPUs visible to one process: training on one. To use all of them: accelerate launch "
-            "--config_file $(python -m cptkit.presets.accelerate ddp) --num_processes %d -m cptkit train CONFIG",
-            args.n_gpu,
-            args.n_gpu,
-        )
-        args._n_gpu = 1
-    return args
 
 
 def default_eval_steps(args: TrainingArguments, num_rows: int, train_cfg: TrainConfig) -> int:

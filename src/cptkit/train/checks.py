@@ -22,6 +22,7 @@ from cptkit.data.manifest import tokenizer_fingerprint
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
 from cptkit.paths import CONFIG, METRICS, RUN_META, SFT_DATA
+from cptkit.train.optional import check_optional_dependencies
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def preflight(
     to the model loader) and the checkpoint to resume from."""
     from cptkit.model.load import load_tokenizer
 
+    check_optional_dependencies(train_cfg, model_cfg)
     prepared = Prepared.load(dataset_dir)
     check_base_model(model_cfg)
     check_mode(train_cfg)
