@@ -73,7 +73,7 @@ def hash_files(files: list[Path], cache_file: Path) -> dict[Path, str | None]:
             try:
                 sha[p] = cache.sha256(p)
             except OSError as e:
-                log.warning("%s cannot be read (%s): it is skipped and counted as unreadable_file", p, e)
+                log.debug("%s cannot be hashed (%s): reading it will count it as unreadable", p, e)
                 sha[p] = None
             bar.update(sizes[p])
     cache.save()

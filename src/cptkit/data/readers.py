@@ -31,6 +31,7 @@ ROW_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 COMPRESSIONS = (".gz", ".zst")
 _SNIFF_BYTES = 8192
 
+
 def file_format(path: Path) -> tuple[str, str] | None:
     """(format, compression) of a readable file, e.g. ('.jsonl', '.gz'); None when not readable."""
     suffixes = [s.lower() for s in path.suffixes[-2:]]
@@ -132,6 +133,7 @@ def read_documents(
             if isinstance(e, UnicodeError):
                 raise
             ledger.drop("unreadable_file", f"{path} ({describe_error(e)})")
+            log.warning("unreadable_file: %s (%s); the rows read before it are kept", path, describe_error(e))
 
 
 def _is_binary(head: bytes) -> bool:
