@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.errors import CptkitError
+from cptkit.model.pickles import check_resumable
 from cptkit.train.meta import write_run_meta
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def fit(
 
     `meta` goes into run_meta.json before training; `summary` joins the measured summary written as
     run_meta.json's `final` and returned. Only the main process writes files."""
+    check_resumable(resume_from)
     main_process = trainer.args.process_index == 0
     if main_process:
         write_run_meta(output_dir, status="running", resumed_from=resume_from, **meta)
