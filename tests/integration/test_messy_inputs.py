@@ -17,6 +17,7 @@ from cptkit.config.data import FilterConfig
 from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.normalize import normalize
 from cptkit.data.prepare import prepare
+from cptkit.testing.files import make_unreadable
 from cptkit.testing.tiny import sample_texts
 
 
@@ -36,17 +37,6 @@ def _paragraphs(n: int) -> list[str]:
 
 def _jsonl(texts: list[str]) -> bytes:
     return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
-
-
-def _unreadable(path):
-    """A file that lists and stats fine but cannot be read, also by root (who passes chmod 000)."""
-    if os.geteuid() != 0:
-        path.write_text("secret", encoding="utf-8")
-        path.chmod(0)
-    elif os.path.exists("/proc/self/mem"):  # reading its offset 0 fails with EIO, whoever reads it
-        os.symlink("/proc/self/mem", path)
-    else:
-        pytest.skip("no unreadable kind of file here")
 
 
 def test_prepare_keeps_every_good_document_and_names_each_damaged_file(tmp_path, tiny_tokenizer_dir, caplog):
@@ -74,7 +64,8 @@ def test_prepare_keeps_every_good_document_and_names_each_damaged_file(tmp_path,
     (corpus / "corrupt.jsonl.zst").write_bytes(damaged[:20] + b"\xff" * 50 + damaged[70:])
     deflated = gzip.compress(_jsonl(texts[140:160]))
     (corpus / "corrupt.jsonl.gz").write_bytes(deflated[:100] + bytes(range(256)) * 4 + deflated[1124:])
-    _unreadable(corpus / "locked.txt")
+    if not make_unreadable(corpus / "locked.txt"):
+        pytest.skip("no unreadable kind of file here")
     bad = ["corrupt.jsonl.gz", "corrupt.jsonl.zst", "cut.jsonl.zst", "locked.txt"]
 
     cfg = build_config(

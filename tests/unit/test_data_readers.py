@@ -13,6 +13,7 @@ import pytest
 from cptkit.data.document import Ledger
 from cptkit.data.readers import plan_source, read_documents, walk
 from cptkit.errors import CptkitError
+from cptkit.testing.files import make_unreadable
 
 
 def _read(path, text_field="text"):
@@ -313,22 +314,12 @@ def test_undecodable_utf16_units_are_replaced_and_counted(tmp_path):
     assert ledger.repairs == {"encoding_errors": 1} and not ledger.drops
 
 
-def _unreadable(path):
-    """A file that lists and stats fine but whose read fails, also for root (who passes chmod 000)."""
-    if os.geteuid() != 0:
-        path.write_text("secret", encoding="utf-8")
-        path.chmod(0)
-    elif os.path.exists("/proc/self/mem"):  # reading its offset 0 fails with EIO, whoever reads it
-        os.symlink("/proc/self/mem", path)
-    else:
-        pytest.skip("no unreadable kind of file here")
-    return path
-
-
 def test_a_file_that_cannot_be_read_has_no_hash_and_is_counted_when_read(tmp_path):
     from cptkit.data.hashing import hash_files
 
-    bad = _unreadable(tmp_path / "locked.txt")
+    bad = tmp_path / "locked.txt"
+    if not make_unreadable(bad):
+        pytest.skip("no unreadable kind of file here")
     (tmp_path / "fine.txt").write_text("fine", encoding="utf-8")
     sha = hash_files([bad, tmp_path / "fine.txt"], tmp_path / ".cache" / "hashes.json")
     assert sha[bad] is None and len(sha[tmp_path / "fine.txt"]) == 64
