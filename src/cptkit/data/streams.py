@@ -154,7 +154,7 @@ def open_binary(path: Path, compression: str, progress: Progress | None = None) 
         stream.myfileobj = raw  # closed with the gzip stream
         return stream
     if compression == ".zst":
-        return io.BufferedReader(_Zstd(raw))
+        return io.BufferedReader(_Zstd(raw), buffer_size=1 << 16)
     return raw
 
 
