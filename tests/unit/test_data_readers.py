@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import json
@@ -12,6 +13,7 @@ import pytest
 from cptkit.data.document import Ledger
 from cptkit.data.readers import plan_source, read_documents, walk
 from cptkit.errors import CptkitError
+from cptkit.testing.files import make_unreadable
 
 
 def _read(path, text_field="text"):
@@ -217,3 +219,111 @@ def test_json_array_file_is_streamed_and_a_broken_tail_is_counted(tmp_path):
     assert ledger.drops == {"malformed_json": 1}
     assert ledger.examples["malformed_json"].startswith(f"{tmp_path / 'cut.json'}[2]")
     assert ledger.repairs == {"encoding_errors": 1}
+
+
+def _rows_bytes(n: int) -> bytes:
+    return ("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(n))).encode()
+
+
+def test_truncated_zstd_keeps_the_rows_before_and_names_the_file(tmp_path):
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(_rows_bytes(20000))
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])
+    (tmp_path / "whole.jsonl.zst").write_bytes(data)
+    frames = zstandard.ZstdCompressor().compress(b"first frame. ") + zstandard.ZstdCompressor().compress(
+        b"second"
+    )
+    (tmp_path / "frames.txt.zst").write_bytes(frames)
+    docs, ledger = _read(tmp_path)
+    cut = [d for d in docs if "cut.jsonl.zst" in d.where]
+    assert 0 < len(cut) < 20000 and [d.text for d in cut] == [f"row {i}" for i in range(len(cut))]
+    assert sum("whole.jsonl.zst" in d.where for d in docs) == 20000
+    assert [d.text for d in docs if "frames" in d.where] == ["first frame. second"]
+    assert ledger.drops == {"unreadable_file": 1}
+    assert ledger.examples["unreadable_file"].startswith(f"{tmp_path / 'cut.jsonl.zst'} (EOFError: ")
+    assert "truncated" in ledger.examples["unreadable_file"]
+
+
+def test_truncated_zstd_text_file_is_counted(tmp_path):
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(b"a whole document " * 5000)
+    (tmp_path / "cut.md.zst").write_bytes(data[:-3])
+    docs, ledger = _read(tmp_path)
+    assert docs == [] and ledger.drops == {"unreadable_file": 1}
+    assert str(tmp_path / "cut.md.zst") in ledger.examples["unreadable_file"]
+
+
+@pytest.mark.parametrize("name", ["corrupt.jsonl.zst", "notzstd.txt.zst", "corrupt.jsonl.gz"])
+def test_corrupt_archives_are_counted_and_the_run_goes_on(tmp_path, name):
+    import zstandard
+
+    rows = _rows_bytes(2000)
+    if name == "notzstd.txt.zst":
+        blob = b"plain bytes, no zstd frame"
+    elif name.endswith(".zst"):
+        whole = zstandard.ZstdCompressor().compress(rows)
+        blob = whole[:20] + b"\xff" * 50 + whole[70:]
+    else:
+        whole = gzip.compress(rows)
+        blob = whole[:200] + bytes(range(256)) * 4 + whole[1224:]
+    (tmp_path / name).write_bytes(blob)
+    (tmp_path / "good.txt").write_text("a good document", encoding="utf-8")
+    docs, ledger = _read(tmp_path)
+    assert [d.text for d in docs if d.where.endswith("good.txt")] == ["a good document"]
+    assert ledger.drops == {"unreadable_file": 1}
+    assert ledger.examples["unreadable_file"].startswith(f"{tmp_path / name} (")
+    assert "corrupt" in ledger.examples["unreadable_file"]
+
+
+def test_utf16_and_utf32_text_is_read_by_its_byte_order_mark(tmp_path):
+    (tmp_path / "le.txt").write_bytes(
+        "h\u00e9llo, UTF-16 LE".encode("utf-16-le").join([codecs.BOM_UTF16_LE, b""])
+    )
+    (tmp_path / "be.md").write_bytes(codecs.BOM_UTF16_BE + "big endian \u4e2d\u6587".encode("utf-16-be"))
+    (tmp_path / "wide.rst").write_bytes("thirty-two bits".encode("utf-32"))
+    (tmp_path / "rows.jsonl").write_bytes('{"text": "caf\u00e9"}\n\n{"text": "second"}\n'.encode("utf-16"))
+    (tmp_path / "table.csv").write_bytes('id,text\n1,"x, y"\n2,z\n'.encode("utf-16"))
+    (tmp_path / "array.json").write_bytes(json.dumps([{"text": "in an array"}]).encode("utf-16"))
+    with gzip.open(tmp_path / "packed.txt.gz", "wb") as f:
+        f.write("compressed UTF-16".encode("utf-16"))
+    docs, ledger = _read(tmp_path)
+    assert sorted(d.text for d in docs) == sorted(
+        [
+            "h\u00e9llo, UTF-16 LE",
+            "big endian \u4e2d\u6587",
+            "thirty-two bits",
+            "caf\u00e9",
+            "second",
+            "x, y",
+            "z",
+            "in an array",
+            "compressed UTF-16",
+        ]
+    )
+    assert not ledger.drops and not ledger.repairs
+    assert {d.where for d in docs if d.text == "second"} == {f"{tmp_path / 'rows.jsonl'}:3"}
+
+
+def test_undecodable_utf16_units_are_replaced_and_counted(tmp_path):
+    lone_surrogate = b"\x00\xd8"
+    (tmp_path / "bad.txt").write_bytes("ok ".encode("utf-16") + lone_surrogate + "tail".encode("utf-16-le"))
+    docs, ledger = _read(tmp_path)
+    assert [d.text for d in docs] == ["ok \ufffdtail"]
+    assert ledger.repairs == {"encoding_errors": 1} and not ledger.drops
+
+
+def test_a_file_that_cannot_be_read_has_no_hash_and_is_counted_when_read(tmp_path):
+    from cptkit.data.hashing import hash_files
+
+    bad = tmp_path / "locked.txt"
+    if not make_unreadable(bad):
+        pytest.skip("no unreadable kind of file here")
+    (tmp_path / "fine.txt").write_text("fine", encoding="utf-8")
+    sha = hash_files([bad, tmp_path / "fine.txt"], tmp_path / ".cache" / "hashes.json")
+    assert sha[bad] is None and len(sha[tmp_path / "fine.txt"]) == 64
+    docs, ledger = _read(tmp_path)
+    assert [d.text for d in docs] == ["fine"]
+    assert ledger.drops == {"unreadable_file": 1}
+    assert ledger.examples["unreadable_file"].startswith(f"{bad} (")

@@ -37,7 +37,10 @@ def run(cfg: Config) -> dict[str, Any]:
     sets, seq_length = _sets(cfg, ec)
     device = pick_device(ec.device)
     dtype = pick_dtype(device, cfg.model.dtype if cfg.model else "auto")
-    rows, notes = score_models(models, sets, seq_length, ec.batch_size, device, dtype)
+    trust = bool(cfg.model and cfg.model.trust_remote_code)
+    rows, notes = score_models(
+        models, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust
+    )
     result = results_record(rows, models, notes, seq_length, device, dtype)
     out = resolve(cfg).folder("eval")
     write_config(out, cfg)

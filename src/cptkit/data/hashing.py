@@ -1,15 +1,19 @@
 """Content hashes of input files, computed as streams and remembered by (size, mtime).
 
 The manifest records each input's sha256; the tokenization cache is keyed on them, so a rerun on
-unchanged inputs must not re-read hundreds of GB just to learn that nothing changed.
+unchanged inputs must not re-read hundreds of GB just to learn that nothing changed. A file that cannot
+be read has no hash (None): its shard is keyed on that, and reading it counts it as an unreadable file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _BLOCK = 1 << 20
 
@@ -54,17 +58,30 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def hash_files(files: list[Path], cache_file: Path) -> dict[Path, str]:
+def hash_files(files: list[Path], cache_file: Path) -> dict[Path, str | None]:
     """sha256 of every file (streamed, with a progress bar for large inputs; remembered in `cache_file`
-    by size and mtime between runs)."""
+    by size and mtime between runs); None for a file that cannot be read (no permission, an I/O error),
+    which the readers then count as unreadable, named, instead of the whole run stopping here."""
     from tqdm.auto import tqdm
 
     cache = HashCache(cache_file)
-    total = sum(p.stat().st_size for p in files)
-    sha = {}
+    sizes = {p: _size(p) for p in files}
+    sha: dict[Path, str | None] = {}
+    total = sum(sizes.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing inputs", disable=total < 64 << 20) as bar:
         for p in files:
-            sha[p] = cache.sha256(p)
-            bar.update(p.stat().st_size)
+            try:
+                sha[p] = cache.sha256(p)
+            except OSError as e:
+                log.debug("%s cannot be hashed (%s): reading it will count it as unreadable", p, e)
+                sha[p] = None
+            bar.update(sizes[p])
     cache.save()
     return sha
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone or unreachable since it was listed: hashing it says so
+        return 0

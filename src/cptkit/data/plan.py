@@ -42,7 +42,7 @@ class Plan:
     tokenizer: Any  # the loaded HF tokenizer
     tokenizer_info: dict[str, Any]  # the manifest's `tokenizer` entry
     sources: dict[str, SourcePlan]
-    sha256: dict[Path, str]
+    sha256: dict[Path, str | None]  # None: a file that could not be read (counted when read)
     shards: dict[str, list[Shard]]
     chunker: Chunker
     fingerprint: str

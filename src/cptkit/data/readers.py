@@ -2,24 +2,26 @@
 
 A folder is walked recursively (symlinks followed, each real folder visited once, so loops end);
 .txt/.md/.rst files are one document each, .jsonl/.json/.parquet/.csv files one document per row,
-all optionally .gz/.zst compressed; a folder written by `datasets.save_to_disk` is read as a dataset.
+all optionally .gz/.zst compressed (UTF-8, or UTF-16/32 with a byte order mark); a folder written by
+`datasets.save_to_disk` is read as a dataset. A file cut short or damaged keeps the rows read before
+the damage and is counted as `unreadable_file`, named.
 Files are read as streams: only one document (one file, or one row) is in memory at a time.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cptkit.data.document import CountingDecode, Document, Ledger, decode
+from cptkit.data.streams import READ_ERRORS, Progress, describe_error, open_binary, open_text_bytes
 from cptkit.errors import CptkitError
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,6 @@ TEXT_FORMATS = (".txt", ".md", ".rst")
 ROW_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 COMPRESSIONS = (".gz", ".zst")
 _SNIFF_BYTES = 8192
-
-Progress = Callable[[int], None]  # called with the number of bytes just read from disk
 
 
 def file_format(path: Path) -> tuple[str, str] | None:
@@ -129,45 +129,11 @@ def read_documents(
                 yield from _read_csv(path, compression, text_field, ledger, progress)
             else:
                 yield from _read_json_lines(path, compression, text_field, ledger, progress)
-        except (OSError, EOFError, ValueError) as e:  # a truncated .gz, a corrupt parquet file, ...
+        except (*READ_ERRORS, ValueError) as e:  # a cut or corrupt archive, a corrupt parquet file, ...
             if isinstance(e, UnicodeError):
                 raise
-            ledger.drop("unreadable_file", f"{path} ({type(e).__name__}: {e})")
-
-
-class _Counted(io.RawIOBase):
-    """A file that reports how many bytes were read from disk (for progress bars)."""
-
-    def __init__(self, path: Path, progress: Progress | None):
-        self.file = io.FileIO(path, "r")
-        self.progress = progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = self.file.readinto(buffer)
-        if n and self.progress is not None:
-            self.progress(n)
-        return n
-
-    def close(self) -> None:
-        self.file.close()
-        super().close()
-
-
-def open_binary(path: Path, compression: str, progress: Progress | None = None) -> io.BufferedIOBase:
-    """A binary stream of the file's content, decompressed on the fly."""
-    raw = io.BufferedReader(_Counted(path, progress), buffer_size=1 << 20)
-    if compression == ".gz":
-        stream = gzip.GzipFile(fileobj=raw, mode="rb")
-        stream.myfileobj = raw  # closed with the gzip stream
-        return stream
-    if compression == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return raw
+            ledger.drop("unreadable_file", f"{path} ({describe_error(e)})")
+            log.warning("unreadable_file: %s (%s); the rows read before it are kept", path, describe_error(e))
 
 
 def _is_binary(head: bytes) -> bool:
@@ -177,7 +143,7 @@ def _is_binary(head: bytes) -> bool:
 def _read_text_file(
     path: Path, compression: str, ledger: Ledger, progress: Progress | None
 ) -> Iterator[Document]:
-    with open_binary(path, compression, progress) as f:
+    with open_text_bytes(path, compression, progress) as f:
         data = f.read()
     if _is_binary(data[: _SNIFF_BYTES * 8]):
         ledger.drop("binary_file", str(path))
@@ -206,7 +172,7 @@ def _row_text(row: object, text_field: str, where: str, ledger: Ledger) -> str |
 def _read_json_lines(
     path: Path, compression: str, text_field: str, ledger: Ledger, progress: Progress | None
 ) -> Iterator[Document]:
-    with open_binary(path, compression, progress) as f:
+    with open_text_bytes(path, compression, progress) as f:
         head = f.peek(_SNIFF_BYTES)[:_SNIFF_BYTES] if hasattr(f, "peek") else b""
         if _is_binary(head):
             ledger.drop("binary_file", str(path))
@@ -259,7 +225,7 @@ def _read_json_array(f: io.BufferedIOBase, path: Path, text_field: str, ledger: 
 
 def _read_json_document(path: Path, compression: str, text_field: str, ledger: Ledger) -> Iterator[Document]:
     """A .json file holding one (pretty-printed) object: one row."""
-    with open_binary(path, compression) as f:
+    with open_text_bytes(path, compression) as f:
         text, _ = decode(f.read())
     try:
         row = json.loads(text)
@@ -275,7 +241,7 @@ def _read_csv(
     path: Path, compression: str, text_field: str, ledger: Ledger, progress: Progress | None
 ) -> Iterator[Document]:
     csv.field_size_limit(sys.maxsize)
-    with open_binary(path, compression, progress) as raw:
+    with open_text_bytes(path, compression, progress) as raw:
         if _is_binary(raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES] if hasattr(raw, "peek") else b""):
             ledger.drop("binary_file", str(path))
             return

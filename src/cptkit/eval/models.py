@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from cptkit.errors import CptkitError
+from cptkit.errors import CptkitError, Refused, load_refusals
 
 log = logging.getLogger(__name__)
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+_TRUST = "model.trust_remote_code"  # what eval passes as trust_remote_code
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -57,21 +58,23 @@ def load_model(
     dtype: torch.dtype,
     adapter: str | Path | None = None,
     nf4: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ):
     """A causal LM in eval mode on `device`; with `adapter`, the LoRA applied unmerged on top.
 
     `nf4` ({quant_type, double_quant, dtype}) replaces the base's Linear weights with their NF4 round trip
     first: the base exactly as a QLoRA adapter saw it (bitsandbytes dequantises before each matmul).
+    A model that needs its own code loads only with `trust_remote_code` (model.trust_remote_code).
     """
     from transformers import AutoModelForCausalLM
 
     check_model_folder(path)
-    try:
-        # straight onto the GPU: an 8B model never needs a CPU copy
-        placement = {"device_map": str(device)} if device.type == "cuda" else {}
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **placement)
-    except OSError as e:
-        raise CptkitError(f"{path}: cannot load the model: {e}") from None
+    # straight onto the GPU: an 8B model never needs a CPU copy
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}
+    with load_refusals(f"{path}: the model", _TRUST):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, **placement
+        )
     model.to(device)
     if nf4 is not None:
         _round_trip_base(model, nf4)
@@ -81,7 +84,8 @@ def load_model(
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise CptkitError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
         try:
-            model = PeftModel.from_pretrained(model, str(adapter))
+            with load_refusals(f"{adapter}: the adapter", None):
+                model = PeftModel.from_pretrained(model, str(adapter))
         except (RuntimeError, ValueError, KeyError) as e:
             raise CptkitError(f"{adapter}: this adapter does not fit the model {path}: {e}") from None
     model.eval()
@@ -97,8 +101,9 @@ def _round_trip_base(model, nf4: dict[str, Any]) -> None:
             param.copy_(nf4_roundtrip(param, nf4["quant_type"], nf4["double_quant"], nf4["dtype"]))
 
 
-def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
-    """The tokenizer saved with a model (or adapter) folder, else the fallback's."""
+def load_tokenizer(path: str | Path, fallback: str | Path | None = None, trust_remote_code: bool = False):
+    """The tokenizer saved with a model (or adapter) folder, else the fallback's; one that needs its own
+    code is refused (with the setting that allows it) unless `trust_remote_code`."""
     from transformers import AutoTokenizer
 
     for source in (path, fallback):
@@ -110,7 +115,10 @@ def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
         ):
             continue
         try:
-            return AutoTokenizer.from_pretrained(str(source))
-        except (OSError, ValueError) as e:
+            with load_refusals(f"{source}: the tokenizer", _TRUST):
+                return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        except Refused:
+            raise
+        except (CptkitError, ValueError) as e:
             log.debug("no tokenizer in %s: %s", source, e)
     raise CptkitError(f"{path}: no tokenizer found (nor in {fallback})")

@@ -39,6 +39,7 @@ def score_model(
     device: torch.device,
     dtype: torch.dtype,
     notes: list[str],
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """One result row per set for one model (loaded, scored, released); what was done other than asked
     (the adapter on the original base where bitsandbytes cannot run) is added to `notes`."""
@@ -47,8 +48,12 @@ def score_model(
         notes.append(f"{spec.name}: {reason}; the adapter was evaluated on the original base instead")
         log.warning(notes[-1])
         nf4 = None
-    model = load_model(spec.path, device, dtype, adapter=spec.adapter, nf4=nf4)
-    tokenizer = load_tokenizer(spec.adapter or spec.path, fallback=spec.path)
+    model = load_model(
+        spec.path, device, dtype, adapter=spec.adapter, nf4=nf4, trust_remote_code=trust_remote_code
+    )
+    tokenizer = load_tokenizer(
+        spec.adapter or spec.path, fallback=spec.path, trust_remote_code=trust_remote_code
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = []
     for s in sets:
@@ -79,10 +84,12 @@ def score_models(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    trust_remote_code: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every model on every set, in the order given: (result rows, notes)."""
+    """Every model on every set, in the order given: (result rows, notes). Models that need their own
+    code load only with `trust_remote_code`."""
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for spec in models:
-        rows += score_model(spec, sets, seq_length, batch_size, device, dtype, notes)
+        rows += score_model(spec, sets, seq_length, batch_size, device, dtype, notes, trust_remote_code)
     return rows, notes

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cptkit.errors import CptkitError
+from cptkit.errors import CptkitError, load_refusals
 from cptkit.paths import CONFIG, RUN_META
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
         return load_file(st)
     pt = folder / "adapter_model.bin"
     if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        with load_refusals(f"merge.adapter: {pt}", None):
+            return torch.load(pt, map_location="cpu", weights_only=True)
     raise CptkitError(
         f"{folder}: adapter_config.json but no adapter_model.safetensors: the adapter has no weights"
     )

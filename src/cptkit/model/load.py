@@ -14,6 +14,7 @@ import torch
 
 from cptkit.config.model import ModelConfig
 from cptkit.config.train import TrainConfig
+from cptkit.errors import CptkitError, load_refusals
 from cptkit.model import attention
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,32 @@ def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
     return torch.float32
 
 
+def _refusals(model_cfg: ModelConfig, path: str | None = None, part: str = "") -> Any:
+    """Loading errors of the model at `path` (default model.name_or_path) as one-line CptkitErrors."""
+    where = f"model.name_or_path: {path or model_cfg.name_or_path}{part}"
+    return load_refusals(where, "model.trust_remote_code")
+
+
+def load_model_config(model_cfg: ModelConfig) -> Any:
+    """The base model's transformers config (no weights), refusals as CptkitErrors."""
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
+    with _refusals(model_cfg, part=" (its config)"):
+        return AutoConfig.from_pretrained(
+            model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+        )
+
+
 def load_tokenizer(model_cfg: ModelConfig) -> Any:
     """The base model's tokenizer, with pad = eos when it has no pad token (as the seed does)."""
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs
-    )
+    with _refusals(model_cfg, part=" (its tokenizer)"):
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -116,8 +135,6 @@ def use_fused_cross_entropy(train_cfg: TrainConfig) -> bool:
         import liger_kernel.transformers  # noqa: F401
     except Exception as e:  # ImportError, or triton missing on a CPU machine
         if train_cfg.fused_cross_entropy == "on":
-            from cptkit.errors import CptkitError
-
             raise CptkitError(
                 f"train.fused_cross_entropy: on, but liger-kernel cannot be used here ({e})"
             ) from None
@@ -207,7 +224,8 @@ def load_model_and_tokenizer(
         kwargs["device_map"] = {"": local_device() if on_gpu else "cpu"}
     elif on_gpu and not _sharded():  # straight to the GPU, not through CPU memory
         kwargs["device_map"] = {"": local_device()}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with _refusals(model_cfg, path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     fused = use_fused_cross_entropy(train_cfg) and _apply_liger(model)
     gc_kwargs = {"use_reentrant": False}

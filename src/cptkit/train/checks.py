@@ -69,12 +69,9 @@ def check_tokenizer(tokenizer: Any, prepared: Prepared) -> None:
 
 
 def check_positions(model_cfg: ModelConfig, prepared: Prepared) -> None:
-    from transformers import AutoConfig
+    from cptkit.model.load import load_model_config
 
-    kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
-    config = AutoConfig.from_pretrained(
-        model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs
-    )
+    config = load_model_config(model_cfg)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     limit = getattr(config, "max_position_embeddings", None)

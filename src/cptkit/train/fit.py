@@ -12,6 +12,7 @@ from typing import Any
 
 from cptkit.disk import FreeSpace, free_bytes
 from cptkit.errors import CptkitError
+from cptkit.model.pickles import check_resumable
 from cptkit.paths import METRICS, RUN_META
 from cptkit.train.checkpoints import remove_unfinished, set_aside_diverged, truncate_metrics
 from cptkit.train.guard import report_divergence
@@ -35,6 +36,7 @@ def fit(
     `meta` goes into run_meta.json before training; `summary` joins the measured summary written as
     run_meta.json's `final` and returned. Only the main process writes files. A disk that cannot hold
     a checkpoint (`free_space(path)`: free bytes) is refused first; one that fills is a failed run."""
+    check_resumable(resume_from)
     main_process = trainer.args.process_index == 0
     check_checkpoint_space(trainer, output_dir, free_space)
     if main_process:
