@@ -173,3 +173,20 @@ def test_a_failed_stage_stops_the_run_and_keeps_what_finished(pipeline, tmp_path
     records = json.loads((run_dir / ".cptkit" / "stages.json").read_text())
     assert records["sft"]["status"] == "failed" and records["train"]["status"] == "complete"
     assert (run_dir / "merged" / "config.json").is_file()
+
+
+def test_a_missing_optional_package_stops_the_run_before_any_stage(tmp_path, capsys, pipeline):
+    """report_to: [wandb] without wandb installed: refused before prepare spends its time."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    path, _ = pipeline
+    raw = yaml.safe_load(path.read_text())
+    raw["run_dir"] = str(tmp_path / "fresh")
+    raw["train"]["report_to"] = ["wandb"]
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(yaml.safe_dump(raw))
+    assert cli(["run", str(fresh)]) == 2
+    assert "wandb" in capsys.readouterr().err
+    assert not (tmp_path / "fresh" / "data").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.config import Config
+from cptkit.errors import CptkitError
 from cptkit.pipeline.runner import plan, run_stage
 from cptkit.pipeline.stamps import StageRecords
 
@@ -26,8 +27,13 @@ def main(args) -> int:
 
 def run(cfg: Config, from_stage: str | None = None, only_stage: str | None = None) -> dict[str, Any]:
     """Run the configured stages; returns {"stages": [one row per stage], "results": {stage: result}}."""
+    from cptkit.commands.config import missing_packages
+
     console = _console()
     wanted = plan(cfg, from_stage, only_stage)
+    missing = missing_packages(cfg) if any(s.name in ("train", "sft") for s, _ in wanted) else []
+    if missing:  # found before prepare spends its time, not when train starts
+        raise CptkitError("; ".join(missing))
     records = StageRecords(cfg.run_dir or ".")
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] = {}
