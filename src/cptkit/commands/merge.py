@@ -43,6 +43,7 @@ def run(cfg: Config) -> dict[str, Any]:
         mc,
         paths.merge_dataset,
         before_commit=lambda folder: write_config(folder, cfg),
+        trust_remote_code=bool(cfg.model and cfg.model.trust_remote_code),
     )
     log.info(
         "merged %s into %s -> %s (%s, %.1f s)",

@@ -47,9 +47,12 @@ def compare_candidates(
     dtype: torch.dtype,
     seq_length: int = 2048,
     batch_size: int = 4,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Reference loss and, per candidate, KL / max logit difference / loss against the reference."""
-    reference = load_model(base, device, dtype, adapter=adapter, nf4=quant)
+    reference = load_model(
+        base, device, dtype, adapter=adapter, nf4=quant, trust_remote_code=trust_remote_code
+    )
     ref: list[tuple[torch.Tensor, torch.Tensor]] = []
     ref_nats = 0.0
     for logits, targets, _ in iter_scored(reference, docs, seq_length, batch_size, 0, desc="reference"):
@@ -68,7 +71,7 @@ def compare_candidates(
         "candidates": {},
     }
     for name, folder in candidates.items():
-        model = load_model(folder, device, dtype)
+        model = load_model(folder, device, dtype, trust_remote_code=trust_remote_code)
         kl_sum, max_diff, nats = 0.0, 0.0, 0.0
         for (logits, targets, _), (r_logits, _) in zip(
             iter_scored(model, docs, seq_length, batch_size, 0, desc=name), ref, strict=True

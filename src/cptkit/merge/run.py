@@ -35,6 +35,7 @@ def merge_adapter(
     mc: MergeConfig,
     dataset: str | Path | None = None,
     before_commit: Callable[[Path], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Merge the adapter in `adapter_dir` into `base_name` and write the model into `out_dir`; returns
     merge_report.json's content. `dataset` is the prepared folder whose held-out documents compare QLoRA
@@ -53,7 +54,7 @@ def merge_adapter(
         variants, notes = plan_variants(mode, quant, device, tmp)
         stats = _write_variants(base, adapter, variants, dtype, device, mc, out_dir)
         stats["merge_phase"] = resource_usage(start, device)  # the streaming merge alone, before comparing
-        comparison = compare_variants(base, adapter_dir, variants, dataset, mc, device)
+        comparison = compare_variants(base, adapter_dir, variants, dataset, mc, device, trust_remote_code)
         chosen, why = choose_variant(variants, comparison, mc.qlora_base)
         promote(chosen.folder, tmp)
         report = {
@@ -104,6 +105,7 @@ def compare_variants(
     dataset: str | Path | None,
     mc: MergeConfig,
     device: torch.device,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any] | None:
     """The variants measured against the adapter on the 4-bit base, on held-out documents of `dataset`;
     None when there is only one variant or no held-out document to compare on."""
@@ -127,6 +129,7 @@ def compare_variants(
         device,
         pick_dtype(device),
         seq_length=max(len(d) for d in docs),
+        trust_remote_code=trust_remote_code,
     )
 
 
