@@ -459,3 +459,20 @@ def test_process_workers_give_what_threads_give(tmp_path, tiny_tokenizer_dir, pa
     b = run_with(processes, pool="processes")
     assert a["sources"] == b["sources"] and a["totals"] == b["totals"]
     assert train_rows(threads.stage_dir("prepare")) == train_rows(processes.stage_dir("prepare"))
+
+
+def test_a_file_deleted_after_listing_is_counted_not_a_traceback(tmp_path, tiny_tokenizer_dir, paragraphs):
+    folder = tmp_path / "dom"
+    write_jsonl(folder / "a.jsonl", paragraphs[:40])
+    gone = write_jsonl(folder / "b.jsonl", paragraphs[40:80])
+    cfg = config(tmp_path, tiny_tokenizer_dir, [{"name": "dom", "path": str(folder)}])
+
+    def delete_before_reading(phase):
+        if phase == "tokenize":
+            gone.unlink()
+
+    manifest = run_with(cfg, on_phase=delete_before_reading)
+    dom = manifest["sources"]["dom"]
+    assert dom["drops"]["unreadable_file"] == 1 and str(gone) in dom["examples"]["unreadable_file"]
+    assert dom["read"] == 41  # its 40 rows, and the file counted once
+    assert [i["bytes"] for i in manifest["inputs"]][1] == 0

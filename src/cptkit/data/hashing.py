@@ -65,7 +65,7 @@ def hash_files(files: list[Path], cache_file: Path) -> dict[Path, str | None]:
     from tqdm.auto import tqdm
 
     cache = HashCache(cache_file)
-    sizes = {p: _size(p) for p in files}
+    sizes = {p: file_size(p) for p in files}
     sha: dict[Path, str | None] = {}
     total = sum(sizes.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing inputs", disable=total < 64 << 20) as bar:
@@ -80,8 +80,9 @@ def hash_files(files: list[Path], cache_file: Path) -> dict[Path, str | None]:
     return sha
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
+    """The file's size, 0 when it is gone or unreachable since it was listed (reading it counts it)."""
     try:
         return path.stat().st_size
-    except OSError:  # gone or unreachable since it was listed: hashing it says so
+    except OSError:
         return 0

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cptkit.data.hashing import file_size
 from cptkit.errors import CptkitError
 from cptkit.paths import MANIFEST
 
@@ -96,7 +97,7 @@ def build_manifest(plan: Plan, read: dict[str, ShardStats], result: Assembled) -
             "packing_efficiency": round(rows.num_tokens / capacity, 6) if capacity else 0.0,
         },
         "inputs": [
-            {"source": name, "path": str(p), "bytes": p.stat().st_size, "sha256": plan.sha256[p]}
+            {"source": name, "path": str(p), "bytes": file_size(p), "sha256": plan.sha256[p]}
             for name, source in plan.sources.items()
             for p in source.files
         ],

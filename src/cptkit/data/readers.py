@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cptkit.data.document import CountingDecode, Document, Ledger, decode
+from cptkit.data.hashing import file_size
 from cptkit.data.streams import READ_ERRORS, Progress, describe_error, open_binary, open_text_bytes
 from cptkit.errors import CptkitError
 
@@ -275,7 +276,7 @@ def _read_parquet(
     else:
         pf = pq.ParquetFile(path)
         if progress is not None:
-            progress(path.stat().st_size)
+            progress(file_size(path))
     if text_field not in pf.schema_arrow.names:
         ledger.drop(
             "no_text_field", f"{path} (columns: {', '.join(pf.schema_arrow.names)})", pf.metadata.num_rows

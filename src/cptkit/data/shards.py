@@ -26,7 +26,7 @@ from cptkit.data import normalize as normalize_mod
 from cptkit.data.chunk import Chunker
 from cptkit.data.document import Document, Ledger
 from cptkit.data.filters import build_filters
-from cptkit.data.hashing import digest
+from cptkit.data.hashing import digest, file_size
 from cptkit.data.readers import Progress, SourcePlan, read_documents
 from cptkit.data.steps import DocumentStep
 from cptkit.data.tokenize import Encoder
@@ -113,11 +113,11 @@ def plan_shards(
         elif plan.dataset is not None and not groups:
             groups.append([])
         groups[-1].append(path)
-        size += path.stat().st_size
+        size += file_size(path)
     shards = []
     for i, files in enumerate(groups):
         key = digest(settings, [sha256[p] for p in files], [p.name for p in files])
-        shards.append(Shard(source, i, files, key, sum(p.stat().st_size for p in files)))
+        shards.append(Shard(source, i, files, key, sum(file_size(p) for p in files)))
     return shards
 
 
