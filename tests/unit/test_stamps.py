@@ -69,3 +69,15 @@ def test_a_folder_trained_for_other_settings_starts_over(tmp_path):
     run_stage(stage, None, records, False, Console(file=open("/dev/null", "w")), "train")
     assert not (folder / "adapter_model.safetensors").exists()
     assert not folder.with_name("train.previous").exists()
+
+
+def test_a_failed_run_is_never_removed_when_the_settings_change(tmp_path):
+    """After a divergence the advice is a lower learning rate: the stamp changes, and the checkpoints
+    the rerun continues from must still be there."""
+    stage, records, folder = _finished_stage(tmp_path, version=STAMP_VERSION)
+    records.record("train", status="failed", stamp="old-stamp", seconds=1.0, error="diverged")
+    checkpoint = folder / "checkpoint-4"
+    checkpoint.mkdir()
+    assert not records.holds_stale_output("train", "new-stamp", stage.marker(None))
+    run_stage(stage, None, records, False, Console(file=open("/dev/null", "w")), "train")
+    assert checkpoint.is_dir() and (folder / "adapter_model.safetensors").is_file()

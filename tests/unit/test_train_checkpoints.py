@@ -14,6 +14,7 @@ from cptkit.train.checkpoints import (
     remove_unfinished,
     rotate,
     scan_checkpoints,
+    set_aside_diverged,
     truncate_metrics,
 )
 from cptkit.train.checks import resume_checkpoint
@@ -110,3 +111,21 @@ def test_metrics_keep_each_step_once_up_to_the_resumed_one(tmp_path):
     kept = [json.loads(x) for x in path.read_text().splitlines()]
     assert kept == lines[:4]
     assert truncate_metrics(path, -1) == 4 and path.read_text() == ""  # training starts over
+
+
+def test_a_folder_without_markers_keeps_every_checkpoint(tmp_path):
+    """An earlier cptkit's folder (no markers), saved with save_only_model: nothing can tell a killed save
+    from a whole one there, so nothing is removed."""
+    first = checkpoint(tmp_path, 2, files=WHOLE[:1], marked=False)
+    second = checkpoint(tmp_path, 4, files=WHOLE[:1], marked=False)
+    assert remove_unfinished(tmp_path) == []
+    assert first.is_dir() and second.is_dir()
+
+
+def test_a_diverged_checkpoint_resumed_on_purpose_stays_where_it_is(tmp_path):
+    checkpoint(tmp_path, 2)
+    checkpoint(tmp_path, 4)
+    (diverged,) = mark_diverged(tmp_path, after_step=3, since=3, reason="spike")
+    assert set_aside_diverged(tmp_path, resume_from=diverged) == []
+    assert (diverged / "trainer_state.json").is_file()
+    assert [p.name for p in set_aside_diverged(tmp_path)] == ["diverged-checkpoint-4"]

@@ -105,15 +105,15 @@ class StageRecords:
         )
 
     def holds_stale_output(self, name: str, stage_stamp: str, marker: Path) -> bool:
-        """The stage's folder holds what this pipeline wrote for other settings (or a finished run it
-        is asked to redo): rerunning must start over rather than resume it. A failed run of the same
-        settings is resumed; an output another command rewrote since is not ours to remove."""
+        """The stage's folder holds a finished run this pipeline wrote, for other settings or asked to be
+        redone: rerunning must start over rather than resume its last checkpoint. A failed run is never
+        removed: its checkpoints are what a rerun continues from (after a divergence, with the lower
+        learning rate the message advises; the training stage itself refuses a folder of another run);
+        an output another command rewrote since is not ours to remove."""
         record = self.records.get(name)
-        if not record:
+        if not record or record.get("status") != "complete":
             return False
-        if record.get("status") == "complete":
-            return record.get("marker_hash") is not None and record.get("marker_hash") == marker_hash(marker)
-        return record.get("stamp") != stage_stamp
+        return record.get("marker_hash") is not None and record.get("marker_hash") == marker_hash(marker)
 
     def made_by_older_stamps(self, name: str) -> bool:
         """The stage's record was written by a cptkit whose stamps were computed another way: a stamp

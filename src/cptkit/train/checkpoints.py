@@ -169,11 +169,15 @@ def mark_diverged(output_dir: str | Path, after_step: int, since: int, reason: s
     return marked
 
 
-def set_aside_diverged(output_dir: str | Path) -> list[Path]:
+def set_aside_diverged(output_dir: str | Path, resume_from: str | Path | None = None) -> list[Path]:
     """Rename each diverged `checkpoint-N` to `diverged-checkpoint-N` before a rerun trains past N, so
-    the new save of step N does not land in it (it is kept, under a name no resume looks at)."""
+    the new save of step N does not land in it (it is kept, under a name no resume looks at). The
+    checkpoint the run resumes from (`train.resume` may name a diverged one on purpose) stays."""
     moved = []
+    resumed = Path(resume_from).resolve() if resume_from else None
     for checkpoint in list_checkpoints(output_dir):
+        if checkpoint.resolve() == resumed:
+            continue
         if (checkpoint / DIVERGED_MARKER).is_file():
             target = checkpoint.with_name(f"diverged-{checkpoint.name}")
             for n in range(1, 1000):
@@ -195,9 +199,13 @@ def remove_unfinished(output_dir: str | Path) -> list[Path]:
     a marker, holding nothing but checkpoint files: what a killed save of this run left); a folder
     holding anything else is left where it is. Returns the removed ones."""
     removed = []
-    for folder, reason in scan_checkpoints(output_dir).skipped:
+    scan = scan_checkpoints(output_dir)
+    if not markers_in_use(Path(output_dir)):
+        return removed  # a folder of an earlier cptkit: whether a save finished cannot be told, keep all
+    newest = checkpoint_step(scan.newest) if scan.newest is not None else -1
+    for folder, reason in scan.skipped:
         ours = not (folder / DIVERGED_MARKER).exists() and not (folder / COMPLETE_MARKER).exists()
-        if ours and holds_only_checkpoint_files(folder):
+        if ours and checkpoint_step(folder) > newest and holds_only_checkpoint_files(folder):
             log.info("removing %s, a checkpoint whose save did not finish (%s)", folder, reason)
             shutil.rmtree(folder)
             removed.append(folder)

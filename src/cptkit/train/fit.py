@@ -72,7 +72,7 @@ def prepare_folder(output_dir: str | Path, identity: str | None, resume_from: st
     if resume_from is None and (recorded is None or recorded != identity):
         return  # a new folder, or files no run of this identity wrote: nothing here is ours to change
     remove_unfinished(output_dir)
-    set_aside_diverged(output_dir)
+    set_aside_diverged(output_dir, resume_from)
     step = -1
     if resume_from is not None:
         step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
