@@ -55,12 +55,28 @@ def check_free_space(
         )
 
 
+# how writers that do not raise OSError report a full disk: torch.save's zip writer raises RuntimeError
+# ("PytorchStreamWriter failed writing file ...: file write failed"), safetensors a SafetensorError
+# carrying the OS error text ("No space left on device (os error 28)")
+_FULL_TEXTS = (
+    "no space left on device",
+    "os error 28",
+    "disk quota exceeded",
+    "os error 122",
+    "file write failed",
+)
+
+
 def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in DISK_FULL
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL
+    textual = isinstance(error, RuntimeError) or type(error).__name__ == "SafetensorError"
+    return textual and any(text in str(error).lower() for text in _FULL_TEXTS)
 
 
-def disk_full_message(folder: str | Path, error: OSError, hint: str) -> str:
-    reason = "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"
+def disk_full_message(folder: str | Path, error: BaseException, hint: str) -> str:
+    quota = getattr(error, "errno", None) == errno.EDQUOT or "quota" in str(error).lower()
+    reason = "disk quota exceeded" if quota else "no space left on device"
     where = existing_parent(folder)
     return f"{folder}: the disk is full ({reason}) with {human(free_bytes(where))} free on {where}; {hint}"
 
@@ -70,7 +86,7 @@ def reporting_disk_full(folder: str | Path, hint: str) -> Iterator[None]:
     """Turn a full disk met while writing into `folder` into a one-line `CptkitError`."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:  # narrowed at once: only a full disk is caught
         if not is_disk_full(e):
             raise
         raise CptkitError(disk_full_message(folder, e, hint)) from None

@@ -245,10 +245,20 @@ def test_the_dataset_write_is_refused_when_it_cannot_fit(tmp_path, tiny_tokenize
 
 class FullDiskAtSave(TrainerCallback, ExportableState):
     """Fails a checkpoint half-way: the Trainer asks callbacks for their state after the weights and
-    optimizer are written and before trainer_state.json."""
+    optimizer are written and before trainer_state.json. `error` is how the writer reports it: an
+    OSError, or torch.save's RuntimeError (its zip writer does not raise OSError)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
     def state(self) -> dict:
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
+
+
+TORCH_SAVE_FULL = RuntimeError(
+    "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: PytorchStreamWriter failed writing "
+    "file data/0: file write failed"
+)
 
 
 def _trainer(tmp_path, tiny_model_dir, tiny_tokenizer, **hf):
@@ -266,12 +276,15 @@ def _trainer(tmp_path, tiny_model_dir, tiny_tokenizer, **hf):
     return build_trainer(cfg.train, loaded, prepared.train_rows(), [], tmp_path / "train")
 
 
-def test_a_full_disk_at_a_checkpoint_fails_the_run_with_one_line(tmp_path, tiny_model_dir, tiny_tokenizer):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), TORCH_SAVE_FULL])
+def test_a_full_disk_at_a_checkpoint_fails_the_run_with_one_line(
+    tmp_path, tiny_model_dir, tiny_tokenizer, error
+):
     from cptkit.train.fit import fit
 
     out = tmp_path / "train"
     trainer, callbacks = _trainer(tmp_path, tiny_model_dir, tiny_tokenizer)
-    trainer.add_callback(FullDiskAtSave())
+    trainer.add_callback(FullDiskAtSave(error))
     with pytest.raises(CptkitError) as e:
         fit(trainer, callbacks, out, {"identity": "x"})
     message = str(e.value)

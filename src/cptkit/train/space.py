@@ -39,7 +39,7 @@ def failing_on_full_disk(trainer: Any, output_dir: str | Path) -> Iterator[None]
     the error (main process), and a one-line CptkitError."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:  # narrowed at once: only a full disk is caught (torch.save raises RuntimeError)
         if not is_disk_full(e):
             raise
         output_dir = Path(output_dir)
