@@ -94,7 +94,7 @@ train:
             "train.hf.gradient_accumulation_steps (line 9): 0 must be at least 1",
         ),
         ("{max_steps: ten}", "train.hf.max_steps (line 9): expected an integer, got the string 'ten'"),
-        ("{max_steps: 0}", "train.hf.max_steps (line 9): 0 must be a positive integer, or -1"),
+        ("{max_steps: -2}", "train.hf.max_steps (line 9): -2 must be a positive integer, or -1"),
         ("{num_train_epochs: 0}", "train.hf.num_train_epochs (line 9): 0 must be positive"),
         ("{bf16: yes please}", "train.hf.bf16 (line 9): expected true or false"),
         (

@@ -90,7 +90,9 @@ class GuardConfig:
         0.05, "a loss within this many nats of ln(vocabulary size), or above, is a collapsed model"
     )
     spike_factor: float = opt(
-        3.0, "stop when a logged loss is more than this many times the median of the last `window` ones"
+        3.0,
+        "stop when `patience` logged losses in a row are more than this many times (and a nat above) the "
+        "median of the `window` ones before",
     )
     window: int = opt(20, "logged losses in the running median; the spike rule waits until it is full")
 

@@ -87,13 +87,19 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "per_device_eval_batch_size": (lambda v: v >= 1, "must be a positive integer"),
     "gradient_accumulation_steps": (lambda v: v >= 1, "must be at least 1"),
     "num_train_epochs": (lambda v: v > 0, "must be positive (or set max_steps)"),
-    "max_steps": (lambda v: v == -1 or v >= 1, "must be a positive integer, or -1 to use num_train_epochs"),
+    "max_steps": (
+        lambda v: v == -1 or v >= 0,
+        "must be a positive integer, or -1 (or 0) to use num_train_epochs",
+    ),
     "save_steps": (lambda v: v > 0, "must be positive (a number of steps, or a fraction of the run below 1)"),
     "logging_steps": (
         lambda v: v > 0,
         "must be positive (a number of steps, or a fraction of the run below 1)",
     ),
-    "save_total_limit": (lambda v: v is None or v >= 1, "must be at least 1 (null: keep every checkpoint)"),
+    "save_total_limit": (
+        lambda v: v is None or v >= 0,
+        "must not be negative (null or 0: keep every checkpoint)",
+    ),
     "warmup_steps": (lambda v: v >= 0, "must be 0 or more"),
     "weight_decay": (lambda v: v >= 0, "must be 0 or more"),
     "max_grad_norm": (lambda v: v >= 0, "must be 0 or more (0: no clipping)"),

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # how far below the uniform loss a run must have been before a return to it counts as a collapse
 LEARNED_MARGIN = 1.0
+# a spike is also this many nats above the median: at losses near 0 (late SFT) a factor alone is noise
+SPIKE_FLOOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,14 +89,18 @@ def judge(history: Sequence[Logged], uniform_loss: float | None, cfg: GuardConfi
     if streak and all(h.grad_norm == 0 for h in streak):
         what = f"the grad norm was exactly 0 for {cfg.patience} logged steps (loss {now.loss:.4f})"
         return Verdict("zero_grad", what, streak[0].step, now.step, before(first))
-    if len(history) > cfg.window:
-        median = statistics.median(h.loss for h in history[-cfg.window - 1 : -1])
-        if median > 0 and now.loss > cfg.spike_factor * median:
+    if len(history) >= cfg.window + cfg.patience:
+        spike = history[-cfg.patience :]
+        median = statistics.median(h.loss for h in history[-cfg.window - cfg.patience : -cfg.patience])
+        if median > 0 and all(
+            h.loss > cfg.spike_factor * median and h.loss - median > SPIKE_FLOOR for h in spike
+        ):
             what = (
-                f"the loss spiked to {now.loss:.4f}, over {cfg.spike_factor:g} times the median "
-                f"{median:.4f} of the {cfg.window} logged steps before"
+                f"the loss stayed over {cfg.spike_factor:g} times the median {median:.4f} of the "
+                f"{cfg.window} logged steps before (and {SPIKE_FLOOR:g} nat above it) for {cfg.patience} "
+                f"logged steps, up to {now.loss:.4f}"
             )
-            return Verdict("spike", what, now.step, now.step, before(len(history) - 1))
+            return Verdict("spike", what, spike[0].step, now.step, before(len(history) - cfg.patience))
     return None
 
 
