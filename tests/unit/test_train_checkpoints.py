@@ -129,3 +129,26 @@ def test_a_diverged_checkpoint_resumed_on_purpose_stays_where_it_is(tmp_path):
     assert set_aside_diverged(tmp_path, resume_from=diverged) == []
     assert (diverged / "trainer_state.json").is_file()
     assert [p.name for p in set_aside_diverged(tmp_path)] == ["diverged-checkpoint-4"]
+
+
+def test_resuming_with_another_batch_is_refused(tmp_path):
+    """The step of a checkpoint is a data position only for the batch it was trained with."""
+    import pytest
+
+    from cptkit.errors import CptkitError
+    from cptkit.train.checkpoints import check_same_batch
+
+    def settings(batch, accumulation=1, lr=1e-4):
+        return {
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": accumulation,
+            "learning_rate": lr,
+        }
+
+    saved = checkpoint(tmp_path, 4, marked=False)
+    mark_complete(saved, 4, settings(4))
+    check_same_batch(saved, settings(4, lr=1e-5))  # another learning rate continues
+    with pytest.raises(CptkitError, match="per_device_train_batch_size 4"):
+        check_same_batch(saved, settings(2))
+    with pytest.raises(CptkitError, match="gradient_accumulation_steps 1"):
+        check_same_batch(saved, settings(4, accumulation=2))

@@ -17,7 +17,7 @@ from cptkit.model.load import LoadedModel
 from cptkit.paths import METRICS
 from cptkit.train.arguments import training_arguments
 from cptkit.train.callbacks import CountingCollator, HeldoutEvalCallback, MetricsWriter, ThroughputCallback
-from cptkit.train.checkpoints import COMPLETE_MARKER, CheckpointCallback
+from cptkit.train.checkpoints import CheckpointCallback, saved_settings
 from cptkit.train.collator import PackedCollator
 from cptkit.train.guard import DivergenceGuard
 from cptkit.train.heldout import HeldoutSet
@@ -60,7 +60,7 @@ class CptTrainer(Trainer):
         # they ran with: loading them would bring back the settings a rerun changed (the advice after a
         # divergence is a lower learning rate). Such a checkpoint keeps its weights, step and data
         # position, and the optimizer and the new schedule start fresh at its step.
-        saved = _saved_settings(checkpoint)
+        saved = saved_settings(checkpoint)
         if checkpoint is None or saved is None or saved == self.settings or self.is_deepspeed_enabled:
             return super()._load_optimizer_and_scheduler(checkpoint)
         changed = sorted(
@@ -124,14 +124,6 @@ class CptTrainer(Trainer):
         self._embedding_group_done = True
         log.info("embeddings/lm_head train at learning rate %g", lr)
         return optimizer
-
-
-def _saved_settings(checkpoint: str | None) -> dict[str, Any] | None:
-    """The optimisation settings recorded in a checkpoint's completion marker (None: not recorded)."""
-    path = Path(checkpoint) / COMPLETE_MARKER if checkpoint else None
-    if path is None or not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("optimization")
 
 
 def _schedule_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:

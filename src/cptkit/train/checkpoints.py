@@ -26,6 +26,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from cptkit.errors import CptkitError
 from cptkit.outputs import now, write_json
 
 log = logging.getLogger(__name__)
@@ -288,3 +289,30 @@ def truncate_metrics(path: str | Path, through_step: int) -> int:
         tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(path)
     return dropped
+
+
+# what fixes the data position of a step: with another batch, resuming at the same step would replay
+# or skip rows (the Trainer skips step x batch rows of the new size)
+BATCH_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def saved_settings(checkpoint: str | Path | None) -> dict[str, Any] | None:
+    """The optimisation settings a checkpoint's completion marker records (None: not recorded)."""
+    marker = _read_json(Path(checkpoint) / COMPLETE_MARKER) if checkpoint else None
+    return marker.get("optimization") if isinstance(marker, dict) else None
+
+
+def check_same_batch(checkpoint: str | Path | None, settings: dict[str, Any] | None) -> None:
+    """Refuse to resume `checkpoint` with another batch: its step would land at another data position."""
+    saved = saved_settings(checkpoint)
+    if saved is None or settings is None:
+        return
+    changed = [k for k in BATCH_SETTINGS if k in saved and saved[k] != settings.get(k)]
+    if changed:
+        was = ", ".join(f"{k} {saved[k]}" for k in changed)
+        now_ = ", ".join(f"{k} {settings.get(k)}" for k in changed)
+        raise CptkitError(
+            f"{checkpoint} was trained with {was}; this run has {now_}: resumed at the same step it would "
+            "replay or skip training rows. Keep the batch settings to continue it, or train anew into "
+            "another output_dir (or set train.resume: never)"
+        )

@@ -14,7 +14,7 @@ from cptkit.disk import FreeSpace, free_bytes
 from cptkit.errors import CptkitError
 from cptkit.model.pickles import check_resumable
 from cptkit.paths import METRICS, RUN_META
-from cptkit.train.checkpoints import remove_unfinished, set_aside_diverged, truncate_metrics
+from cptkit.train.checkpoints import check_same_batch, remove_unfinished, set_aside_diverged, truncate_metrics
 from cptkit.train.guard import report_divergence
 from cptkit.train.meta import write_run_meta
 from cptkit.train.space import check_checkpoint_space, failing_on_full_disk
@@ -37,6 +37,7 @@ def fit(
     run_meta.json's `final` and returned. Only the main process writes files. A disk that cannot hold
     a checkpoint (`free_space(path)`: free bytes) is refused first; one that fills is a failed run."""
     check_resumable(resume_from)
+    check_same_batch(resume_from, getattr(trainer, "settings", None))
     main_process = trainer.args.process_index == 0
     check_checkpoint_space(trainer, output_dir, free_space)
     if main_process:
