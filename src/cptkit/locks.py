@@ -4,9 +4,11 @@
 and command as JSON. It sits beside the folder rather than in it, so nothing that lists or fingerprints
 the folder (resume, `cptkit run`'s stamps, the foreign-folder checks) ever sees it, and a folder that is
 replaced whole (a merge's temp folder renamed into place) stays locked. It is created atomically
-(`O_CREAT | O_EXCL`), so of two runs started at once exactly one gets it, and removed when the stage ends,
-whether it succeeded or failed. A lock left by a process that is gone (same host, pid not alive) is taken
-over with a warning; one from another host cannot be checked and is refused.
+and held with an exclusive `flock` for as long as the run lasts (the kernel lets go of it when the
+process ends, however it ends), so of two runs started at once exactly one gets it; the file is removed
+when the stage ends, whether it succeeded or failed. A lock left by a process that is gone (same host,
+pid not alive, nobody holding its flock) is taken over with a warning; one from another host cannot be
+checked and is refused.
 
 Under `accelerate launch` only the main process (RANK 0) takes the lock; the other ranks of the same run
 neither take nor check it.
@@ -15,6 +17,7 @@ neither take nor check it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -67,14 +70,18 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path | None]:
         yield None
         return
     path = lock_path(folder)
-    token = _acquire(path, Path(folder), command)
+    fd, token = _acquire(path, Path(folder), command)
     try:
         yield path
     finally:
-        _release(path, token)
+        _release(path, fd, token)
 
 
-def _acquire(path: Path, folder: Path, command: str) -> str:
+def _acquire(path: Path, folder: Path, command: str) -> tuple[int, str]:
+    """Open the lock file and hold an exclusive `flock` on it for as long as the run lasts: the kernel
+    releases it when the process ends, however it ends, so a lock nobody holds is stale for certain on
+    this host, and taking it over happens under the flock (two runs cannot both take it). The JSON
+    inside is for messages, and for a holder on another host, which a flock cannot see."""
     token = uuid.uuid4().hex
     record = {
         "pid": os.getpid(),
@@ -84,39 +91,71 @@ def _acquire(path: Path, folder: Path, command: str) -> str:
         "token": token,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):  # a second try only after removing a stale lock
+    for _ in range(10):  # again only when the file was replaced between opening and locking it
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
-            holder = _read(path, settle_s=0.5)
-            if holder is None and not path.exists():  # released meanwhile: try again
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:  # released meanwhile: create it
                 continue
-            if holder is None or not _stale(holder):
-                raise CptkitError(_refusal(folder, path, holder)) from None
-            log.warning(
-                "%s: taking over the lock of pid %s (%s), which is no longer running",
-                folder,
-                holder.get("pid"),
-                holder.get("command", "cptkit"),
-            )
-            if _read(path) == holder:  # not replaced meanwhile by a run that took it over first
-                path.unlink(missing_ok=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CptkitError(_refusal(folder, path, _read(path, settle_s=0.5))) from None
+        if not _same_file(fd, path):  # its holder removed it as we opened it: open the new one
+            os.close(fd)
             continue
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f)
-        except BaseException:  # (a full disk) an empty lock would turn every later run away
-            path.unlink(missing_ok=True)
+            if not created:
+                _check_takeover(fd, path, folder)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        except BaseException:  # refused, or (a full disk) an empty lock would turn every later run away
+            os.close(fd)
             raise
-        return token
-    raise CptkitError(_refusal(folder, path, _read(path)))  # another run took the stale lock first
+        return fd, token
+    raise CptkitError(_refusal(folder, path, _read(path)))
 
 
-def _release(path: Path, token: str) -> None:
-    """Remove the lock, unless it is no longer ours (taken over as stale by another run)."""
-    holder = _read(path)
-    if holder is not None and holder.get("token") == token:
-        path.unlink(missing_ok=True)
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _check_takeover(fd: int, path: Path, folder: Path) -> None:
+    """Under the flock: a lock file found (nobody holds its flock) may be taken over when a process of
+    this host that is gone left it; one that cannot be read (a holder on another host still writing it,
+    whose flock this host cannot see) is refused."""
+    data = os.pread(fd, 1 << 16, 0)
+    if not data:
+        time.sleep(0.5)
+        data = os.pread(fd, 1 << 16, 0)
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = None
+    if not isinstance(holder, dict) or not _stale(holder):
+        raise CptkitError(_refusal(folder, path, holder if isinstance(holder, dict) else None))
+    log.warning(
+        "%s: taking over the lock of pid %s (%s), which is no longer running",
+        folder,
+        holder.get("pid"),
+        holder.get("command", "cptkit"),
+    )
+
+
+def _release(path: Path, fd: int, token: str) -> None:
+    """Remove the lock file (still under the flock, so no run can take it meanwhile), then let go."""
+    try:
+        holder = _read(path)
+        if holder is not None and holder.get("token") == token and _same_file(fd, path):
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _read(path: Path, settle_s: float = 0.0) -> dict[str, Any] | None:

@@ -112,3 +112,31 @@ def test_ranks_after_the_first_neither_take_nor_check_the_lock(tmp_path):
         [sys.executable, "-c", code, str(tmp_path / "data")], env=env, capture_output=True, text=True
     )
     assert refused.returncode != 0 and "in use by pid" in refused.stderr
+
+
+def test_a_running_holder_keeps_its_lock_whatever_its_file_says_and_a_killed_one_loses_it(tmp_path, caplog):
+    """The flock, not the pid in the file, says whether the holder runs: a lock whose record names a
+    dead pid (a pid reused, a record rewritten) is still refused while its holder runs, and a holder
+    killed with SIGKILL leaves a lock the next run takes over."""
+    import signal
+    import time
+
+    folder = tmp_path / "data"
+    code = (
+        "import sys, time; from cptkit.locks import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'cptkit prepare'):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        hold(folder, gone_pid())  # the record now names a process that is gone
+        with pytest.raises(CptkitError, match="in use by pid"), folder_lock(folder, "cptkit prepare"):
+            pytest.fail("two runs in one folder")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    with caplog.at_level(logging.WARNING, "cptkit.locks"), folder_lock(folder, "cptkit train") as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert "taking over the lock" in caplog.text
