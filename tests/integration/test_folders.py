@@ -105,9 +105,17 @@ def test_overwrite_removes_only_what_a_training_run_wrote(tmp_path):
     for name in ("run_meta.json", "metrics.jsonl", "adapter_model.safetensors", "adapter_config.json"):
         (out / name).write_text(json.dumps({"identity": "another run"}))
     (out / "notes.txt").write_text("keep me")
+    # names a run writes too, holding the user's own files: a README of their own, an eval folder of
+    # their notes, a config.json that is no model's
+    (out / "README.md").write_text("# my experiment notes\n")
+    (out / "eval").mkdir()
+    (out / "eval" / "ideas.md").write_text("try a lower rate")
+    (out / "config.json").write_text(json.dumps({"my": "settings"}))
+    (out / "runs").mkdir()
+    (out / "runs" / "events.out.tfevents.1.host").write_bytes(b"logged")
     train_cfg = TrainConfig(overwrite_output_dir=True)
     assert check_output_dir(out, "this run", train_cfg) is True
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "eval", "notes.txt"]
 
 
 # --- one run per folder ---

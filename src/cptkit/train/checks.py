@@ -21,7 +21,7 @@ from cptkit.config.train import TrainingRun
 from cptkit.data.manifest import tokenizer_fingerprint
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
-from cptkit.paths import CONFIG, METRICS, RUN_META, SFT_DATA
+from cptkit.paths import CONFIG, METRICS, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
 from cptkit.train.optional import check_optional_dependencies
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,8 @@ def remove_run(output_dir: Path) -> None:
         return
     kept = []
     for entry in sorted(output_dir.iterdir()):
-        if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_OUTPUTS):
+        named = any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_OUTPUTS)
+        if not named or not _looks_written_by_a_run(entry):
             kept.append(entry.name)
         elif entry.is_dir():
             shutil.rmtree(entry)
@@ -174,6 +175,24 @@ def remove_run(output_dir: Path) -> None:
             entry.unlink()
     if kept:
         log.warning("%s: left %s there (not written by a cptkit run)", output_dir, ", ".join(kept))
+
+
+def _looks_written_by_a_run(entry: Path) -> bool:
+    """For the names a user might also give their own files: whether this one holds what a training run
+    writes there (peft's model card, a model config, TensorBoard logs, the SFT model's evaluation)."""
+    try:
+        if entry.name == "README.md":
+            head = entry.read_text(encoding="utf-8", errors="replace")[:2000]
+            return head.startswith("---") and ("library_name:" in head or "base_model:" in head)
+        if entry.name == "config.json":
+            return "model_type" in json.loads(entry.read_text(encoding="utf-8"))
+        if entry.name == "runs":
+            return entry.is_dir() and all("tfevents" in f.name for f in entry.rglob("*") if f.is_file())
+        if entry.name == "eval":
+            return entry.is_dir() and {f.name for f in entry.iterdir()} <= {RESULTS, RESULTS_MD, CONFIG}
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _listing(folder: Path, limit: int = 5) -> str:

@@ -143,9 +143,10 @@ class DivergenceGuard(TrainerCallback):
         # logged every step, so on_log alone could miss a NaN that happened since the last log)
         if control.should_save and model is not None and self.verdict is None:
             bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-            if bad:
+            if _on_any_rank(bool(bad)):  # sharded weights: every rank must stop, or the others hang saving
                 last = self.history[-1].step if self.history else 0
-                what = f"the weights became non-finite ({bad[0]} and {len(bad) - 1} more)"
+                where = f"{bad[0]} and {len(bad) - 1} more" if bad else "on another process's shard"
+                what = f"the weights became non-finite ({where})"
                 self.verdict = Verdict("non_finite", what, state.global_step, state.global_step, last)
                 control.should_training_stop = True
                 control.should_save = False
@@ -218,3 +219,15 @@ def report_divergence(output_dir: str | Path, verdict: Verdict, write: bool) -> 
         "diverged_checkpoints": [str(c) for c in marked],
     }
     return message, record
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """`flag` of any process of a distributed run (itself when there is no process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
