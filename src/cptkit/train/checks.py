@@ -7,7 +7,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from cptkit.config.train import TrainingRun
 from cptkit.data.manifest import tokenizer_fingerprint
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
+from cptkit.locks import is_main_process
 from cptkit.paths import CONFIG, METRICS, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
 from cptkit.train.optional import check_optional_dependencies
 
@@ -107,10 +107,16 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, se
 
     Every rank reads the folder and reaches the same answer; only the first removes anything. (A rank
     that looks after the first one has emptied it finds nothing, or this run starting: no checkpoint.)"""
-    if not output_dir.exists() or not any(output_dir.iterdir()):
-        return False
-    meta_path = output_dir / RUN_META
-    recorded = json.loads(meta_path.read_text()).get("identity") if meta_path.is_file() else None
+    try:
+        if not output_dir.exists() or not any(output_dir.iterdir()):
+            return False
+        recorded = json.loads((output_dir / RUN_META).read_text()).get("identity")
+    except FileNotFoundError:  # none there, or the first rank removing the other run as we look
+        recorded = None
+        if not output_dir.exists() or not any(output_dir.iterdir()):
+            return False
+    except ValueError:  # a run_meta.json half-written by a killed run: not this run's
+        recorded = None
     if recorded == identity:
         return False
     if not train_cfg.overwrite_output_dir:
@@ -126,7 +132,7 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, se
         )
     if recorded is None:
         log.warning("overwrite_output_dir: training into %s beside files no cptkit run wrote", output_dir)
-    elif int(os.environ.get("RANK", "0")) == 0:
+    elif is_main_process():
         log.warning("overwrite_output_dir: removing the other run in %s", output_dir)
         remove_run(output_dir)
     return True

@@ -45,6 +45,7 @@ def fit(
         write_run_meta(
             output_dir, status="running", resumed_from=resume_from, error=None, diverged=None, **meta
         )
+    trainer.accelerator.wait_for_everyone()  # the other ranks start once the folder is ready
     if resume_from:
         log.info("resuming from %s", resume_from)
         callbacks["throughput"].restore(resume_from)
