@@ -152,3 +152,15 @@ def test_resuming_with_another_batch_is_refused(tmp_path):
         check_same_batch(saved, settings(2))
     with pytest.raises(CptkitError, match="gradient_accumulation_steps 1"):
         check_same_batch(saved, settings(4, accumulation=2))
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    from cptkit.train.checkpoints import set_aside_newer
+
+    for step in (2, 4, 6):
+        checkpoint(tmp_path, step)
+    moved = set_aside_newer(tmp_path, tmp_path / "checkpoint-2")
+    assert [p.name for p in moved] == ["abandoned-checkpoint-4", "abandoned-checkpoint-6"]
+    assert (tmp_path / "abandoned-checkpoint-6" / "trainer_state.json").is_file()  # kept, not deleted
+    assert resume_checkpoint(TrainingRun(), tmp_path) == str(tmp_path / "checkpoint-2")
+    assert set_aside_newer(tmp_path, tmp_path / "checkpoint-2") == []

@@ -180,15 +180,37 @@ def set_aside_diverged(output_dir: str | Path, resume_from: str | Path | None = 
         if checkpoint.resolve() == resumed:
             continue
         if (checkpoint / DIVERGED_MARKER).is_file():
-            target = checkpoint.with_name(f"diverged-{checkpoint.name}")
-            for n in range(1, 1000):
-                if not target.exists():
-                    break
-                target = checkpoint.with_name(f"diverged-{checkpoint.name}-{n}")
+            target = _free_name(checkpoint, "diverged")
             checkpoint.rename(target)
             log.info("%s diverged: kept as %s", checkpoint, target.name)
             moved.append(target)
     return moved
+
+
+def set_aside_newer(output_dir: str | Path, resume_from: str | Path | None) -> list[Path]:
+    """Resuming an older checkpoint on purpose (`train.resume: .../checkpoint-500` beside a 1000 and a
+    1500) starts another trajectory from it: the newer checkpoints of the old one are renamed
+    `abandoned-checkpoint-N`, so neither a later `resume: auto` nor the rotation mixes the two."""
+    step = checkpoint_step(Path(resume_from)) if resume_from else None
+    if step is None or Path(resume_from).resolve().parent != Path(output_dir).resolve():
+        return []
+    moved = []
+    for checkpoint in list_checkpoints(output_dir):
+        if checkpoint_step(checkpoint) > step:
+            target = _free_name(checkpoint, "abandoned")
+            checkpoint.rename(target)
+            log.info("%s is newer than the checkpoint resumed: kept as %s", checkpoint, target.name)
+            moved.append(target)
+    return moved
+
+
+def _free_name(checkpoint: Path, prefix: str) -> Path:
+    target = checkpoint.with_name(f"{prefix}-{checkpoint.name}")
+    n = 1
+    while target.exists():
+        target = checkpoint.with_name(f"{prefix}-{checkpoint.name}-{n}")
+        n += 1
+    return target
 
 
 def holds_only_checkpoint_files(folder: Path) -> bool:

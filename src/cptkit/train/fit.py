@@ -14,7 +14,13 @@ from cptkit.disk import FreeSpace, free_bytes
 from cptkit.errors import CptkitError
 from cptkit.model.pickles import check_resumable
 from cptkit.paths import METRICS, RUN_META
-from cptkit.train.checkpoints import check_same_batch, remove_unfinished, set_aside_diverged, truncate_metrics
+from cptkit.train.checkpoints import (
+    check_same_batch,
+    remove_unfinished,
+    set_aside_diverged,
+    set_aside_newer,
+    truncate_metrics,
+)
 from cptkit.train.guard import report_divergence
 from cptkit.train.meta import write_run_meta
 from cptkit.train.space import check_checkpoint_space, failing_on_full_disk
@@ -75,6 +81,7 @@ def prepare_folder(output_dir: str | Path, identity: str | None, resume_from: st
         return  # a new folder, or files no run of this identity wrote: nothing here is ours to change
     remove_unfinished(output_dir)
     set_aside_diverged(output_dir, resume_from)
+    set_aside_newer(output_dir, resume_from)
     step = -1
     if resume_from is not None:
         step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
