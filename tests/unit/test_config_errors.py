@@ -202,3 +202,16 @@ def test_checking_train_hf_sets_up_no_device_or_accelerate_state(tmp_path):
         check=True,
     )
     assert out.stdout.split() == ["0.0001", "True", "False"]
+
+
+def test_a_precision_set_in_train_hf_turns_the_other_default_off():
+    """On a GPU a bf16 model defaults to bf16: `train.hf.fp16: true` must not end in TrainingArguments
+    refusing both at once after the model has loaded."""
+    import torch
+
+    from cptkit.config.train import TrainConfig
+    from cptkit.train.arguments import hf_settings
+
+    assert hf_settings(TrainConfig(), on_gpu=True, dtype=torch.bfloat16)["bf16"] is True
+    chosen = hf_settings(TrainConfig(hf={"fp16": True}), on_gpu=True, dtype=torch.bfloat16)
+    assert chosen["fp16"] is True and chosen["bf16"] is False

@@ -38,8 +38,9 @@ def hf_settings(train_cfg: TrainingRun, on_gpu: bool, dtype: torch.dtype) -> dic
         "save_total_limit": 3,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
-        "bf16": on_gpu and dtype == torch.bfloat16,
-        "fp16": on_gpu and dtype == torch.float16,
+        # mixed precision follows the model's dtype unless train.hf picks one (then only that one is on)
+        "bf16": on_gpu and dtype == torch.bfloat16 and not train_cfg.hf.get("fp16"),
+        "fp16": on_gpu and dtype == torch.float16 and not train_cfg.hf.get("bf16"),
         "dataloader_num_workers": 0,  # the collator runs in-process, where it counts tokens
         "dataloader_pin_memory": on_gpu,
         "remove_unused_columns": False,
