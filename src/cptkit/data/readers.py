@@ -207,21 +207,34 @@ def _read_json_array(f: io.BufferedIOBase, path: Path, text_field: str, ledger: 
 
     counted = CountingDecode(f)
     stream = io.TextIOWrapper(counted, encoding="utf-8-sig", errors="replace")
-    errors = 0
-    index = -1
-    try:
+    parsed = [0]  # rows parsed so far: the index of the one an error is in
+
+    def rows() -> Iterator[tuple[object, str]]:
         for index, row in enumerate(iter_json_array(stream)):
-            where = f"{path}[{index}]"
-            if counted.errors != errors:
-                ledger.repair(
-                    "encoding_errors", f"{where} ({counted.errors - errors} undecodable bytes replaced)"
-                )
-                errors = counted.errors
-            value = _row_text(row, text_field, where, ledger)
-            if value is not None:
-                yield Document(value, where)
+            parsed[0] = index + 1
+            yield row, f"{path}[{index}]"
+
+    try:
+        yield from _documents(rows(), counted, text_field, ledger)
     except ValueError as e:  # the rows before the error are kept; the rest of the file cannot be read
-        ledger.drop("malformed_json", f"{path}[{index + 1}] ({e}); the rest of the file is skipped")
+        ledger.drop("malformed_json", f"{path}[{parsed[0]}] ({e}); the rest of the file is skipped")
+
+
+def _documents(
+    rows: Iterator[tuple[object, str]], counted: CountingDecode, text_field: str, ledger: Ledger
+) -> Iterator[Document]:
+    """(row, where) pairs as Documents; bytes `counted` replaced since the previous row are recorded
+    at the row they were met in."""
+    errors = 0
+    for row, where in rows:
+        if counted.errors != errors:
+            ledger.repair(
+                "encoding_errors", f"{where} ({counted.errors - errors} undecodable bytes replaced)"
+            )
+            errors = counted.errors
+        value = _row_text(row, text_field, where, ledger)
+        if value is not None:
+            yield Document(value, where)
 
 
 def _read_json_document(path: Path, compression: str, text_field: str, ledger: Ledger) -> Iterator[Document]:
@@ -249,18 +262,10 @@ def _read_csv(
         counted = CountingDecode(raw)
         stream = io.TextIOWrapper(counted, encoding="utf-8-sig", errors="replace", newline="")
         reader = csv.DictReader(stream)
-        errors = 0
         try:
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if counted.errors != errors:
-                    ledger.repair(
-                        "encoding_errors", f"{where} ({counted.errors - errors} undecodable bytes replaced)"
-                    )
-                    errors = counted.errors
-                value = _row_text(row, text_field, where, ledger)
-                if value is not None:
-                    yield Document(value, where)
+            yield from _documents(
+                ((row, f"{path}:{reader.line_num}") for row in reader), counted, text_field, ledger
+            )
         except csv.Error as e:
             ledger.drop("malformed_csv", f"{path}:{reader.line_num} ({e})")
 
