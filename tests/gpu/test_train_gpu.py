@@ -62,3 +62,37 @@ def test_train_on_gpu_with_auto_attention(tmp_path, tiny_model_dir, tiny_tokeniz
     losses = [x["loss"] for x in lines if x["type"] == "train"]
     assert losses[-1] < losses[0]
     assert all(x.get("peak_memory_gb") for x in lines if x["type"] == "train")
+
+
+def test_a_killed_save_resumes_from_the_last_complete_checkpoint_on_gpu(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """On the GPU path (varlen attention, fused loss, bf16): checkpoints carry the completion marker, an
+    empty newer checkpoint (a save killed mid-way) is skipped, and the resumed run logs each step once with
+    the uninterrupted run's losses."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+    from test_train import losses, make_cfg, write_dataset
+
+    from cptkit.commands.train import run
+    from cptkit.train.checkpoints import COMPLETE_MARKER
+
+    prepared = write_dataset(tmp_path / "prepared", tiny_tokenizer)
+    whole = tmp_path / "whole"
+    run(make_cfg(whole, tiny_model_dir, prepared, mode="lora", max_steps=6, save_steps=3))
+    assert (whole / "checkpoint-3" / COMPLETE_MARKER).is_file()
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(whole / "checkpoint-3", part / "checkpoint-3")
+    (part / "checkpoint-6").mkdir()  # killed while saving
+    shutil.copy(whole / "run_meta.json", part / "run_meta.json")
+    run(make_cfg(part, tiny_model_dir, prepared, mode="lora", max_steps=6, save_steps=3))
+    meta = json.loads((part / "run_meta.json").read_text())
+    assert meta["resumed_from"].endswith("checkpoint-3") and meta["status"] == "complete"
+    resumed, plain = losses(part), losses(whole)
+    assert set(resumed) == {4, 5, 6}
+    for step in resumed:
+        assert abs(resumed[step] - plain[step]) < 1e-3, (resumed, plain)
