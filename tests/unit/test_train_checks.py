@@ -43,3 +43,18 @@ def test_preflight_refuses_a_dataset_made_with_another_tokenizer(tmp_path, prepa
     (prepared / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CptkitError, match="prepared with org/other"):
         preflight(TrainConfig(), ModelConfig(name_or_path=str(tiny_model_dir)), prepared, tmp_path / "out")
+
+
+def test_the_qlora_check_names_the_section_it_reads():
+    import pytest
+    import torch
+
+    from cptkit.config.train import QuantizationConfig, TrainingRun
+    from cptkit.errors import CptkitError
+    from cptkit.train.checks import check_mode
+
+    if torch.cuda.is_available():
+        pytest.skip("8-bit runs on a GPU")
+    run = TrainingRun(mode="qlora", quantization=QuantizationConfig(bits=8))
+    with pytest.raises(CptkitError, match=r"^sft\.quantization\.bits: 8-bit"):
+        check_mode(run, section="sft")

@@ -50,7 +50,7 @@ def run(cfg: Config) -> dict[str, Any]:
     records = read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)  # data errors first
     model_cfg = _model_config(cfg)
     check_optional_dependencies(sft_cfg, model_cfg, section="sft")
-    check_mode(sft_cfg)
+    check_mode(sft_cfg, section="sft")
     identity = run_identity(sft_cfg, model_cfg, _data_hash(sft_cfg))
     fresh = check_output_dir(output_dir, identity, sft_cfg, section="sft")
     resume_from = None if fresh else resume_checkpoint(sft_cfg, output_dir)

@@ -83,18 +83,19 @@ def check_positions(model_cfg: ModelConfig, prepared: Prepared) -> None:
         )
 
 
-def check_mode(train_cfg: TrainingRun) -> None:
+def check_mode(train_cfg: TrainingRun, section: str = "train") -> None:
+    """QLoRA's bitsandbytes loads here, and 8-bit needs a GPU; `section` names the config section."""
     if train_cfg.mode != "qlora":
         return
     try:
         import bitsandbytes  # noqa: F401
     except (ImportError, OSError, RuntimeError) as e:  # not installed, or its native library fails to load
         raise CptkitError(
-            f"train.mode: qlora needs bitsandbytes ({e}); `pip install bitsandbytes`, or use mode lora"
+            f"{section}.mode: qlora needs bitsandbytes ({e}); `pip install bitsandbytes`, or use mode lora"
         ) from None
     if train_cfg.quantization.bits == 8 and not torch.cuda.is_available():
         raise CptkitError(
-            "train.quantization.bits: 8-bit (LLM.int8) needs a CUDA GPU; use bits: 4 or mode lora"
+            f"{section}.quantization.bits: 8-bit (LLM.int8) needs a CUDA GPU; use bits: 4 or mode lora"
         )
 
 
