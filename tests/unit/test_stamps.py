@@ -3,6 +3,7 @@ earlier cptkit is kept aside, never deleted, when its stage must train again."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ def _finished_stage(tmp_path: Path, version: int | None) -> tuple[Stage, StageRe
 
 def test_a_folder_recorded_by_an_earlier_cptkit_is_kept_aside(tmp_path):
     stage, records, folder = _finished_stage(tmp_path, version=None)
-    outcome = run_stage(stage, None, records, False, Console(file=open("/dev/null", "w")), "train")
+    outcome = run_stage(stage, None, records, False, Console(file=io.StringIO()), "train")
     assert outcome.row["status"] == "done"
     kept = folder.with_name("train.previous")
     assert (kept / "adapter_model.safetensors").read_bytes() == b"weights"
@@ -66,7 +67,7 @@ def test_a_folder_recorded_by_an_earlier_cptkit_is_kept_aside(tmp_path):
 
 def test_a_folder_trained_for_other_settings_starts_over(tmp_path):
     stage, records, folder = _finished_stage(tmp_path, version=STAMP_VERSION)
-    run_stage(stage, None, records, False, Console(file=open("/dev/null", "w")), "train")
+    run_stage(stage, None, records, False, Console(file=io.StringIO()), "train")
     assert not (folder / "adapter_model.safetensors").exists()
     assert not folder.with_name("train.previous").exists()
 
@@ -79,5 +80,5 @@ def test_a_failed_run_is_never_removed_when_the_settings_change(tmp_path):
     checkpoint = folder / "checkpoint-4"
     checkpoint.mkdir()
     assert not records.holds_stale_output("train", "new-stamp", stage.marker(None))
-    run_stage(stage, None, records, False, Console(file=open("/dev/null", "w")), "train")
+    run_stage(stage, None, records, False, Console(file=io.StringIO()), "train")
     assert checkpoint.is_dir() and (folder / "adapter_model.safetensors").is_file()

@@ -27,11 +27,11 @@ def main(args) -> int:
 
 def run(cfg: Config, from_stage: str | None = None, only_stage: str | None = None) -> dict[str, Any]:
     """Run the configured stages; returns {"stages": [one row per stage], "results": {stage: result}}."""
-    from cptkit.commands.config import missing_packages
+    from cptkit.train.optional import refusals_for_missing_packages
 
     console = _console()
     wanted = plan(cfg, from_stage, only_stage)
-    missing = missing_packages(cfg) if any(s.name in ("train", "sft") for s, _ in wanted) else []
+    missing = refusals_for_missing_packages(cfg) if any(s.name in ("train", "sft") for s, _ in wanted) else []
     if missing:  # found before prepare spends its time, not when train starts
         raise CptkitError("; ".join(missing))
     records = StageRecords(cfg.run_dir or ".")

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from cptkit.config.model import ModelConfig
 from cptkit.config.train import TrainingRun
@@ -64,6 +65,20 @@ def check_optional_dependencies(
     missing = [f"{needs[p]} needs {install_hint(p)}" for p in missing_packages(list(needs), installed)]
     if missing:
         raise CptkitError("missing optional package(s): " + "; ".join(missing))
+
+
+def refusals_for_missing_packages(cfg: Any) -> list[str]:
+    """What `cptkit train` and `cptkit sft` of config `cfg` would refuse on this machine for want of an
+    optional package (one message per section; none when all are installed)."""
+    notes = []
+    for section, run in (("train", cfg.train), ("sft", cfg.sft)):
+        if run is None:
+            continue
+        try:
+            check_optional_dependencies(run, cfg.model, section)
+        except CptkitError as e:
+            notes.append(str(e))
+    return notes
 
 
 def missing_packages(packages: list[str], installed: Callable[[str], bool] = is_installed) -> list[str]:
