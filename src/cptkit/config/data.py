@@ -13,11 +13,37 @@ READABLE = "a folder of .txt/.md/.rst/.jsonl/.json/.parquet/.csv (optionally .gz
 
 
 @dataclass
+class SelfReplayConfig:
+    """Documents the base model writes itself before training (for `type: self_replay`): general text in
+    the model's own distribution when its pretraining data is not available. Cached by model, prompts
+    and settings."""
+
+    model: str | None = opt(None, "model that writes the text (default: model.name_or_path)")
+    prompts: str | None = opt(None, "text file of prompts, one a line (default: a shipped neutral set)")
+    documents: int = opt(512, "documents to write")
+    max_tokens: int | None = opt(None, "stop once this many tokens are written (none: documents decide)")
+    max_new_tokens: int = opt(256, "tokens per document")
+    temperature: float = opt(0.8, "sampling temperature")
+    top_p: float = opt(0.95, "nucleus sampling")
+    batch_size: int = opt(64, "prompts generated at once")
+    seed: int = opt(1234, "sampling seed")
+    engine: Literal["auto", "transformers", "vllm"] = opt(
+        "auto", "auto: vLLM when installed and on a GPU, else transformers' generate"
+    )
+
+
+@dataclass
 class SourceConfig:
     """One named input corpus."""
 
     name: str = opt(help="short name of the source, used in the manifest and the held-out set's folder")
-    path: str = opt(help=READABLE)
+    path: str | None = opt(None, f"{READABLE} (type files)")
+    type: Literal["files", "self_replay"] = opt(
+        "files", "files: read path; self_replay: the base model writes the documents (see self_replay)"
+    )
+    self_replay: SelfReplayConfig = opt(
+        factory=SelfReplayConfig, help="type self_replay: how the text is written"
+    )
     weight: float = opt(
         1.0,
         "share of trained tokens this source should have (weights are normalised); 0: held-out only "
@@ -36,7 +62,9 @@ class SourceConfig:
         problems = []
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             problems.append((f"{path}.name", f"{self.name!r}: use letters, digits, '-' and '_' only"))
-        if not Path(self.path).exists():
+        if self.type == "files" and not self.path:
+            problems.append((f"{path}.path", f"a source of type files needs a path ({READABLE})"))
+        elif self.type == "files" and not Path(self.path).exists():
             problems.append((f"{path}.path", f"{self.path} does not exist (expected {READABLE})"))
         if self.weight < 0:
             problems.append(
@@ -86,6 +114,10 @@ class DataConfig:
     )
     heldout_fraction: float = opt(0.02, "share of each source's documents held out for evaluation")
     heldout_max_documents: int | None = opt(2000, "cap on held-out documents per source (none: no cap)")
+    heldout_min_documents: int = opt(
+        0, "at least this many held-out documents per source, where the source has enough to train on too"
+    )
+    heldout_min_tokens: int = opt(0, "at least this many held-out tokens per source, likewise")
     mix: Literal["downsample", "upsample"] = opt(
         "downsample",
         "how weights are met: downsample keeps every token of the source that binds the ratio and drops whole "

@@ -31,6 +31,11 @@ class MergeConfig:
     )
     compare_documents: int = opt(4, "QLoRA: held-out documents per set used to compare the merges")
     compare_tokens: int = opt(4096, "QLoRA: tokens in all compared documents together")
+    scale: float = opt(
+        1.0,
+        "interpolation between base (0) and adapted (1): LoRA merges the update times scale; full writes "
+        "base + scale * (trained - base)",
+    )
 
     def check(self, path: str):
         return at_least(self, path, compare_documents=1, compare_tokens=2)
@@ -60,6 +65,38 @@ class EvalText:
 
 
 @dataclass
+class EvalTask:
+    """A downstream task run by lm-evaluation-harness on every evaluated model, offline."""
+
+    name: str = opt(help="lm-eval task name (a task of lm-eval, or one defined by a YAML file in include)")
+    include: str | None = opt(None, "folder (or YAML file) of local task definitions")
+    num_fewshot: int = opt(0, "few-shot examples per question")
+    limit: int | None = opt(None, "score at most this many examples")
+    during_training: bool = opt(False, "also run at each held-out evaluation during training")
+
+
+@dataclass
+class ChatProbeConfig:
+    """Retention of chat behaviour for instruction-tuned bases: the chat-templated loss of the answers of
+    held-out instruction data, before and after."""
+
+    path: str | None = opt(None, "JSONL of instruction examples (as `cptkit sft` reads them); none: off")
+    max_examples: int = opt(200, "examples scored")
+
+
+@dataclass
+class SamplesConfig:
+    """A few generations from each evaluated model, for domain and general prompts, shown in the report."""
+
+    domain_prompts: list[str] = opt(
+        factory=list, help="prompts from the domain (none: the first words of held-out documents)"
+    )
+    general_prompts: list[str] = opt(factory=list, help="general prompts (none: a shipped neutral set)")
+    count: int = opt(3, "prompts of each kind; 0: off")
+    max_new_tokens: int = opt(64, "tokens per generation (greedy)")
+
+
+@dataclass
 class EvalConfig:
     """`cptkit eval`: loss, perplexity and bits-per-byte of models on held-out sets."""
 
@@ -78,6 +115,14 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = opt(
         "auto", "auto: the GPU if there is one (bfloat16), else the CPU (float32)"
     )
+    tasks: list[EvalTask] = opt(factory=list, help="downstream lm-eval tasks (pip install 'cptkit[eval]')")
+    interpolate: list[float] = opt(
+        factory=list,
+        help="scales between base (0) and adapted (1) scored without writing a model, e.g. [0.25, 0.5, 0.75, 1.0]",
+    )
+    bootstrap: int = opt(1000, "bootstrap resamples over documents for the interval of each change")
+    chat_probe: ChatProbeConfig = opt(factory=ChatProbeConfig, help="chat-behaviour retention probe")
+    samples: SamplesConfig = opt(factory=SamplesConfig, help="sample generations in the report")
 
     def check(self, path: str):
         return at_least(self, path, batch_size=1, seq_length=2, max_documents=1)

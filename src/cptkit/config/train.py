@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cptkit.config.fields import opt
+from cptkit.config.forgetting import RegularizeConfig
 
 
 @dataclass
@@ -176,6 +177,16 @@ class TrainConfig(TrainingRun):
     eval_max_tokens: int = opt(
         200_000, "held-out tokens per set evaluated during training (the full set in cptkit eval)"
     )
+    regularize: RegularizeConfig = opt(
+        factory=RegularizeConfig, help="regularizers against the base model (kl_to_base, l2_to_base, ewc)"
+    )
+    forgetting_budget: float | None = opt(
+        None,
+        "the most the general held-out perplexity may rise over the base's, as a fraction (0.01: 1%); "
+        "checked at every held-out evaluation, the best checkpoint within it is kept and named",
+    )
+    stop_at_forgetting_budget: bool = opt(False, "stop training when the forgetting budget is crossed")
+    loss_per_source: bool = opt(True, "log the training loss of each source at every logging step")
 
     def check(self, path: str):
         problems = list(super().check(path))

@@ -1,0 +1,48 @@
+"""Settings that control forgetting during `cptkit train`: regularizers against the base model and the
+forgetting budget (the most general held-out perplexity may rise over the base)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cptkit.config.fields import opt
+
+
+@dataclass
+class KlToBaseConfig:
+    """KL(base || model) on next-token distributions: keeps the model's predictions near the base's."""
+
+    weight: float = opt(0.0, "weight of the term in the loss; 0: off")
+    tokens: Literal["replay", "all"] = opt(
+        "replay", "replay: only tokens of general (replay) sources; all: every labelled token"
+    )
+    temperature: float = opt(1.0, "softmax temperature of both distributions")
+    chunk_tokens: int = opt(
+        1024, "tokens whose vocabulary logits are computed at once (memory stays at one chunk)"
+    )
+
+
+@dataclass
+class L2ToBaseConfig:
+    """The squared distance of the trained weights from the base's (LoRA: of each update B @ A * scale)."""
+
+    weight: float = opt(0.0, "weight of the term in the loss; 0: off")
+
+
+@dataclass
+class EwcConfig:
+    """Elastic weight consolidation: a diagonal Fisher from general training rows, estimated before
+    training and saved beside the run, weighs each weight's drift from the base."""
+
+    weight: float = opt(0.0, "weight of the term in the loss; 0: off")
+    fisher_rows: int = opt(64, "general training rows the Fisher is estimated on")
+
+
+@dataclass
+class RegularizeConfig:
+    """Regularizers against the base model, each opt-in with a weight and logged on its own."""
+
+    kl_to_base: KlToBaseConfig = opt(factory=KlToBaseConfig, help="KL to the base model's predictions")
+    l2_to_base: L2ToBaseConfig = opt(factory=L2ToBaseConfig, help="L2 distance to the base weights")
+    ewc: EwcConfig = opt(factory=EwcConfig, help="elastic weight consolidation")
