@@ -11,7 +11,9 @@ shape and a config field that `build_loss_terms` reads; the trainer does not cha
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -46,7 +48,26 @@ class CausalLMLoss:
         return loss, {"loss/causal_lm": loss.detach()}
 
 
-def build_loss_terms(train_cfg: TrainConfig) -> list[LossTerm]:
+@dataclass
+class LossContext:
+    """What the terms after the first need besides the batch, built once before training.
+
+    `source_names` maps the values of a batch's `source_ids` (one per token, -1 on padding; the
+    prepared manifest's `source_index`) to source names; `general_sources` are the ids of the general
+    (replay) sources. `train_rows` and `collator` give the training data (EWC estimates its Fisher on
+    the general rows); `resume_from` is the checkpoint the run continues from, if any.
+    """
+
+    model: Any
+    output_dir: Path
+    source_names: dict[int, str] = field(default_factory=dict)
+    general_sources: frozenset[int] = frozenset()
+    train_rows: Any = None
+    collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, torch.Tensor]] | None = None
+    resume_from: str | None = None
+
+
+def build_loss_terms(train_cfg: TrainConfig, context: LossContext | None = None) -> list[LossTerm]:
     """The loss terms `train_cfg` asks for, the causal-LM loss first."""
     return [CausalLMLoss()]
 
