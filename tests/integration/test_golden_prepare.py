@@ -83,6 +83,23 @@ def _digest(prepared: Path) -> dict[str, object]:
     return out
 
 
+def _check_source_ids(prepared: Path) -> None:
+    """Each row has one source id per segment (per position_ids restart), and the tokens they name add
+    up to each source's mixed_tokens in the manifest."""
+    from datasets import load_from_disk
+
+    manifest = json.loads((prepared / "manifest.json").read_text(encoding="utf-8"))
+    names = {i: name for name, i in manifest["source_index"].items()}
+    assert list(names.values()) == list(manifest["sources"])  # every source, in config order
+    tokens = dict.fromkeys(manifest["sources"], 0)
+    for row in load_from_disk(str(prepared / "train")).with_format("numpy"):
+        starts = (row["position_ids"] == 0).nonzero()[0].tolist() + [len(row["position_ids"])]
+        assert len(row["source_ids"]) == len(starts) - 1
+        for a, b, source in zip(starts, starts[1:], row["source_ids"].tolist(), strict=False):
+            tokens[names[source]] += b - a
+    assert tokens == {n: s["mixed_tokens"] for n, s in manifest["sources"].items()}
+
+
 def _check(name: str, got: dict[str, object]) -> None:
     recorded = json.loads(HASHES.read_text(encoding="utf-8")) if HASHES.is_file() else {}
     if os.environ.get("CPTKIT_GOLDEN_UPDATE"):
@@ -100,6 +117,7 @@ def test_prepared_output_is_pinned(tmp_path, variant):
     cfg = _config(ASSETS / "corpus", tmp_path / "run", VARIANTS[variant])
     prepare.run(cfg)
     _check(variant, _digest(tmp_path / "run" / "data"))
+    _check_source_ids(tmp_path / "run" / "data")
 
 
 @pytest.mark.slow
@@ -108,3 +126,4 @@ def test_prepared_output_is_pinned_on_the_shared_corpora(tmp_path):
     cfg = _config(SHARED, tmp_path / "run", ["data.seq_length=1024"])
     prepare.run(cfg)
     _check("shared_corpora", _digest(tmp_path / "run" / "data"))
+    _check_source_ids(tmp_path / "run" / "data")

@@ -134,7 +134,7 @@ def test_row_gather_is_the_same_in_small_blocks():
 
     def joined(max_tokens):
         ids, pos, offsets, base = [], [], [np.zeros(1, np.int64)], 0
-        for i, p, o in rows.blocks(max_tokens):
+        for i, p, o, *_ in rows.blocks(max_tokens):
             assert o[0] == 0 and o[-1] == len(i) == len(p)
             ids.append(i), pos.append(p), offsets.append(o[1:] + base)
             base += len(i)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -40,16 +40,30 @@ class HeldOut:
     num_bytes: list[int]
 
 
+class Block(NamedTuple):
+    """Consecutive whole rows: their tokens and position ids end to end, where each row starts in them
+    (`row_offsets`, from 0, one more than the rows), and the source id of each of their segments with
+    where each row's segments start (`segment_offsets`)."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    row_offsets: np.ndarray
+    source_ids: np.ndarray
+    segment_offsets: np.ndarray
+
+
 @dataclass
 class Rows:
     """Packed training rows, gathered from the token store a block of rows at a time (so the rows are
     never all in memory at once): row r holds the segments seg_bounds[r]:seg_bounds[r + 1], each
-    `seg_len` tokens of `flat` from `seg_src`, its position ids counting from 0."""
+    `seg_len` tokens of `flat` from `seg_src`, its position ids counting from 0, taken from the source
+    whose id (`source_index` in the manifest) is `seg_source`."""
 
     flat: np.ndarray
     seg_src: np.ndarray
     seg_len: np.ndarray
     seg_bounds: np.ndarray
+    seg_source: np.ndarray
 
     @property
     def num_rows(self) -> int:
@@ -59,9 +73,12 @@ class Rows:
     def num_tokens(self) -> int:
         return int(self.seg_len.sum())
 
-    def blocks(self, max_tokens: int = _GATHER_TOKENS) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(input_ids, position_ids, row offsets from 0) of consecutive whole rows, about `max_tokens`
-        tokens a block (at least one row)."""
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_len)
+
+    def blocks(self, max_tokens: int = _GATHER_TOKENS) -> Iterator[Block]:
+        """Consecutive whole rows, about `max_tokens` tokens a block (at least one row)."""
         token_bounds = np.concatenate([[0], np.cumsum(self.seg_len, dtype=np.int64)])
         row_tokens = token_bounds[self.seg_bounds]
         row = 0
@@ -73,7 +90,13 @@ class Rows:
             local_start = token_bounds[a:b] - token_bounds[a]
             positions = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(local_start, lens)
             input_ids = self.flat[np.repeat(self.seg_src[a:b], lens) + positions]
-            yield input_ids, positions.astype(np.int32), row_tokens[row : end + 1] - row_tokens[row]
+            yield Block(
+                input_ids,
+                positions.astype(np.int32),
+                row_tokens[row : end + 1] - row_tokens[row],
+                self.seg_source[a:b].astype(np.int32),
+                self.seg_bounds[row : end + 1] - a,
+            )
             row = end
 
 
@@ -82,6 +105,7 @@ class Assembled:
     rows: Rows
     heldout: dict[str, HeldOut]
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source_index: dict[str, int] = field(default_factory=dict)  # source name -> its id, config order
 
 
 def _flat(column: pa.ChunkedArray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -168,11 +192,13 @@ def _assemble(
     factors = sampling_factors(
         {n: stats[n]["train_tokens"] for n in tables}, {n: by_name[n].weight for n in tables}, cfg.mix
     )
-    picked_starts, picked_lens = [], []
+    source_index = {s.name: i for i, s in enumerate(cfg.sources)}
+    picked_starts, picked_lens, picked_sources = [], [], []
     for name in tables:
         picked = sample(seg_lens[name], factors[name], rng)
         picked_starts.append(seg_starts[name][picked])
         picked_lens.append(seg_lens[name][picked])
+        picked_sources.append(np.full(len(picked), source_index[name], dtype=np.int32))
         stats[name]["sampling_factor"] = round(factors[name], 6)
         stats[name]["mixed_tokens"] = int(seg_lens[name][picked].sum())
         stats[name]["mixed_segments"] = int(len(picked))
@@ -189,8 +215,15 @@ def _assemble(
         s["mixed_share"] = round(s["mixed_tokens"] / total, 6)
     n_segments = sum(len(x) for x in picked_lens)
     log.info("packing %s segments best-fit into rows of %d tokens", f"{n_segments:,}", cfg.seq_length)
-    rows = _pack(flat_all, np.concatenate(picked_starts), np.concatenate(picked_lens), cfg.seq_length, rng)
-    return Assembled(rows=rows, heldout=heldout, stats=stats)
+    rows = _pack(
+        flat_all,
+        np.concatenate(picked_starts),
+        np.concatenate(picked_lens),
+        cfg.seq_length,
+        rng,
+        np.concatenate(picked_sources),
+    )
+    return Assembled(rows=rows, heldout=heldout, stats=stats, source_index=source_index)
 
 
 def _heldout(table, held, flat, doc_start, lengths, chunker: Chunker, encoder: Encoder) -> HeldOut:
@@ -203,8 +236,18 @@ def _heldout(table, held, flat, doc_start, lengths, chunker: Chunker, encoder: E
     return HeldOut(texts=texts, ids=ids, num_bytes=num_bytes)
 
 
-def _pack(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, seq_length: int, rng) -> Rows:
-    """Pack segments best-fit into rows and shuffle the rows; their ids are gathered when written."""
+def _pack(
+    flat: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    seq_length: int,
+    rng,
+    sources: np.ndarray | None = None,
+) -> Rows:
+    """Pack segments best-fit into rows and shuffle the rows; their ids are gathered when written.
+    `sources` is each segment's source id (default: all 0)."""
+    if sources is None:
+        sources = np.zeros(len(lens), dtype=np.int32)
     rows = best_fit_pack(lens.tolist(), seq_length)
     order_rows = rng.permutation(len(rows))
     seg_order = np.fromiter((i for r in order_rows for i in rows[r]), dtype=np.int64, count=len(lens))
@@ -214,4 +257,5 @@ def _pack(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, seq_length: in
         seg_src=starts[seg_order].astype(np.int64),
         seg_len=lens[seg_order].astype(np.int64),
         seg_bounds=np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64),
+        seg_source=sources[seg_order].astype(np.int32),
     )

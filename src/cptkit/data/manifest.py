@@ -4,7 +4,9 @@ Layout of a folder written by `cptkit prepare`:
     manifest.json            counts, inputs, tokenizer, resolved config (see `read_manifest`)
     config.yaml              the resolved config
     train/                   datasets.save_to_disk: input_ids, position_ids (int32 lists, rows of at most
-                             seq_length tokens, unpadded; position_ids restart at 0 at every document start)
+                             seq_length tokens, unpadded; position_ids restart at 0 at every document start),
+                             source_ids (int32 list, one per segment of the row: the `source_index` id
+                             of the source the k-th segment, the k-th restart of position_ids, came from)
     heldout/<source>/        datasets.save_to_disk: text, input_ids (whole document, BOS as the tokenizer
                              adds it, EOS at the end), num_bytes (UTF-8 bytes of text)
 """
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
     from cptkit.data.plan import Plan
     from cptkit.data.shards import ShardStats
 
-FORMAT_VERSION = 1
+# 2: training rows carry source_ids and the manifest a top-level source_index (a folder of version 1
+# still trains, without per-source features; preparing again rewrites it)
+FORMAT_VERSION = 2
 TRAIN_DIR = "train"
 HELDOUT_DIR = "heldout"
 
@@ -88,6 +92,7 @@ def build_manifest(plan: Plan, read: dict[str, ShardStats], result: Assembled) -
         "train_dir": TRAIN_DIR,
         "tokenizer": plan.tokenizer_info,
         "mix": data.mix,
+        "source_index": dict(result.source_index),
         "heldout": {s.name: _heldout_entry(s, result) for s in data.sources},
         "sources": {s.name: _source_entry(s, plan, read[s.name], result.stats[s.name]) for s in data.sources},
         "totals": {

@@ -18,6 +18,9 @@ from typing import Any
 from cptkit.data.manifest import MANIFEST, read_manifest
 from cptkit.errors import CptkitError
 
+# what a per-source feature says (once) when the rows were prepared before they carried source ids
+NO_SOURCE_IDS = "the prepared rows carry no source ids; run `cptkit prepare` again to get per-source losses"
+
 
 @dataclass(frozen=True)
 class HeldoutInfo:
@@ -110,6 +113,24 @@ class Prepared:
             )
         return out
 
+    @property
+    def source_index(self) -> dict[str, int]:
+        """Source name -> the id its tokens carry in the rows' `source_ids` (every source, config order,
+        0..n-1; held-out-only ones too). Empty for a folder prepared before source ids existed."""
+        return {name: int(i) for name, i in (self.manifest.get("source_index") or {}).items()}
+
+    @property
+    def general_source_ids(self) -> frozenset[int]:
+        """The ids of the sources whose role is general (replay: what the model should not forget)."""
+        return frozenset(
+            i for name, i in self.source_index.items() if self.sources.get(name, {}).get("role") == "general"
+        )
+
+    @property
+    def has_source_ids(self) -> bool:
+        """Whether the training rows carry `source_ids` (else per-source features say NO_SOURCE_IDS)."""
+        return bool(self.source_index)
+
     @cached_property
     def manifest_hash(self) -> str:
         """sha256 of manifest.json: names exactly which data a run trained on."""
@@ -117,7 +138,8 @@ class Prepared:
 
     # --- the data ---
     def train_rows(self) -> Any:
-        """The training rows (`datasets.Dataset` of input_ids, position_ids), memory-mapped."""
+        """The training rows (`datasets.Dataset` of input_ids, position_ids and, where the folder has
+        them, source_ids: one per segment), memory-mapped."""
         from datasets import load_from_disk
 
         rows = load_from_disk(str(self.folder / self.train_dir))
@@ -125,7 +147,10 @@ class Prepared:
             raise CptkitError(
                 f"{self.folder}: the prepared dataset has no training rows; add data and prepare again"
             )
-        return rows.select_columns(["input_ids", "position_ids"])
+        columns = ["input_ids", "position_ids"] + (
+            ["source_ids"] if "source_ids" in rows.column_names else []
+        )
+        return rows.select_columns(columns)
 
     def heldout_set(self, name: str) -> Any:
         """One held-out set (`datasets.Dataset` of text, input_ids, num_bytes), memory-mapped."""

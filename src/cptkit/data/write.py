@@ -52,7 +52,9 @@ def _save(table: pa.Table, folder: Path) -> None:
 
 
 def write_train(rows: Rows, folder: Path) -> None:
-    """`train/`: input_ids and position_ids, int32 lists, one unpadded row each.
+    """`train/`: input_ids and position_ids, int32 lists, one unpadded row each, and source_ids, one
+    int32 per packed segment of the row (the k-th is the source id of the k-th segment, the one that
+    starts at the k-th position id 0).
 
     The rows are gathered and written a block at a time into one Arrow stream file, laid out as
     `datasets.save_to_disk` lays out a one-shard dataset (so `load_from_disk` memory-maps it), rather
@@ -62,24 +64,29 @@ def write_train(rows: Rows, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     list_of = getattr(datasets, "List", None) or datasets.Sequence  # List since datasets 4
     features = datasets.Features(
-        {name: list_of(datasets.Value("int32")) for name in ("input_ids", "position_ids")}
+        {name: list_of(datasets.Value("int32")) for name in ("input_ids", "position_ids", "source_ids")}
     )
     schema = features.arrow_schema
     data_file = "data-00000-of-00001.arrow"
     digest = hashlib.sha256()
     with pa.OSFile(str(folder / data_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for input_ids, position_ids, offsets in rows.blocks():
-            offsets = pa.array(offsets.astype(np.int32))
+        for block in rows.blocks():
+            offsets = pa.array(block.row_offsets.astype(np.int32))
             writer.write_batch(
                 pa.record_batch(
                     [
-                        pa.ListArray.from_arrays(offsets, pa.array(input_ids.astype(np.int32, copy=False))),
-                        pa.ListArray.from_arrays(offsets, pa.array(position_ids)),
+                        pa.ListArray.from_arrays(
+                            offsets, pa.array(block.input_ids.astype(np.int32, copy=False))
+                        ),
+                        pa.ListArray.from_arrays(offsets, pa.array(block.position_ids)),
+                        pa.ListArray.from_arrays(
+                            pa.array(block.segment_offsets.astype(np.int32)), pa.array(block.source_ids)
+                        ),
                     ],
                     schema=schema,
                 )
             )
-            digest.update(input_ids.tobytes())
+            digest.update(block.input_ids.tobytes())
     state = {
         "_data_files": [{"filename": data_file}],
         "_fingerprint": digest.hexdigest()[:16],
@@ -112,9 +119,10 @@ def write_heldout(heldout: HeldOut, folder: Path) -> None:
 
 
 def dataset_bytes(result: Assembled) -> int:
-    """About how many bytes the prepared folder's datasets take: int32 ids and positions (and a 32-bit
-    offset per row) for training, ids, text and sizes for the held-out sets."""
-    size = result.rows.num_tokens * 4 * 2 + result.rows.num_rows * 4 * 2
+    """About how many bytes the prepared folder's datasets take: int32 ids and positions, a source id per
+    segment (and a 32-bit offset per row of each) for training, ids, text and sizes for the held-out sets."""
+    rows = result.rows
+    size = rows.num_tokens * 4 * 2 + rows.num_segments * 4 + rows.num_rows * 4 * 3
     for held in result.heldout.values():
         size += sum(len(a) for a in held.ids) * 4 + sum(held.num_bytes) + len(held.ids) * 16
     return size

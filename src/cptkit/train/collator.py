@@ -17,14 +17,15 @@ IGNORE_INDEX = -100
 def padded_batch(
     rows: Sequence[Mapping[str, Any]], pad_token_id: int, width: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Rows `{input_ids, position_ids}` (optionally `labels`, `doc_index`) as padded tensors.
+    """Rows `{input_ids, position_ids}` (optionally `labels`, `doc_index`, `source_ids`) as padded tensors.
 
     position_ids restart at 0 at every segment (a document, a window, an SFT example). Labels are the
     row's own `labels` when it has them (SFT's prompt mask), else its input_ids; either way -100 at each
     segment's first token, so no segment is asked to predict the first token of the next, and -100 on
     padding. Padding continues the position count of the row's last segment, so it never looks like a
-    new segment. `doc_index`, when rows carry it, is padded with -1. `width` (default: the longest row)
-    must hold every row.
+    new segment. `doc_index`, when rows carry it, is padded with -1. `source_ids`, when rows carry them
+    (one per segment, as prepared), become one per token: each token gets its segment's id, padding -1.
+    `width` (default: the longest row) must hold every row.
     """
     lengths = [len(r["input_ids"]) for r in rows]
     width = width or max(lengths)
@@ -36,6 +37,8 @@ def padded_batch(
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     with_docs = "doc_index" in rows[0]
     doc_index = torch.full(shape, -1, dtype=torch.long) if with_docs else None
+    with_sources = "source_ids" in rows[0]
+    source_ids = torch.full(shape, -1, dtype=torch.long) if with_sources else None
     for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
         ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
         pos = torch.as_tensor(row["position_ids"], dtype=torch.long)
@@ -48,15 +51,31 @@ def padded_batch(
         labels[i, :n] = torch.where(pos == 0, IGNORE_INDEX, own)
         if doc_index is not None:
             doc_index[i, :n] = torch.as_tensor(row["doc_index"], dtype=torch.long)
+        if source_ids is not None:
+            source_ids[i, :n] = per_token_sources(row["source_ids"], pos)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
     if doc_index is not None:
         batch["doc_index"] = doc_index
+    if source_ids is not None:
+        batch["source_ids"] = source_ids
     return batch
 
 
+def per_token_sources(segment_sources: Sequence[int], position_ids: torch.Tensor) -> torch.Tensor:
+    """One source id per token from one per segment: segment k starts at the k-th position id 0."""
+    starts = position_ids == 0
+    sources = torch.as_tensor(segment_sources, dtype=torch.long)
+    if len(position_ids) and (not bool(starts[0]) or int(starts.sum()) != len(sources)):
+        raise ValueError(
+            f"a row with {int(starts.sum())} segment start(s) (position id 0, the first at the row's start) "
+            f"has {len(sources)} source id(s)"
+        )
+    return sources[torch.cumsum(starts.long(), 0) - 1]
+
+
 class PackedCollator:
-    """Turn rows `{input_ids, position_ids}` (and `labels`, for SFT) into `{input_ids, position_ids,
-    labels}` with `padded_batch`.
+    """Turn rows `{input_ids, position_ids}` (and `labels`, for SFT; `source_ids`, for prepared rows that
+    carry them) into `{input_ids, position_ids, labels[, source_ids]}` with `padded_batch`.
 
     No attention_mask is returned on purpose: with position_ids that restart at 0 at every document,
     the attention kernels keep each document to itself (see `cptkit.model.attention`). SFT rows carry
