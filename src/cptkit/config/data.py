@@ -57,6 +57,8 @@ class SourceConfig:
         "text", "field holding the text in .jsonl/.json/.parquet/.csv rows and saved datasets"
     )
     heldout_fraction: float | None = opt(None, "overrides data.heldout_fraction for this source")
+    heldout_min_documents: int | None = opt(None, "overrides data.heldout_min_documents for this source")
+    heldout_min_tokens: int | None = opt(None, "overrides data.heldout_min_tokens for this source")
 
     def check(self, path: str):
         problems = []
@@ -72,7 +74,16 @@ class SourceConfig:
             )
         if self.heldout_fraction is not None and not 0 <= self.heldout_fraction < 1:
             problems.append((f"{path}.heldout_fraction", f"{self.heldout_fraction} must be in [0, 1)"))
-        return problems
+        return problems + _floor_problems(self, path)
+
+
+def _floor_problems(section, path: str) -> list[tuple[str, str]]:
+    """A held-out floor is a count: 0 or more (none, for a source: the data-level value)."""
+    return [
+        (f"{path}.{key}", f"{value} is negative; use 0 for no floor")
+        for key in ("heldout_min_documents", "heldout_min_tokens")
+        if (value := getattr(section, key)) is not None and value < 0
+    ]
 
 
 @dataclass
@@ -115,9 +126,15 @@ class DataConfig:
     heldout_fraction: float = opt(0.02, "share of each source's documents held out for evaluation")
     heldout_max_documents: int | None = opt(2000, "cap on held-out documents per source (none: no cap)")
     heldout_min_documents: int = opt(
-        0, "at least this many held-out documents per source, where the source has enough to train on too"
+        20,
+        "floor: at least this many held-out documents per source, more than heldout_fraction gives where "
+        "needed (never more than half of a source that trains; capped by heldout_max_documents), so a "
+        "before/after comparison carries a verdict; a floor not met is a warning and noted in the manifest",
     )
-    heldout_min_tokens: int = opt(0, "at least this many held-out tokens per source, likewise")
+    heldout_min_tokens: int = opt(
+        20_000,
+        "floor: at least this many held-out tokens per source (documents added until reached), likewise",
+    )
     mix: Literal["downsample", "upsample"] = opt(
         "downsample",
         "how weights are met: downsample keeps every token of the source that binds the ratio and drops whole "
@@ -158,6 +175,7 @@ class DataConfig:
             problems.append((f"{path}.seq_length", f"{self.seq_length} is too small (at least 8)"))
         if not 0 <= self.heldout_fraction < 1:
             problems.append((f"{path}.heldout_fraction", f"{self.heldout_fraction} must be in [0, 1)"))
+        problems += _floor_problems(self, path)
         if self.chunk_chars < 1:
             problems.append((f"{path}.chunk_chars", "must be positive"))
         if self.heldout_max_documents is not None and self.heldout_max_documents < 0:

@@ -22,7 +22,7 @@ from cptkit.data.dedup import Deduper
 from cptkit.data.mix import mix_warning, sample, sampling_factors
 from cptkit.data.near_dedup import NearDeduper
 from cptkit.data.pack import best_fit_pack
-from cptkit.data.split import HeldoutSplit
+from cptkit.data.split import Floor, HeldoutSplit
 from cptkit.data.steps import CorpusStep, SourceDocs
 from cptkit.data.tokenize import Encoder
 from cptkit.data.workers import usable_cores
@@ -106,6 +106,7 @@ class Assembled:
     heldout: dict[str, HeldOut]
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_index: dict[str, int] = field(default_factory=dict)  # source name -> its id, config order
+    floors: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> its held-out floor, met?
 
 
 def _flat(column: pa.ChunkedArray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +143,8 @@ def assemble(tables: dict[str, pa.Table], cfg: DataConfig, encoder: Encoder) -> 
     near = NearDeduper(
         cfg.near_dedup_threshold, enabled=cfg.dedup == "near", workers=cfg.num_proc or usable_cores()
     )
-    split = HeldoutSplit(cfg.heldout_fraction, cfg.heldout_max_documents, cfg.seed)
+    floor = Floor(cfg.heldout_min_documents, cfg.heldout_min_tokens)
+    split = HeldoutSplit(cfg.heldout_fraction, cfg.heldout_max_documents, cfg.seed, floor)
     try:
         return _assemble(tables, cfg, encoder, deduper, near, split)
     finally:
@@ -155,12 +157,12 @@ def _assemble(
     encoder: Encoder,
     exact: CorpusStep,
     near: CorpusStep,
-    split: CorpusStep,
+    split: HeldoutSplit,
 ) -> Assembled:
     rng = np.random.default_rng(cfg.seed)
     chunker = Chunker.from_config(cfg)
     by_name: dict[str, SourceConfig] = {s.name: s for s in cfg.sources}
-    seg_starts, seg_lens, stats, heldout = {}, {}, {}, {}
+    seg_starts, seg_lens, stats, heldout, floors = {}, {}, {}, {}, {}
     flat_all = np.empty(_total_tokens(tables), np.int32)  # every source's cached tokens, one copy
     base = 0
     for name, table in tables.items():
@@ -189,6 +191,13 @@ def _assemble(
             "train_tokens": int(length.sum()),
             "segments": int(len(length)),
         }
+        floors[name] = split.floor_report(
+            list(by_name).index(name),
+            by_name[name],
+            len(kept),
+            stats[name]["heldout_documents"],
+            stats[name]["heldout_tokens"],
+        )
     factors = sampling_factors(
         {n: stats[n]["train_tokens"] for n in tables}, {n: by_name[n].weight for n in tables}, cfg.mix
     )
@@ -223,7 +232,8 @@ def _assemble(
         rng,
         np.concatenate(picked_sources),
     )
-    return Assembled(rows=rows, heldout=heldout, stats=stats, source_index=source_index)
+    floors = {name: report for name, report in floors.items() if report is not None}
+    return Assembled(rows=rows, heldout=heldout, stats=stats, source_index=source_index, floors=floors)
 
 
 def _heldout(table, held, flat, doc_start, lengths, chunker: Chunker, encoder: Encoder) -> HeldOut:

@@ -1,7 +1,8 @@
 """The prepared dataset's contract: its folder layout, its manifest, and the tokenizer it was made with.
 
 Layout of a folder written by `cptkit prepare`:
-    manifest.json            counts, inputs, tokenizer, resolved config (see `read_manifest`)
+    manifest.json            counts, inputs, tokenizer, resolved config, source_index (source -> id),
+                             heldout_floor (source -> min_documents, min_tokens, met)
     config.yaml              the resolved config
     train/                   datasets.save_to_disk: input_ids, position_ids (int32 lists, rows of at most
                              seq_length tokens, unpadded; position_ids restart at 0 at every document start),
@@ -94,6 +95,7 @@ def build_manifest(plan: Plan, read: dict[str, ShardStats], result: Assembled) -
         "mix": data.mix,
         "source_index": dict(result.source_index),
         "heldout": {s.name: _heldout_entry(s, result) for s in data.sources},
+        "heldout_floor": dict(result.floors),
         "sources": {s.name: _source_entry(s, plan, read[s.name], result.stats[s.name]) for s in data.sources},
         "totals": {
             "rows": rows.num_rows,

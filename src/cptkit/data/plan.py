@@ -27,6 +27,8 @@ _ASSEMBLY_KEYS = (
     "chunk_tokens",
     "heldout_fraction",
     "heldout_max_documents",
+    "heldout_min_documents",
+    "heldout_min_tokens",
     "dedup",
     "mix",
     "seed",
@@ -101,5 +103,8 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
 
 def _assembly_settings(data: DataConfig) -> dict[str, Any]:
     d = {k: getattr(data, k) for k in _ASSEMBLY_KEYS}
-    d["sources"] = [(s.name, s.weight, s.role, s.heldout_fraction) for s in data.sources]
+    d["sources"] = [
+        (s.name, s.weight, s.role, s.heldout_fraction, s.heldout_min_documents, s.heldout_min_tokens)
+        for s in data.sources
+    ]
     return d | {"format_version": FORMAT_VERSION}

@@ -160,14 +160,30 @@ def totals_table(manifest: dict[str, Any]) -> Table:
 
 
 def heldout_table(manifest: dict[str, Any]) -> Table:
-    t = Table(title="held-out sets")
+    """Each held-out set's size, with the held-out fraction and the floor it was asked to meet."""
+    config = manifest.get("config") or {}
+    fraction = f" (fraction {config['heldout_fraction']})" if "heldout_fraction" in config else ""
+    t = Table(title=f"held-out sets{fraction}")
+    floors = manifest.get("heldout_floor")  # absent from manifests made before held-out floors
     for col in ("set", "role", "dir"):
         t.add_column(col, overflow="fold")  # names wrap; counts stay whole
     for col in ("documents", "tokens", "bytes"):
         t.add_column(col, justify="right", no_wrap=True)
+    if floors is not None:
+        t.add_column("floor (documents / tokens)", justify="right")
     for name, h in manifest["heldout"].items():
-        t.add_row(name, h["role"], h["dir"], _n(h["documents"]), _n(h["tokens"]), _n(h["bytes"]))
+        cells = [name, h["role"], h["dir"], _n(h["documents"]), _n(h["tokens"]), _n(h["bytes"])]
+        if floors is not None:
+            cells.append(_floor_cell(floors.get(name)))
+        t.add_row(*cells)
     return t
+
+
+def _floor_cell(floor: dict[str, Any] | None) -> Text:
+    if floor is None:
+        return Text("none")
+    text = f"{_n(floor['min_documents'])} / {_n(floor['min_tokens'])}"
+    return Text(text) if floor["met"] else Text(f"{text} not met", style="yellow")
 
 
 def print_summary(manifest: dict[str, Any], console: Console | None = None) -> None:
