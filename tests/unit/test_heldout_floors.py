@@ -1,5 +1,5 @@
 """Held-out sets that can carry a verdict: the split holds out at least a floor of documents and tokens
-per source (more than the fraction where needed), within the cap and never more than half of a source
+per source (more than the fraction where needed), within the cap and never more than a fifth of a source
 that trains; a floor it cannot meet is a warning and is written in the manifest."""
 
 from __future__ import annotations
@@ -42,22 +42,22 @@ def test_the_token_floor_adds_documents_until_it_is_reached():
     mask = held(lengths=lengths, tokens=5_000)
     taken = lengths[mask].sum()
     assert taken >= 5_000 and taken - lengths[mask].max() < 5_000  # not a document more than needed
-    assert held(lengths=lengths, tokens=5_000, documents=30).sum() == max(30, mask.sum())
+    assert held(lengths=lengths, tokens=5_000, documents=12).sum() == max(12, mask.sum())
 
 
-def test_the_floor_is_capped_and_never_takes_more_than_half_of_a_source_that_trains():
+def test_the_floor_is_capped_and_never_takes_more_than_a_fifth_of_a_source_that_trains():
     assert held(documents=20, max_documents=5).sum() == 5
-    assert held(n=30, documents=20).sum() == 15  # half of 30 documents
-    assert held(n=30, tokens=10_000).sum() == 15  # the token floor likewise
+    assert held(n=30, documents=20).sum() == 6  # a fifth of 30 documents
+    assert held(n=30, tokens=10_000).sum() == 6  # the token floor likewise
     counts = []
     for giant in range(30):  # one document holding most of the tokens, at every place in the split order
         lengths = np.full(30, 10)
         lengths[giant] = 100_000
         mask = held(n=30, lengths=lengths, documents=20)
         # the floor stops short of it; only the one document every split holds out may be it
-        assert lengths[mask].sum() <= lengths.sum() / 2 or mask.sum() == 1
+        assert lengths[mask].sum() <= lengths.sum() / 5 or mask.sum() == 1
         counts.append(int(mask.sum()))
-    assert min(counts) < 15 and max(counts) == 15
+    assert min(counts) < 6 and max(counts) == 6
 
 
 def test_a_held_out_only_source_gives_everything_and_a_fraction_of_zero_holds_nothing_out():
@@ -90,28 +90,28 @@ def test_prepare_meets_the_floor_or_says_why_in_a_warning_and_the_manifest(
     tmp_path, tiny_tokenizer_dir, caplog
 ):
     srcs = sources(tmp_path)
-    srcs[0]["heldout_min_documents"] = 12  # a source's own floor wins over data.heldout_min_documents
+    srcs[0]["heldout_min_documents"] = 8  # a source's own floor wins over data.heldout_min_documents
     data = {"tokenizer": str(tiny_tokenizer_dir), "seq_length": 64, "num_proc": 1, "sources": srcs}
     data |= {"heldout_fraction": 0.02, "heldout_min_tokens": 0}
     cfg = build_config(Config, {"run_dir": str(tmp_path / "run"), "data": data})
     with caplog.at_level(logging.WARNING, logger="cptkit.data.split"):
         manifest = prepare.run(cfg)
     documents = {name: s["heldout_documents"] for name, s in manifest["sources"].items()}
-    assert documents == {"dom": 12, "gen": 5, "held": 5, "off": 0}
+    assert documents == {"dom": 8, "gen": 2, "held": 5, "off": 0}
     assert manifest["heldout_floor"] == {
-        "dom": {"min_documents": 12, "min_tokens": 0, "met": True},
+        "dom": {"min_documents": 8, "min_tokens": 0, "met": True},
         "gen": {"min_documents": 20, "min_tokens": 0, "met": False},
         "held": {"min_documents": 20, "min_tokens": 0, "met": False},
     }
     warned = [r.getMessage() for r in caplog.records]
-    assert any("sources[1] (gen)" in m and "at most half of a source that trains" in m for m in warned)
+    assert any("sources[1] (gen)" in m and "at most a fifth of a source that trains" in m for m in warned)
     assert any("sources[2] (held)" in m and "has only 5 documents" in m for m in warned)
     assert not any("(dom)" in m or "(off)" in m for m in warned)
 
     out = io.StringIO()
     Console(file=out, width=140, color_system=None).print(heldout_table(manifest))
     text = out.getvalue()
-    assert "fraction 0.02" in text and "12 / 0" in text and "20 / 0 not met" in text
+    assert "fraction 0.02" in text and "8 / 0" in text and "20 / 0 not met" in text
 
 
 def test_negative_floors_are_refused(tmp_path, tiny_tokenizer_dir):

@@ -128,7 +128,7 @@ class DataConfig:
     heldout_min_documents: int = opt(
         20,
         "floor: at least this many held-out documents per source, more than heldout_fraction gives where "
-        "needed (never more than half of a source that trains; capped by heldout_max_documents), so a "
+        "needed (never more than a fifth of a source that trains; capped by heldout_max_documents), so a "
         "before/after comparison carries a verdict; a floor not met is a warning and noted in the manifest",
     )
     heldout_min_tokens: int = opt(

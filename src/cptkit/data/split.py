@@ -6,8 +6,8 @@ reshuffle the split). It takes those whose hash falls below `fraction`, and more
 than the floor (`Floor`: enough documents and tokens for a before/after comparison to carry a
 verdict), capped by `max_documents`. A source of two or more documents holds out at least one (an
 evaluation set is never silently empty) and keeps at least one for training, unless it trains nothing
-(weight 0: a held-out-only source); the floor never takes more than half of a source that trains (of
-its documents or of its tokens). A fraction of 0 holds nothing out, floor or not.
+(weight 0: a held-out-only source); the floor never takes more than a fifth of a source that trains (of
+its documents or of its tokens: a corpus of a few long documents keeps most of them for training). A fraction of 0 holds nothing out, floor or not.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from cptkit.data.steps import SourceDocs
 
 log = logging.getLogger(__name__)
+FLOOR_SHARE = 0.2  # the most of a training source's documents, or tokens, the floor may hold out
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,15 @@ def heldout_mask(
 
 def _floor_count(order: np.ndarray, tokens: np.ndarray | None, floor: Floor, train_needed: bool) -> int:
     """How many documents, taken in `order`, meet the floor: its documents, then more until its tokens
-    are reached; for a source that trains, never more than half of its documents or of its tokens."""
+    are reached; for a source that trains, never more than a fifth of its documents or of its tokens."""
     n = len(order)
     count = floor.documents
     cumulative = np.cumsum(np.asarray(tokens if tokens is not None else np.zeros(n), np.int64)[order])
     if floor.tokens:
         count = max(count, int(np.searchsorted(cumulative, floor.tokens, side="left")) + 1)
     if train_needed:
-        half_tokens = int(np.searchsorted(cumulative, cumulative[-1] / 2, side="right"))
-        count = min(count, n // 2, half_tokens)
+        fifth_tokens = int(np.searchsorted(cumulative, cumulative[-1] * FLOOR_SHARE, side="right"))
+        count = min(count, int(n * FLOOR_SHARE), fifth_tokens)
     return min(count, n)
 
 
@@ -153,7 +154,7 @@ class HeldoutSplit:
         if self.max_documents is not None and documents >= self.max_documents:
             return f"data.heldout_max_documents ({self.max_documents}) caps it"
         if src.weight > 0:
-            return f"the floor takes at most half of a source that trains ({kept:,} documents)"
+            return f"the floor takes at most a fifth of a source that trains ({kept:,} documents)"
         return f"the source has only {kept:,} documents"
 
 
