@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.data.prepared import Prepared
-from cptkit.eval.results import REPORT_WORDING, SUMMARY_KEYS, perplexity_change, results_table, verdict
+from cptkit.eval.results import (
+    REPORT_WORDING,
+    SUMMARY_KEYS,
+    delta_verdict,
+    interval_text,
+    perplexity_change,
+    results_table,
+)
 from cptkit.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -159,10 +166,12 @@ def _num(x: Any, fmt: str = ".4g") -> str:
 def _verdict(d: dict[str, Any]) -> str:
     """One line: a model's perplexity on one set before -> after, and what that means for its role."""
     change = perplexity_change(d["perplexity_before"], d["perplexity_after"])
-    word = verdict(d["role"], d["loss_delta"], REPORT_WORDING)
+    interval = d.get("perplexity_change_interval")
+    within = f" {interval_text(interval)}" if interval else ""
     return (
         f"- **{d['model']}** on {d['role']} set `{d['set']}`: perplexity {d['perplexity_before']:.3f} -> "
-        f"{d['perplexity_after']:.3f} ({change:+.1f}%), bits/byte {d['bpb_delta']:+.4f}: {word}"
+        f"{d['perplexity_after']:.3f} ({change:+.1f}%{within}), bits/byte {d['bpb_delta']:+.4f}: "
+        f"{delta_verdict(d, REPORT_WORDING)}"
     )
 
 
