@@ -24,6 +24,7 @@ from cptkit.eval.results import (
     results_table,
 )
 from cptkit.paths import Paths
+from cptkit.train.budget import budget_text
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def train_summary(metrics: Path, meta_path: Path) -> dict[str, Any]:
         "mode": meta.get("mode"),
         "attention": meta.get("attention"),
         "hardware": meta.get("hardware"),
+        "forgetting_budget": meta.get("forgetting_budget"),
     }
 
 
@@ -246,6 +248,8 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             f"peak memory {_num(t['max_peak_memory_gb'], '.1f')} GB",
             "",
         ]
+        if t.get("forgetting_budget"):
+            out += [f"Forgetting budget: the run {budget_text(t['forgetting_budget'])}.", ""]
         out += [f"![{k}]({v})" for k, v in plots.items() if k in ("training", "heldout", "throughput")] + [""]
     if "eval" in report:
         out += ["## Evaluation", ""] + _results_table(report["eval"]["results"])

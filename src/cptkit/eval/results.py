@@ -171,6 +171,11 @@ def interval_text(interval: Sequence[float] | None) -> str:
     return "-" if interval is None else f"[{interval[0] * 100:+.1f}%, {interval[1] * 100:+.1f}%]"
 
 
+def _change_cell(d: dict[str, Any]) -> str:
+    """A delta's perplexity change and its interval, e.g. `-4.1% [-6.0%, -2.2%]`."""
+    return f"{math.expm1(d['loss_delta']) * 100:+.1f}% {interval_text(d.get('perplexity_change_interval'))}"
+
+
 def deltas_table(delta_rows: list[dict[str, Any]]) -> list[str]:
     """Each delta against the base model as a markdown line, with the interval and its verdict."""
     headers = [
@@ -191,7 +196,7 @@ def deltas_table(delta_rows: list[dict[str, Any]]) -> list[str]:
             f"{d['loss_delta']:+.4f}",
             f"{d['perplexity_before']:.3f} -> {d['perplexity_after']:.3f}",
             f"{d['bpb_delta']:+.4f}",
-            f"{math.expm1(d['loss_delta']) * 100:+.1f}% {interval_text(d.get('perplexity_change_interval'))}",
+            _change_cell(d),
             delta_verdict(d),
         ]
         for d in delta_rows
@@ -258,9 +263,11 @@ def print_summary(results: list[dict[str, Any]], delta_rows: list[dict[str, Any]
     for c in columns:
         table.add_column(c.short or c.header, justify="right" if c.numeric else "left")
     table.add_column("Δ loss vs base", justify="right")
+    table.add_column(f"Δ ppl ({LEVEL:.0%} interval)", justify="right")
+    table.add_column("reading")
     by_key = {(d["model"], d["set"]): d for d in delta_rows}
     for r in results:
         d = by_key.get((r["model"], r["set"]))
-        change = f"{d['loss_delta']:+.4f} ({delta_verdict(d)})" if d else ""
-        table.add_row(*(c.cell(r) for c in columns), change)
+        cells = [f"{d['loss_delta']:+.4f}", _change_cell(d), delta_verdict(d)] if d else ["", "", ""]
+        table.add_row(*(c.cell(r) for c in columns), *cells)
     Console(stderr=True).print(table)
