@@ -38,6 +38,9 @@ class Interval:
     def as_list(self) -> list[float]:
         return [self.low, self.high]
 
+    def __iter__(self):  # low, high = interval
+        return iter((self.low, self.high))
+
 
 def perplexity_change_interval(
     nats_before: Sequence[float],
