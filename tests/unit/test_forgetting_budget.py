@@ -25,17 +25,9 @@ from cptkit.train.checkpoints import mark_complete, rotate
 
 def result(step: int, name: str, role: str, loss: float, docs: int = 20) -> dict:
     """One set's held-out result as the evaluation reports it, `docs` documents of 50 tokens alike."""
-    return {
-        "type": "eval",
-        "step": step,
-        "set": name,
-        "role": role,
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "tokens": 50 * docs,
-        "doc_nats": [loss * 50] * docs,
-        "doc_tokens": [50] * docs,
-    }
+    per_document = {"doc_nats": [loss * 50] * docs, "doc_tokens": [50] * docs}
+    numbers = {"loss": loss, "perplexity": math.exp(loss), "tokens": 50 * docs}
+    return {"type": "eval", "step": step, "set": name, "role": role, **numbers, **per_document}
 
 
 def evaluation(step: int, general: float, domain: float) -> list[dict]:
