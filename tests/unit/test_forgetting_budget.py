@@ -56,7 +56,10 @@ def test_a_crossing_is_a_warning_and_the_best_within_is_by_domain_gain(caplog):
         "step 6: general perplexity +2.02% over the base (95% interval [+2.02%, +2.02%]), domain perplexity "
         "gain +55.07%: crosses the forgetting budget of 1.00%"
     ]
-    assert "first 1000 held-out tokens per set (train.eval_max_tokens)" in caplog.records[0].getMessage()
+    assert (
+        "held-out documents that fit in 1000 tokens per set (train.eval_max_tokens)"
+        in caplog.records[0].getMessage()
+    )
     assert budget.crossed_at == 6 and [c.within for c in budget.checks] == [True, True, False, True]
     # step 6 gained most but crossed; step 8 is back within and gained more than step 4
     assert budget.best().step == 8 and budget.best({2, 4, 6}).step == 4
@@ -265,3 +268,23 @@ def test_a_budget_without_a_general_heldout_set_is_refused_before_the_model_load
         run(budget_cfg(tmp_path / "out", no_weights, dataset))
     assert "or remove train.forgetting_budget" in str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_report_says_whether_the_run_stayed_within_its_budget(tmp_path):
+    from cptkit.commands import report
+    from cptkit.testing.stages import write_metrics
+
+    run = tmp_path / "run"
+    write_metrics(run / "train", steps=6)
+    report.run(run)
+    assert "Forgetting budget" not in (run / "report/report.md").read_text()  # none was set
+    budget = ForgettingBudget(0.01, stop=True)
+    observed(budget, TrainerControl())
+    meta = json.loads((run / "train/run_meta.json").read_text())
+    meta["forgetting_budget"] = budget.record(run / "train")
+    (run / "train/run_meta.json").write_text(json.dumps(meta))
+    report.run(run)
+    assert (
+        "Forgetting budget: the run crossed its forgetting budget of 1.00% at step 6, and stopped there: general "
+        "perplexity +2.02% at step 6, 95% interval [+2.02%, +2.02%]; no saved checkpoint is within it."
+    ) in (run / "report/report.md").read_text()

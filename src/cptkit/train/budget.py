@@ -141,13 +141,7 @@ class ForgettingBudget:
         if step == 0:
             self.base = list(results)
             if not quiet:
-                sample = f"the first {self.max_tokens} held-out tokens per set (train.eval_max_tokens)"
-                log.info(
-                    "forgetting budget %s: general perplexity checked against the base's at every held-out "
-                    "evaluation and at every save step, on %s, not the full sets cptkit eval scores",
-                    _percent(self.budget).lstrip("+"),
-                    sample if self.max_tokens else "the held-out sets",
-                )
+                self._announce()
             return None
         if self.base is None:
             return None
@@ -160,6 +154,18 @@ class ForgettingBudget:
         if not quiet:
             self._log(check)
         return check
+
+    def _announce(self) -> None:
+        """What the budget is checked on: the held-out sample training scores, not the full sets."""
+        sample = "the held-out sets"
+        if self.max_tokens:
+            sample = f"the whole held-out documents that fit in {self.max_tokens} tokens per set (train.eval_max_tokens)"
+        log.info(
+            "forgetting budget %s: general perplexity checked against the base's at every held-out evaluation "
+            "and at every save step, on %s, not the full sets cptkit eval scores",
+            _percent(self.budget).lstrip("+"),
+            sample,
+        )
 
     def _log(self, check: BudgetCheck) -> None:
         what = (
@@ -206,7 +212,12 @@ class ForgettingBudget:
             return
         for step in sorted(by_step):
             self.observe(step, by_step[step], quiet=True)
-        log.info("forgetting budget: the base's numbers read back from %s (step 0)", metrics)
+        log.info(
+            "forgetting budget: the base's numbers (step 0) and %d later checks read back from %s",
+            len(self.checks),
+            metrics,
+        )
+        self._announce()
 
     def best(self, saved: set[int] | None = None) -> BudgetCheck | None:
         """The check within the budget with the largest domain gain (the latest when there is no domain
