@@ -216,11 +216,7 @@ class HeldoutEvalCallback(TrainerCallback):
             self._run(state, model, control)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if (
-            self.eval_steps
-            and state.global_step % self.eval_steps != 0
-            and self.last_step != state.global_step
-        ):
-            self._run(
-                state, model
-            )  # the last step, unless it was evaluated (an eval or, with a budget, a save step)
+        # the last step, unless it was evaluated (an eval step or, with a budget, a save step)
+        step = state.global_step
+        if self.eval_steps and step % self.eval_steps != 0 and self.last_step != step:
+            self._run(state, model)
