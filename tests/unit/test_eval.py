@@ -16,13 +16,31 @@ from cptkit.config.evaluate import EvalModel
 from cptkit.errors import CptkitError
 from cptkit.eval.packing import packed_batches, windows
 from cptkit.eval.perplexity import score_documents
-from cptkit.eval.results import HEADLINE_WORDING, REPORT_WORDING, RESULTS_WORDING, deltas, markdown, verdict
+from cptkit.eval.results import (
+    HEADLINE_WORDING,
+    REPORT_WORDING,
+    RESULTS_WORDING,
+    deltas,
+    markdown,
+    results_record,
+    verdict,
+)
 from cptkit.eval.score import nf4_base
 from cptkit.testing.stages import make_lora_adapter, write_prepared
 from cptkit.testing.tiny import sample_texts
 
 RESULT_KEYS = {"model", "set", "role", "loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents"}
-DELTA_KEYS = {"model", "set", "role", "loss_delta", "perplexity_before", "perplexity_after", "bpb_delta"}
+DELTA_KEYS = {
+    "model",
+    "set",
+    "role",
+    "loss_delta",
+    "perplexity_before",
+    "perplexity_after",
+    "perplexity_change",
+    "perplexity_change_interval",
+    "bpb_delta",
+}
 
 
 @pytest.fixture(scope="module")
@@ -199,42 +217,64 @@ def test_model_folder_without_weights_is_an_error(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize(
     "wording, domain, general",
     [
-        (RESULTS_WORDING, ("domain gain", "no domain gain"), ("forgetting", "no forgetting")),
-        (REPORT_WORDING, ("gain", "no gain"), ("forgetting", "no forgetting")),
-        (HEADLINE_WORDING, ("learned", "no gain"), ("forgot", "no forgetting")),
+        (RESULTS_WORDING, ("domain gain", "domain got worse"), ("forgetting", "improved")),
+        (REPORT_WORDING, ("gain", "got worse"), ("forgetting", "improved")),
+        (HEADLINE_WORDING, ("learned", "got worse"), ("forgot", "improved")),
     ],
     ids=["results", "report", "headline"],
 )
 def test_each_place_words_the_verdict_its_own_way(wording, domain, general):
-    """A lower loss is a gain on a domain set, a higher one is forgetting on a general set; no change is
-    neither."""
-    assert [verdict("domain", c, wording) for c in (-0.1, 0.1, 0.0)] == [domain[0], domain[1], domain[1]]
-    assert [verdict("general", c, wording) for c in (0.1, -0.1, 0.0)] == [general[0], general[1], general[1]]
+    """An interval wholly below 0 is a gain on a domain set (improvement on a general one), wholly above
+    is worse (forgetting); one across 0 is within the noise, whatever the sign of the change."""
+    below, above, across = [-0.05, -0.01], [0.01, 0.04], [-0.02, 0.03]
+    assert [verdict("domain", c, wording, i) for c, i in ((-0.1, below), (0.1, above))] == list(domain)
+    assert [verdict("general", c, wording, i) for c, i in ((0.1, above), (-0.1, below))] == list(general)
+    assert verdict("domain", -0.1, wording, across) == "no change within noise (±2.5%)"
+    assert verdict("general", -0.1, wording, across) == "no measurable forgetting (interval [-2.0%, +3.0%])"
+    # without an interval only the direction is said, and marked as such; no change is no change
+    assert verdict("general", -0.1, wording) == f"{general[1]} (no noise estimate)"
+    assert verdict("domain", -0.1, wording) == f"{domain[0]} (no noise estimate)"
+    assert verdict("domain", 0.0, wording) == verdict("general", 0.0, wording) == "no change"
 
 
 def test_results_markdown_reads_each_delta():
+    """Each delta with its perplexity change, the interval over documents and what it reads as: a change
+    the old reading called forgetting (+5% on the set) is within the noise of two unlike documents."""
     rows = [
         {
             "model": m,
             "set": s,
             "role": r,
-            "loss": loss,
-            "perplexity": math.exp(loss),
-            "bits_per_byte": loss / 3,
+            "loss": sum(nats) / 100,
+            "perplexity": math.exp(sum(nats) / 100),
+            "bits_per_byte": sum(nats) / 300,
+            "doc_nats": nats,
+            "doc_tokens": [50, 50],
         }
         | {"tokens": 100, "bytes": 400, "documents": 2}
-        for m, s, r, loss in [
-            ("base", "sql", "domain", 2.0),
-            ("base", "prose", "general", 1.5),
-            ("adapted", "sql", "domain", 1.6),
-            ("adapted", "prose", "general", 1.55),
+        for m, s, r, nats in [
+            ("base", "sql", "domain", [100.0, 100.0]),
+            ("base", "prose", "general", [75.0, 75.0]),
+            ("adapted", "sql", "domain", [78.0, 82.0]),
+            ("adapted", "prose", "general", [74.0, 81.0]),
         ]
     ]
     md = markdown(rows, deltas(rows)).splitlines()
     assert "| adapted | sql | domain | 1.6000 | 4.953 | 0.5333 | 100 | 400 | 2 |" in md
-    assert "| adapted | sql | domain | -0.4000 | 7.389 -> 4.953 | -0.1333 | domain gain |" in md
-    assert "| adapted | prose | general | +0.0500 | 4.482 -> 4.711 | +0.0167 | forgetting |" in md
-    assert md[md.index("## Against the base model") + 3] == "|---|---|---|---:|---:|---:|---|"
+    assert (
+        "| adapted | sql | domain | -0.4000 | 7.389 -> 4.953 | -0.1333 | -33.0% [-35.6%, -30.2%] | domain gain |"
+        in md
+    )
+    assert (
+        "| adapted | prose | general | +0.0500 | 4.482 -> 4.711 | +0.0167 | +5.1% [-2.0%, +12.7%] | "
+        "no measurable forgetting (interval [-2.0%, +12.7%]) |" in md
+    )
+    assert md[md.index("## Against the base model") + 3] == "|---|---|---|---:|---:|---:|---:|---|"
+    # results.json keeps the rows' documented shape: the per-document numbers are not written
+    record = results_record(rows, [], [], 64, "cpu", "float32", resamples=200)
+    assert all("doc_nats" not in r and "doc_tokens" not in r for r in record["results"])
+    assert record["bootstrap"]["resamples"] == 200
+    assert all(d["perplexity_change_interval"] is not None for d in record["deltas"])
 
 
 def test_a_qlora_adapter_is_evaluated_on_the_nf4_base_unless_told_not_to(tmp_path):

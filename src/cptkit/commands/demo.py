@@ -47,7 +47,8 @@ def run(run_dir: Path, gpu: bool = False) -> dict[str, Any]:
     )
     corpora = {"domain": domain, "general": base.general_dir}
     pipeline.run(demo_config(run_dir, base.model_dir, corpora, gpu=gpu, general_name=base.general_name))
-    headline = read_headline(Paths.under(run_dir).eval_results)
+    paths = Paths.under(run_dir)
+    headline = read_headline(paths.eval_results, train_meta=paths.train_meta)
     headline["seconds"] = round(time.perf_counter() - start, 1)
     headline["base_model"] = str(base.model_dir)
     print_headline(console, headline, run_dir)

@@ -41,7 +41,7 @@ def run(cfg: Config) -> dict[str, Any]:
     rows, notes = score_models(
         models, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust
     )
-    result = results_record(rows, models, notes, seq_length, device, dtype)
+    result = results_record(rows, models, notes, seq_length, device, dtype, ec.bootstrap)
     out = resolve(cfg).folder("eval")
     write_config(out, cfg)
     write_results(out, result)

@@ -120,9 +120,21 @@ class EvalConfig:
         factory=list,
         help="scales between base (0) and adapted (1) scored without writing a model, e.g. [0.25, 0.5, 0.75, 1.0]",
     )
-    bootstrap: int = opt(1000, "bootstrap resamples over documents for the interval of each change")
+    bootstrap: int = opt(
+        1000,
+        "bootstrap resamples over documents for the 95% interval of each change against the base "
+        "(0: no intervals, and no verdict beyond the direction)",
+    )
     chat_probe: ChatProbeConfig = opt(factory=ChatProbeConfig, help="chat-behaviour retention probe")
     samples: SamplesConfig = opt(factory=SamplesConfig, help="sample generations in the report")
 
     def check(self, path: str):
-        return at_least(self, path, batch_size=1, seq_length=2, max_documents=1)
+        problems = at_least(self, path, batch_size=1, seq_length=2, max_documents=1)
+        if self.bootstrap != 0 and not 100 <= self.bootstrap <= 100_000:
+            problems.append(
+                (
+                    f"{path}.bootstrap",
+                    f"{self.bootstrap}: use 0 (off) or 100 to 100000 resamples (1000 is usual)",
+                )
+            )
+        return problems

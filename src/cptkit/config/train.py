@@ -183,7 +183,8 @@ class TrainConfig(TrainingRun):
     forgetting_budget: float | None = opt(
         None,
         "the most the general held-out perplexity may rise over the base's, as a fraction (0.01: 1%); "
-        "checked at every held-out evaluation, the best checkpoint within it is kept and named",
+        "checked at every held-out evaluation (and every save step, evaluated too), the best checkpoint "
+        "within it by domain gain is kept from rotation and named in run_meta.json",
     )
     stop_at_forgetting_budget: bool = opt(False, "stop training when the forgetting budget is crossed")
     loss_per_source: bool = opt(True, "log the training loss of each source at every logging step")
@@ -192,7 +193,9 @@ class TrainConfig(TrainingRun):
         problems = list(super().check(path))
         if self.eval_max_tokens < 1:
             problems.append((f"{path}.eval_max_tokens", f"{self.eval_max_tokens} must be at least 1"))
-        return problems
+        from cptkit.train.budget import budget_problems
+
+        return problems + budget_problems(self.forgetting_budget, self.stop_at_forgetting_budget, path)
 
 
 # TrainingArguments fields that cptkit sets itself -> the cptkit key that says what the user wants

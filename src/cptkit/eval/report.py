@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.data.prepared import Prepared
-from cptkit.eval.results import REPORT_WORDING, SUMMARY_KEYS, perplexity_change, results_table, verdict
+from cptkit.eval.results import (
+    REPORT_WORDING,
+    SUMMARY_KEYS,
+    delta_verdict,
+    interval_text,
+    perplexity_change,
+    results_table,
+)
 from cptkit.paths import Paths
+from cptkit.train.budget import budget_text
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +153,7 @@ def train_summary(metrics: Path, meta_path: Path) -> dict[str, Any]:
         "mode": meta.get("mode"),
         "attention": meta.get("attention"),
         "hardware": meta.get("hardware"),
+        "forgetting_budget": meta.get("forgetting_budget"),
     }
 
 
@@ -159,10 +168,12 @@ def _num(x: Any, fmt: str = ".4g") -> str:
 def _verdict(d: dict[str, Any]) -> str:
     """One line: a model's perplexity on one set before -> after, and what that means for its role."""
     change = perplexity_change(d["perplexity_before"], d["perplexity_after"])
-    word = verdict(d["role"], d["loss_delta"], REPORT_WORDING)
+    interval = d.get("perplexity_change_interval")
+    within = f" {interval_text(interval)}" if interval else ""
     return (
         f"- **{d['model']}** on {d['role']} set `{d['set']}`: perplexity {d['perplexity_before']:.3f} -> "
-        f"{d['perplexity_after']:.3f} ({change:+.1f}%), bits/byte {d['bpb_delta']:+.4f}: {word}"
+        f"{d['perplexity_after']:.3f} ({change:+.1f}%{within}), bits/byte {d['bpb_delta']:+.4f}: "
+        f"{delta_verdict(d, REPORT_WORDING)}"
     )
 
 
@@ -237,6 +248,8 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             f"peak memory {_num(t['max_peak_memory_gb'], '.1f')} GB",
             "",
         ]
+        if t.get("forgetting_budget"):
+            out += [f"Forgetting budget: the run {budget_text(t['forgetting_budget'])}.", ""]
         out += [f"![{k}]({v})" for k, v in plots.items() if k in ("training", "heldout", "throughput")] + [""]
     if "eval" in report:
         out += ["## Evaluation", ""] + _results_table(report["eval"]["results"])

@@ -2,27 +2,35 @@
 (results.md, report.md's evaluation tables, the terminal summary).
 
 A delta reads as the user asks it: on a domain set a lower loss is the gain the training bought, on a
-general set a higher loss is what it forgot.
+general set a higher loss is what it forgot; each is said only when the bootstrap interval over the
+set's documents (`cptkit.eval.bootstrap`) is clear of 0, so a change within the noise is called that.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cptkit.eval.bootstrap import LEVEL, RESAMPLES, SEED, Interval, perplexity_change_interval
 from cptkit.outputs import now, versions, write_json
 from cptkit.paths import RESULTS, RESULTS_MD
 
 
-def deltas(results: list[dict[str, Any]], base: str = "base") -> list[dict[str, Any]]:
-    """Every non-base model's change against the model named `base`, per set."""
+def deltas(
+    results: list[dict[str, Any]], base: str = "base", resamples: int = RESAMPLES
+) -> list[dict[str, Any]]:
+    """Every non-base model's change against the model named `base`, per set, with the bootstrap interval
+    of the perplexity change where both rows carry per-document numbers (`doc_nats`, `doc_tokens`)."""
     before = {r["set"]: r for r in results if r["model"] == base}
     out = []
     for r in results:
         b = before.get(r["set"])
         if r["model"] == base or b is None:
             continue
+        interval = _paired_interval(b, r, resamples)
         out.append(
             {
                 "model": r["model"],
@@ -31,33 +39,72 @@ def deltas(results: list[dict[str, Any]], base: str = "base") -> list[dict[str, 
                 "loss_delta": r["loss"] - b["loss"],
                 "perplexity_before": b["perplexity"],
                 "perplexity_after": r["perplexity"],
+                "perplexity_change": math.expm1(r["loss"] - b["loss"]),
+                "perplexity_change_interval": interval.as_list() if interval else None,
                 "bpb_delta": r["bits_per_byte"] - b["bits_per_byte"],
             }
         )
     return out
 
 
+PER_DOCUMENT = ("doc_nats", "doc_tokens")  # a row's numbers per document, in the set's order
+
+
+def _paired_interval(before: dict[str, Any], after: dict[str, Any], resamples: int) -> Interval | None:
+    """The interval of a delta, when both rows scored the same documents one by one."""
+    if (
+        "doc_nats" not in before
+        or "doc_nats" not in after
+        or len(before["doc_nats"]) != len(after["doc_nats"])
+    ):
+        return None
+    return perplexity_change_interval(
+        before["doc_nats"], before["doc_tokens"], after["doc_nats"], after["doc_tokens"], resamples
+    )
+
+
 @dataclass(frozen=True)
 class Wording:
-    """The words a verdict uses: on a domain set (gain or not), on a general set (forgetting or not)."""
+    """The words a verdict uses. On a domain set: learned, got worse, or neither within the noise; on a
+    general set: forgot, improved, or no forgetting that the interval can show."""
 
     gain: str
-    no_gain: str
+    worse: str
     forgetting: str
-    no_forgetting: str
+    improved: str
 
 
-RESULTS_WORDING = Wording("domain gain", "no domain gain", "forgetting", "no forgetting")  # results.md
-REPORT_WORDING = Wording("gain", "no gain", "forgetting", "no forgetting")  # report.md
-HEADLINE_WORDING = Wording("learned", "no gain", "forgot", "no forgetting")  # the demo's headline
+RESULTS_WORDING = Wording("domain gain", "domain got worse", "forgetting", "improved")  # results.md
+REPORT_WORDING = Wording("gain", "got worse", "forgetting", "improved")  # report.md
+HEADLINE_WORDING = Wording("learned", "got worse", "forgot", "improved")  # the demo's headline
 
 
-def verdict(role: str, change: float, wording: Wording = RESULTS_WORDING) -> str:
-    """What a change on a set of this role means. `change` is after minus before of the loss, or of any
-    measure that moves with it (perplexity, its change in percent): only its sign counts."""
+def verdict(
+    role: str, change: float, wording: Wording = RESULTS_WORDING, interval: Sequence[float] | None = None
+) -> str:
+    """What a change on a set of this role means. `interval` is the bootstrap interval of the perplexity
+    change (fractions): a gain, a loss or forgetting is said only when the whole interval is on one side
+    of 0, and otherwise the noise it is within. Without an interval (too few documents, no per-document
+    numbers) the direction of `change` (after minus before of the loss, or of any measure that moves
+    with it) is said, marked as such."""
+    good, bad = (wording.gain, wording.worse) if role == "domain" else (wording.improved, wording.forgetting)
+    if interval is None:
+        if change == 0:
+            return "no change"
+        return f"{good if change < 0 else bad} (no noise estimate)"
+    low, high = interval
+    if high < 0:
+        return good
+    if low > 0:
+        return bad
     if role == "domain":
-        return wording.gain if change < 0 else wording.no_gain
-    return wording.forgetting if change > 0 else wording.no_forgetting
+        return f"no change within noise (±{(high - low) / 2 * 100:.1f}%)"
+    return f"no measurable forgetting (interval [{low * 100:+.1f}%, {high * 100:+.1f}%])"
+
+
+def delta_verdict(d: dict[str, Any], wording: Wording = RESULTS_WORDING) -> str:
+    """`verdict` of one delta of results.json."""
+    return verdict(d["role"], d["loss_delta"], wording, d.get("perplexity_change_interval"))
 
 
 def perplexity_change(before: float, after: float) -> float:
@@ -119,8 +166,18 @@ def results_table(results: list[dict[str, Any]], keys: tuple[str, ...] | None = 
     )
 
 
+def interval_text(interval: Sequence[float] | None) -> str:
+    """A perplexity-change interval in percent, e.g. `[-2.1%, +0.4%]` ("-" when there is none)."""
+    return "-" if interval is None else f"[{interval[0] * 100:+.1f}%, {interval[1] * 100:+.1f}%]"
+
+
+def _change_cell(d: dict[str, Any]) -> str:
+    """A delta's perplexity change and its interval, e.g. `-4.1% [-6.0%, -2.2%]`."""
+    return f"{math.expm1(d['loss_delta']) * 100:+.1f}% {interval_text(d.get('perplexity_change_interval'))}"
+
+
 def deltas_table(delta_rows: list[dict[str, Any]]) -> list[str]:
-    """Each delta against the base model as a markdown line, with its verdict."""
+    """Each delta against the base model as a markdown line, with the interval and its verdict."""
     headers = [
         "model",
         "set",
@@ -128,6 +185,7 @@ def deltas_table(delta_rows: list[dict[str, Any]]) -> list[str]:
         "loss delta",
         "perplexity before -> after",
         "bits/byte delta",
+        f"perplexity change ({LEVEL:.0%} interval)",
         "reading",
     ]
     rows = [
@@ -138,11 +196,12 @@ def deltas_table(delta_rows: list[dict[str, Any]]) -> list[str]:
             f"{d['loss_delta']:+.4f}",
             f"{d['perplexity_before']:.3f} -> {d['perplexity_after']:.3f}",
             f"{d['bpb_delta']:+.4f}",
-            verdict(d["role"], d["loss_delta"]),
+            _change_cell(d),
+            delta_verdict(d),
         ]
         for d in delta_rows
     ]
-    return markdown_table(headers, rows, [False] * 3 + [True] * 3 + [False])
+    return markdown_table(headers, rows, [False] * 3 + [True] * 4 + [False])
 
 
 def markdown(results: list[dict[str, Any]], delta_rows: list[dict[str, Any]]) -> str:
@@ -151,7 +210,9 @@ def markdown(results: list[dict[str, Any]], delta_rows: list[dict[str, Any]]) ->
         "# Evaluation",
         "",
         "Token-weighted loss (nats per predicted token), perplexity = exp(loss), and "
-        "bits per byte = total nats / (ln 2 x UTF-8 bytes), comparable across tokenizers.",
+        "bits per byte = total nats / (ln 2 x UTF-8 bytes), comparable across tokenizers. "
+        f"Each change against the base model carries a {LEVEL:.0%} interval from a paired bootstrap over "
+        "the set's documents; a gain or forgetting is said only when the interval is clear of 0.",
         "",
         *results_table(results),
     ]
@@ -167,11 +228,15 @@ def results_record(
     seq_length: int,
     device: Any,
     dtype: Any,
+    resamples: int = RESAMPLES,
 ) -> dict[str, Any]:
-    """results.json's content: the rows, their deltas against `base`, and how they were measured."""
+    """results.json's content: the rows, their deltas against `base` (with `resamples` bootstrap
+    resamples for each interval), and how they were measured. The per-document numbers the intervals
+    come from are left out of the rows written."""
     return {
-        "results": rows,
-        "deltas": deltas(rows),
+        "results": [{k: v for k, v in r.items() if k not in PER_DOCUMENT} for r in rows],
+        "deltas": deltas(rows, resamples=resamples),
+        "bootstrap": {"resamples": resamples, "level": LEVEL, "seed": SEED, "over": "documents"},
         "seq_length": seq_length,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -198,9 +263,11 @@ def print_summary(results: list[dict[str, Any]], delta_rows: list[dict[str, Any]
     for c in columns:
         table.add_column(c.short or c.header, justify="right" if c.numeric else "left")
     table.add_column("Δ loss vs base", justify="right")
+    table.add_column(f"Δ ppl ({LEVEL:.0%} interval)", justify="right")
+    table.add_column("reading")
     by_key = {(d["model"], d["set"]): d for d in delta_rows}
     for r in results:
         d = by_key.get((r["model"], r["set"]))
-        change = f"{d['loss_delta']:+.4f} ({verdict(d['role'], d['loss_delta'])})" if d else ""
-        table.add_row(*(c.cell(r) for c in columns), change)
+        cells = [f"{d['loss_delta']:+.4f}", _change_cell(d), delta_verdict(d)] if d else ["", "", ""]
+        table.add_row(*(c.cell(r) for c in columns), *cells)
     Console(stderr=True).print(table)

@@ -70,6 +70,8 @@ def score_model(
                 "bytes": s.total_bytes,
                 "documents": len(s.texts),
                 "nats": nats,
+                "doc_nats": scores.nats,  # per document, for the bootstrap interval of each delta
+                "doc_tokens": scores.tokens,
             }
         )
     del model

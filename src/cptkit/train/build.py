@@ -16,6 +16,7 @@ from cptkit.config.train import TrainConfig
 from cptkit.model.load import LoadedModel
 from cptkit.paths import METRICS
 from cptkit.train.arguments import training_arguments
+from cptkit.train.budget import ForgettingBudget
 from cptkit.train.callbacks import CountingCollator, HeldoutEvalCallback, MetricsWriter, ThroughputCallback
 from cptkit.train.checkpoints import CheckpointCallback, saved_settings
 from cptkit.train.collator import PackedCollator
@@ -184,6 +185,14 @@ def default_eval_steps(args: TrainingArguments, num_rows: int, train_cfg: TrainC
     return max(steps // 10, 1)
 
 
+def forgetting_budget(train_cfg: TrainConfig) -> ForgettingBudget | None:
+    """The forgetting budget the run checks (`train.forgetting_budget`; `cptkit sft` has none)."""
+    budget = getattr(train_cfg, "forgetting_budget", None)
+    if budget is None:
+        return None
+    return ForgettingBudget(budget, train_cfg.stop_at_forgetting_budget, train_cfg.eval_max_tokens)
+
+
 def build_trainer(
     train_cfg: TrainConfig,
     loaded: LoadedModel,
@@ -213,6 +222,7 @@ def build_trainer(
     counting = CountingCollator(collator)
     writer = MetricsWriter(Path(output_dir) / METRICS, enabled=args.process_index == 0)
     guard = DivergenceGuard(train_cfg.guard)
+    budget = forgetting_budget(train_cfg)
     callbacks = {  # in this order: the guard may cancel a save; the marker lists the throughput file
         "throughput": ThroughputCallback(counting, flops_per_token, writer),
         "guard": guard,
@@ -222,8 +232,11 @@ def build_trainer(
             args.per_device_eval_batch_size,
             default_eval_steps(args, len(train_dataset), train_cfg),
             writer,
+            budget,
         ),
-        "checkpoints": CheckpointCallback(settings, save_total_limit, keep=guard.keep),
+        "checkpoints": CheckpointCallback(
+            settings, save_total_limit, keep=[guard.keep, *([budget.keep] if budget else [])]
+        ),
     }
     trainer = CptTrainer(
         model=loaded.model,

@@ -16,6 +16,8 @@ import torch
 from transformers import TrainerCallback
 
 from cptkit.model.flops import mfu
+from cptkit.paths import METRICS
+from cptkit.train.budget import ForgettingBudget
 from cptkit.train.collator import IGNORE_INDEX
 from cptkit.train.heldout import HeldoutSet, evaluate_set
 
@@ -135,30 +137,43 @@ class ThroughputCallback(TrainerCallback):
 
 class HeldoutEvalCallback(TrainerCallback):
     """Every `eval_steps` steps (and before the first), loss, perplexity and bits per byte on each
-    held-out set, logged with its role (domain or general) so forgetting shows during training."""
+    held-out set, logged with its role (domain or general) so forgetting shows during training.
+
+    With a forgetting budget (`cptkit.train.budget`) each evaluation is judged against the base's at
+    step 0, and the sets are evaluated at every save step too, so each checkpoint has the numbers that
+    decide whether it is the best within the budget; a crossing stops training when the budget says so."""
 
     def __init__(
-        self, sets: list[HeldoutSet], pad_id: int, batch_size: int, eval_steps: int, writer: MetricsWriter
+        self,
+        sets: list[HeldoutSet],
+        pad_id: int,
+        batch_size: int,
+        eval_steps: int,
+        writer: MetricsWriter,
+        budget: ForgettingBudget | None = None,
     ):
         self.sets = sets
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.eval_steps = eval_steps
         self.writer = writer
+        self.budget = budget
         self.trainer: Any = None  # set by build_trainer, to send the numbers to TensorBoard/W&B too
         self.results: list[dict[str, Any]] = []
+        self.last_step: int | None = None
 
     def _run(self, state, model, control=None) -> None:
         if not self.sets or model is None:
             return
-        logs = {}
+        self.last_step = state.global_step
+        logs, results = {}, []
         for heldout in self.sets:
             result = {
                 "type": "eval",
                 "step": state.global_step,
                 **evaluate_set(model, heldout, self.batch_size, self.pad_id),
             }
-            self.results.append(result)
+            results.append(result)
             self.writer.write(result)
             logs[f"heldout_{heldout.name}_loss"] = round(result["loss"], 4)
             bpb = f", {result['bits_per_byte']:.4f} bits per byte" if result["bits_per_byte"] else ""
@@ -172,20 +187,36 @@ class HeldoutEvalCallback(TrainerCallback):
                 result["tokens"],
                 bpb,
             )
+        self.observe(state.global_step, results, control)
         if self.trainer is not None:
             should_log = control.should_log if control is not None else False
             self.trainer.log(logs)  # resets control.should_log, which the step's own log still needs
             if control is not None:
                 control.should_log = should_log
 
+    def observe(self, step: int, results: list[dict[str, Any]], control=None) -> None:
+        """Take one evaluation's results (every set's at `step`): kept for the run summary and judged
+        against the forgetting budget, which may stop training through `control`."""
+        self.results += results
+        if self.budget is None:
+            return
+        check = self.budget.observe(step, results)
+        if control is not None and self.budget.should_stop(check):
+            control.should_training_stop = True
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self._run(state, model)
+        elif self.budget is not None:  # resumed: the base's numbers are in metrics.jsonl
+            self.budget.restore(Path(args.output_dir) / METRICS, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.eval_steps and state.global_step % self.eval_steps == 0:
+        due = bool(self.eval_steps) and state.global_step % self.eval_steps == 0
+        if due or (self.budget is not None and control.should_save):
             self._run(state, model, control)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.eval_steps and state.global_step % self.eval_steps != 0:
+        # the last step, unless it was evaluated (an eval step or, with a budget, a save step)
+        step = state.global_step
+        if self.eval_steps and step % self.eval_steps != 0 and self.last_step != step:
             self._run(state, model)

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,21 +235,27 @@ def remove_unfinished(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def rotate(output_dir: str | Path, limit: int | None, keep: Path | None = None) -> list[Path]:
-    """Keep the `limit` most recently saved complete checkpoints (and `keep`) and delete older complete
-    ones; incomplete and diverged checkpoints are never counted nor deleted, so an unfinished save can
-    never push out the last whole one. Returns the deleted ones."""
+def rotate(
+    output_dir: str | Path, limit: int | None, keep: Path | Sequence[Path | None] | None = None
+) -> list[Path]:
+    """Keep the `limit` most recently saved complete checkpoints (and `keep`: one or several) and delete
+    older complete ones; incomplete and diverged checkpoints are never counted nor deleted, so an
+    unfinished save can never push out the last whole one. Returns the deleted ones."""
     if not limit or limit <= 0:
         return []
     complete = scan_checkpoints(output_dir).complete
     complete.sort(
         key=lambda c: (c / COMPLETE_MARKER).stat().st_mtime if (c / COMPLETE_MARKER).exists() else 0
     )
-    deleted = [c for c in complete[:-limit] if c != keep]
+    kept = {keep} if isinstance(keep, Path) else set(keep or ())
+    deleted = [c for c in complete[:-limit] if c not in kept]
     for checkpoint in deleted:
         log.info("deleting %s (train.hf.save_total_limit: %d)", checkpoint, limit)
         shutil.rmtree(checkpoint, ignore_errors=True)
     return deleted
+
+
+KeepHook = Callable[[str | Path], Path | None]
 
 
 def _barrier() -> None:
@@ -269,11 +275,13 @@ class CheckpointCallback(TrainerCallback):
         self,
         settings: dict[str, Any],
         save_total_limit: int | None,
-        keep: Callable[[str | Path], Path | None] | None = None,
+        keep: KeepHook | Sequence[KeepHook] | None = None,
     ):
         self.settings = settings
         self.save_total_limit = save_total_limit
-        self.keep = keep  # output_dir -> a checkpoint rotation must not delete (the guard's last good one)
+        # output_dir -> a checkpoint rotation must not delete (the guard's last good one, the best one
+        # within the forgetting budget)
+        self.keep = [keep] if callable(keep) else list(keep or ())
 
     def on_step_end(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
@@ -285,8 +293,7 @@ class CheckpointCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             mark_complete(folder, state.global_step, self.settings)
-            keep = self.keep(args.output_dir) if self.keep else None
-            rotate(args.output_dir, self.save_total_limit, keep=keep)
+            rotate(args.output_dir, self.save_total_limit, keep=[hook(args.output_dir) for hook in self.keep])
 
 
 def truncate_metrics(path: str | Path, through_step: int) -> int:

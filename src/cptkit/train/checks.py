@@ -22,6 +22,7 @@ from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
 from cptkit.locks import is_main_process
 from cptkit.paths import CONFIG, METRICS, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
+from cptkit.train.budget import check_budget_sets
 from cptkit.train.optional import check_optional_dependencies
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ def preflight(
         ) from None
     check_tokenizer(tokenizer, prepared)
     check_positions(model_cfg, prepared)
+    check_budget_sets(getattr(train_cfg, "forgetting_budget", None), prepared.heldout, prepared.folder)
     identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash)
     fresh = check_output_dir(output_dir, identity, train_cfg)
     return {

@@ -14,6 +14,7 @@ from cptkit.disk import FreeSpace, free_bytes
 from cptkit.errors import CptkitError
 from cptkit.model.pickles import check_resumable
 from cptkit.paths import METRICS, RUN_META
+from cptkit.train.budget import budget_text
 from cptkit.train.checkpoints import (
     check_same_batch,
     remove_unfinished,
@@ -49,7 +50,13 @@ def fit(
     if main_process:
         prepare_folder(output_dir, meta.get("identity"), resume_from)
         write_run_meta(
-            output_dir, status="running", resumed_from=resume_from, error=None, diverged=None, **meta
+            output_dir,
+            status="running",
+            resumed_from=resume_from,
+            error=None,
+            diverged=None,
+            forgetting_budget=None,
+            **meta,
         )
     trainer.accelerator.wait_for_everyone()  # the other ranks start once the folder is ready
     if resume_from:
@@ -67,7 +74,9 @@ def fit(
         trainer.save_model(str(output_dir))
     final = {**run_summary(result, callbacks, output_dir), **(summary or {})}
     if main_process:
-        write_run_meta(output_dir, status="complete", final=final)
+        write_run_meta(
+            output_dir, status="complete", final=final, forgetting_budget=final.get("forgetting_budget")
+        )
     return final
 
 
@@ -93,13 +102,19 @@ def prepare_folder(output_dir: str | Path, identity: str | None, resume_from: st
 
 
 def run_summary(result: Any, callbacks: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
-    """Steps, losses, tokens, speed and the last held-out numbers of each set."""
+    """Steps, losses, tokens, speed, the last held-out numbers of each set and, with a forgetting budget,
+    its record (`ForgettingBudget.record`: the best checkpoint within it, logged here)."""
     last_eval: dict[str, dict] = {}
     for r in callbacks["heldout"].results:
         last_eval[r["set"]] = {
             k: r[k] for k in ("role", "loss", "perplexity", "bits_per_byte", "tokens", "step")
         }
     throughput = callbacks["throughput"]
+    budget = callbacks["heldout"].budget
+    extra = {}
+    if budget is not None:
+        extra["forgetting_budget"] = budget.record(output_dir)
+        log.info(budget_text(extra["forgetting_budget"]))
     return {
         "output_dir": str(output_dir),
         "steps": result.global_step,
@@ -108,4 +123,5 @@ def run_summary(result: Any, callbacks: dict[str, Any], output_dir: str | Path) 
         "trained_tokens": throughput.trained_tokens,
         **{k: throughput.last.get(k) for k in ("tokens_per_second", "mfu", "peak_memory_gb")},
         "heldout": last_eval,
+        **extra,
     }

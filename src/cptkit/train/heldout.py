@@ -81,7 +81,9 @@ def load_heldout_sets(prepared: Prepared, seq_length: int, max_tokens: int) -> l
 
 @torch.no_grad()
 def evaluate_set(model: Any, heldout: HeldoutSet, batch_size: int, pad_id: int) -> dict[str, Any]:
-    """Loss per predicted token over the set, its perplexity and bits per byte."""
+    """Loss per predicted token over the set, its perplexity and bits per byte, and each document's
+    summed nats and predicted tokens (`doc_nats`, `doc_tokens`: the bootstrap interval of a change
+    against the base, see `cptkit.train.budget`)."""
     was_training = model.training
     model.eval()
     try:
@@ -98,4 +100,6 @@ def evaluate_set(model: Any, heldout: HeldoutSet, batch_size: int, pad_id: int) 
         "perplexity": numbers["perplexity"],
         "bits_per_byte": numbers["bits_per_byte"] if heldout.num_bytes else None,
         "tokens": tokens,
+        "doc_nats": [round(x, 4) for x in scores.nats],  # as metrics.jsonl keeps them, so a resume reads
+        "doc_tokens": scores.tokens,  # back exactly what the run judged
     }
