@@ -1,4 +1,6 @@
-"""`cptkit merge CONFIG.yaml`: base + LoRA adapter -> a full model folder that plain transformers loads.
+"""`cptkit merge CONFIG.yaml`: base + LoRA adapter -> a full model folder that plain transformers loads;
+`merge.scale` < 1 merges the update that part of the way (for a fully fine-tuned model too: base + scale *
+(trained - base)).
 
 The base is streamed shard by shard (see `cptkit.merge.stream`). QLoRA adapters are merged into both the
 original and the NF4-dequantised base, compared with the adapter on the 4-bit base, and the closer kept.
@@ -14,7 +16,7 @@ from typing import Any
 from cptkit.config import Config
 from cptkit.config.evaluate import MergeConfig
 from cptkit.errors import CptkitError
-from cptkit.merge.run import merge_adapter
+from cptkit.merge.run import merge_trained
 from cptkit.outputs import write_config
 from cptkit.paths import resolve
 
@@ -36,7 +38,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if base_name is None:
         raise CptkitError("merge.base: not set, and no model.name_or_path to default to")
     out_dir = paths.folder("merge")
-    report = merge_adapter(
+    report = merge_trained(
         base_name,
         adapter_dir,
         out_dir,

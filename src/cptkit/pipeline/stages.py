@@ -125,8 +125,8 @@ def describe_eval(r: dict[str, Any]) -> str:
 def _merge_why_not(cfg: Config) -> str | None:
     if cfg.merge is None:
         return "no merge section"
-    if cfg.train and cfg.train.mode == "full":
-        return "train.mode is full: nothing to merge"
+    if cfg.train and cfg.train.mode == "full" and cfg.merge.scale == 1:
+        return "train.mode is full: nothing to merge (merge.scale below 1 writes a model toward the base)"
     return None
 
 
