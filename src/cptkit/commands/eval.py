@@ -11,11 +11,12 @@ from cptkit.config import Config
 from cptkit.config.evaluate import EvalConfig, EvalModel
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
-from cptkit.eval.interpolate import plan_sweep, print_sweep, run_sweep, sweep_summary
+from cptkit.eval.interpolate import plan_sweep, run_sweep
 from cptkit.eval.models import pick_device, pick_dtype
 from cptkit.eval.results import print_summary, results_record, write_results
 from cptkit.eval.score import score_models
 from cptkit.eval.sets import EvalSet, heldout_sets, text_set
+from cptkit.eval.tradeoff import print_sweep, sweep_summary
 from cptkit.outputs import write_config
 from cptkit.paths import resolve
 

@@ -112,9 +112,12 @@ def describe_train(s: dict[str, Any]) -> str:
 
 
 def describe_eval(r: dict[str, Any]) -> str:
+    from cptkit.eval.tradeoff import is_point
+
     last = {}
     for d in r.get("deltas", []):  # the last model listed (merged, or sft) on each set
-        last[d["set"]] = d
+        if not is_point(d["model"]):
+            last[d["set"]] = d
     parts = [
         f"{s} ({d['role']}) ppl {d['perplexity_before']:.2f} -> {d['perplexity_after']:.2f}"
         for s, d in last.items()
