@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ from cptkit.eval.sets import EvalSet
 from cptkit.eval.tradeoff import NO_BUDGET, point_name
 from cptkit.merge.checkpoint import Checkpoint, read_checkpoint, resolve_model_folder
 from cptkit.merge.full import check_same_model, interpolated_tensors
-from cptkit.merge.scale import interpolated
+from cptkit.merge.scale import adapter_at_scale
 
 log = logging.getLogger(__name__)
 
@@ -112,37 +111,6 @@ def _at_scale(model, sweep: Sweep, scale: float) -> contextlib.AbstractContextMa
         set_interpolated_weights(model, *sweep.checkpoints, scale)
         return contextlib.nullcontext()
     return adapter_at_scale(model, scale)
-
-
-@contextlib.contextmanager
-def adapter_at_scale(model, scale: float) -> Iterator[None]:
-    """A peft LoRA model as `merge.scale: scale` merges it: every LoRA layer's scaling times `scale`, every
-    trained module copy (modules_to_save) at base + scale * (trained - base); all restored on exit."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    scalings: list[tuple[dict[str, float], dict[str, float]]] = []
-    weights: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoraLayer):
-                    scalings.append((module.scaling, dict(module.scaling)))
-                    for name in module.scaling:
-                        module.scaling[name] *= scale
-                elif isinstance(module, ModulesToSaveWrapper) and scale != 1:
-                    base = dict(module.original_module.named_parameters())
-                    for copy in module.modules_to_save.values():
-                        for name, p in copy.named_parameters():
-                            weights.append((p, p.detach().clone()))
-                            p.copy_(interpolated(base[name], p, scale).to(p.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for scaling, saved in scalings:
-                scaling.update(saved)
-            for p, saved in weights:
-                p.copy_(saved)
 
 
 @torch.no_grad()

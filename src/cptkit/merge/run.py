@@ -187,6 +187,7 @@ def compare_variants(
         pick_dtype(device),
         seq_length=max(len(d) for d in docs),
         trust_remote_code=trust_remote_code,
+        scale=mc.scale,
     )
 
 
