@@ -109,7 +109,7 @@ def test_bad_adapter_path_through_the_cli(run, tmp_path, capsys):
 def test_qlora_merge_at_a_scale_is_compared_with_the_adapter_at_that_scale(run, tmp_path):
     """merge.scale 0.5 merges half the update into both bases; the reference they are compared with is the
     adapter on the 4-bit base at the same scale, so the dequantised merge (that very model, merged) stays
-    as close to it as at scale 1, and both differ from the merge at scale 1."""
+    as close to it as at scale 1, while it differs from the merge at scale 1."""
     from transformers import AutoModelForCausalLM
 
     path, run_dir = run
@@ -119,12 +119,10 @@ def test_qlora_merge_at_a_scale_is_compared_with_the_adapter_at_that_scale(run, 
     whole = json.loads((run_dir / "merged/merge_report.json").read_text())
     assert half["scale"] == 0.5 and whole["scale"] == 1.0
     assert "times merge.scale 0.5" in half["comparison"]["reference"]["what"]
-    kl = {
-        r: c["comparison"]["candidates"]["dequantized"]["mean_kl"]
-        for r, c in (("half", half), ("whole", whole))
-    }
-    print(kl, half["comparison"], whole["comparison"])
-    assert kl["half"] < 1e-4 and kl["half"] < 10 * kl["whole"] + 1e-6
+    # the dequantised merge is the reference merged: as close at 0.5 as at 1 (fp32 rounding); the merges
+    # at 0.5 and 1 differ by more than 1e-4 (below), which a reference left at scale 1 would show here
+    for report in (half, whole):
+        assert report["comparison"]["candidates"]["dequantized"]["max_abs_logit_diff"] < 1e-5
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = (
