@@ -37,15 +37,16 @@ def run(cfg: Config) -> dict[str, Any]:
     if not models:
         raise CptkitError("eval.models: nothing to evaluate: list models, or set model.name_or_path")
     sets, seq_length = _sets(cfg, ec)
-    sweep = plan_sweep(ec.interpolate, models, cfg.train.forgetting_budget if cfg.train else None)
     device = pick_device(ec.device)
     dtype = pick_dtype(device, cfg.model.dtype if cfg.model else "auto")
     trust = bool(cfg.model and cfg.model.trust_remote_code)
+    budget = cfg.train.forgetting_budget if cfg.train else None
+    sweep = plan_sweep(ec.interpolate, models, budget, device=device, dtype=dtype, trust_remote_code=trust)
     rows, notes = score_models(
         models, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust
     )
     if sweep is not None:
-        rows += run_sweep(sweep, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust)
+        rows += run_sweep(sweep, sets, seq_length, ec.batch_size)
     result = results_record(rows, models, notes, seq_length, device, dtype)
     if sweep is not None:
         result["interpolation"] = sweep_summary(sweep, rows)

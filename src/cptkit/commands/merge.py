@@ -16,7 +16,7 @@ from typing import Any
 from cptkit.config import Config
 from cptkit.config.evaluate import MergeConfig
 from cptkit.errors import CptkitError
-from cptkit.merge.run import merge_trained
+from cptkit.merge.run import merge_adapter
 from cptkit.outputs import write_config
 from cptkit.paths import resolve
 
@@ -38,7 +38,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if base_name is None:
         raise CptkitError("merge.base: not set, and no model.name_or_path to default to")
     out_dir = paths.folder("merge")
-    report = merge_trained(
+    report = merge_adapter(
         base_name,
         adapter_dir,
         out_dir,

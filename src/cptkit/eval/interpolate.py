@@ -42,15 +42,21 @@ class Sweep:
     budget: float
     budget_from: str
     checkpoints: tuple[Checkpoint, Checkpoint] | None = None  # full fine-tuning: (base, trained)
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    trust_remote_code: bool = False  # model.trust_remote_code
 
     @property
     def mode(self) -> str:
         return "lora" if self.adapted.adapter is not None else "full"
 
 
-def plan_sweep(scales: list[float], models: list[EvalModel], forgetting_budget: float | None) -> Sweep | None:
+def plan_sweep(
+    scales: list[float], models: list[EvalModel], forgetting_budget: float | None, **placement: Any
+) -> Sweep | None:
     """The sweep to run (None when eval.interpolate is empty), refused before any model loads when there
-    is no adapted model, no base, or (full fine-tuning) a trained model that is not the base fine-tuned."""
+    is no adapted model, no base, or (full fine-tuning) a trained model that is not the base fine-tuned.
+    `placement`: the device, dtype and trust_remote_code the models load with (Sweep's fields)."""
     if not scales:
         return None
     by_name = {m.name: m for m in models}
@@ -70,36 +76,21 @@ def plan_sweep(scales: list[float], models: list[EvalModel], forgetting_budget: 
         budget, budget_from = 0.0, NO_BUDGET
     else:
         budget, budget_from = forgetting_budget, "train.forgetting_budget"
-    return Sweep(sorted(scales), adapted, base, budget, budget_from, checkpoints)
+    return Sweep(sorted(scales), adapted, base, budget, budget_from, checkpoints, **placement)
 
 
-def run_sweep(
-    sweep: Sweep,
-    sets: list[EvalSet],
-    seq_length: int,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    trust_remote_code: bool = False,
-) -> list[dict[str, Any]]:
+def run_sweep(sweep: Sweep, sets: list[EvalSet], seq_length: int, batch_size: int) -> list[dict[str, Any]]:
     """The result rows of every point, on every set; the adapted model is loaded once for all of them."""
+    device, dtype, trust = sweep.device, sweep.dtype, sweep.trust_remote_code
     notes: list[str] = []  # what loading says was done differently is already noted for `adapted`
-    model = load_scored_model(sweep.adapted, device, dtype, notes, trust_remote_code)
+    model = load_scored_model(sweep.adapted, device, dtype, notes, trust)
     rows: list[dict[str, Any]] = []
     for scale in sweep.scales:
         log.info("eval.interpolate: scoring the adapted model at scale %g", scale)
         with _at_scale(model, sweep, scale):
             spec = EvalModel(name=point_name(scale), path=sweep.adapted.path, adapter=sweep.adapted.adapter)
             rows += score_model(
-                spec,
-                sets,
-                seq_length,
-                batch_size,
-                device,
-                dtype,
-                notes,
-                trust_remote_code=trust_remote_code,
-                model=model,
+                spec, sets, seq_length, batch_size, device, dtype, notes, trust_remote_code=trust, model=model
             )
     del model
     gc.collect()

@@ -30,22 +30,6 @@ from cptkit.paths import MERGE_REPORT
 log = logging.getLogger(__name__)
 
 
-def merge_trained(
-    base_name: str,
-    trained_dir: Path,
-    out_dir: Path,
-    mc: MergeConfig,
-    dataset: str | Path | None = None,
-    before_commit: Callable[[Path], None] | None = None,
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """`cptkit merge`: the adapter in `trained_dir` merged into `base_name` (`merge_adapter`), or, for a
-    fully fine-tuned model and merge.scale < 1, base + scale * (trained - base) (`merge_full`)."""
-    if is_full_model(trained_dir) and mc.scale < 1:
-        return merge_full(base_name, trained_dir, out_dir, mc, before_commit)
-    return merge_adapter(base_name, trained_dir, out_dir, mc, dataset, before_commit, trust_remote_code)
-
-
 def merge_full(
     base_name: str,
     trained_dir: Path,
@@ -96,7 +80,10 @@ def merge_adapter(
     """Merge the adapter in `adapter_dir` into `base_name` and write the model into `out_dir`; returns
     merge_report.json's content. `dataset` is the prepared folder whose held-out documents compare QLoRA
     merges; `before_commit(folder)` writes further files (config.yaml) into the output before it is moved
-    into place, so that a failure there leaves the previous output too."""
+    into place, so that a failure there leaves the previous output too. A fully fine-tuned model in
+    `adapter_dir` is merged at merge.scale < 1 (`merge_full`); at 1 there is nothing to merge."""
+    if is_full_model(adapter_dir) and mc.scale < 1:
+        return merge_full(base_name, adapter_dir, out_dir, mc, before_commit)
     start = time.perf_counter()
     adapter = read_adapter(adapter_dir)
     base = read_checkpoint(resolve_model_folder(base_name))
