@@ -145,6 +145,8 @@ def _report_inputs(cfg: Config) -> list[Path]:
 
 
 def _describe_merge(r: dict[str, Any]) -> str:
+    if r.get("mode") == "full":
+        return f"full model moved toward the base: {r.get('why')}"
     return f"{r.get('mode', '?')} adapter merged, kept the {r.get('kept', '?')} variant"
 
 
