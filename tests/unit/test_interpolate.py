@@ -58,7 +58,7 @@ def config(run, base, **eval_opts) -> Config:
         {
             "run_dir": str(run),
             "model": {"name_or_path": str(base)},
-            "eval": {"batch_size": 4, **eval_opts},
+            "eval": {"batch_size": 4, "max_documents": 2, **eval_opts},
             "merge": {"dtype": "float32"},
         },
     )
@@ -73,10 +73,7 @@ def merged_at(run, base, scale) -> dict[tuple[str, str], dict]:
     cfg = config(run, base)
     cfg.merge.scale, cfg.merge.output_dir = scale, str(run / f"merged-{scale}")
     merge.run(cfg)
-    cfg.eval.models = [
-        EvalModel(name="base", path=str(base)),
-        EvalModel(name="m", path=str(run / f"merged-{scale}")),
-    ]
+    cfg.eval.models = [EvalModel(name="m", path=str(run / f"merged-{scale}"))]
     cfg.eval.output_dir = str(run / f"eval-merged-{scale}")
     return {s: r for (m, s), r in by_model(eval_cmd.run(cfg)).items() if m == "m"}
 
