@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cptkit.cli import main as cli
@@ -103,3 +104,35 @@ def test_bad_adapter_path_through_the_cli(run, tmp_path, capsys):
     )
     assert "no such adapter folder" in capsys.readouterr().err
     assert not Path(tmp_path / "m").exists()
+
+
+def test_qlora_merge_at_a_scale_is_compared_with_the_adapter_at_that_scale(run, tmp_path):
+    """merge.scale 0.5 merges half the update into both bases; the reference they are compared with is the
+    adapter on the 4-bit base at the same scale, so the dequantised merge (that very model, merged) stays
+    as close to it as at scale 1, while it differs from the merge at scale 1."""
+    from transformers import AutoModelForCausalLM
+
+    path, run_dir = run
+    out = tmp_path / "half"
+    assert cli(["merge", str(path), "merge.scale=0.5", f"merge.output_dir={out}"]) == 0
+    half = json.loads((out / "merge_report.json").read_text())
+    whole = json.loads((run_dir / "merged/merge_report.json").read_text())
+    assert half["scale"] == 0.5 and whole["scale"] == 1.0
+    assert "times merge.scale 0.5" in half["comparison"]["reference"]["what"]
+    # the dequantised merge is the reference merged: as close at 0.5 as at 1 (fp32 rounding); the merges
+    # at 0.5 and 1 differ by more than 1e-4 (below), which a reference left at scale 1 would show here
+    for report in (half, whole):
+        assert report["comparison"]["candidates"]["dequantized"]["max_abs_logit_diff"] < 1e-5
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (
+            AutoModelForCausalLM.from_pretrained(str(f))(input_ids=ids).logits
+            for f in (out, run_dir / "merged")
+        )
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_merge_scale_outside_0_1_is_refused_through_the_cli(run, tmp_path, capsys):
+    path, _ = run
+    assert cli(["merge", str(path), "merge.scale=1.5", f"merge.output_dir={tmp_path / 'm'}"]) == 2
+    assert "merge.scale" in capsys.readouterr().err and not (tmp_path / "m").exists()

@@ -11,10 +11,12 @@ from cptkit.config import Config
 from cptkit.config.evaluate import EvalConfig, EvalModel
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
+from cptkit.eval.interpolate import plan_sweep, run_sweep
 from cptkit.eval.models import pick_device, pick_dtype
 from cptkit.eval.results import print_summary, results_record, write_results
 from cptkit.eval.score import score_models
 from cptkit.eval.sets import EvalSet, heldout_sets, text_set
+from cptkit.eval.tradeoff import print_sweep, sweep_summary
 from cptkit.outputs import write_config
 from cptkit.paths import resolve
 
@@ -38,14 +40,22 @@ def run(cfg: Config) -> dict[str, Any]:
     device = pick_device(ec.device)
     dtype = pick_dtype(device, cfg.model.dtype if cfg.model else "auto")
     trust = bool(cfg.model and cfg.model.trust_remote_code)
+    budget = cfg.train.forgetting_budget if cfg.train else None
+    sweep = plan_sweep(ec.interpolate, models, budget, device=device, dtype=dtype, trust_remote_code=trust)
     rows, notes = score_models(
         models, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust
     )
+    if sweep is not None:
+        rows += run_sweep(sweep, sets, seq_length, ec.batch_size)
     result = results_record(rows, models, notes, seq_length, device, dtype, ec.bootstrap)
+    if sweep is not None:
+        result["interpolation"] = sweep_summary(sweep, rows)
     out = resolve(cfg).folder("eval")
     write_config(out, cfg)
     write_results(out, result)
     print_summary(rows, result["deltas"])
+    if sweep is not None:
+        print_sweep(result["interpolation"])
     log.info("eval results in %s", out)
     return result
 

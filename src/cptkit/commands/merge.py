@@ -1,4 +1,6 @@
-"""`cptkit merge CONFIG.yaml`: base + LoRA adapter -> a full model folder that plain transformers loads.
+"""`cptkit merge CONFIG.yaml`: base + LoRA adapter -> a full model folder that plain transformers loads;
+`merge.scale` < 1 merges the update that part of the way (for a fully fine-tuned model too: base + scale *
+(trained - base)).
 
 The base is streamed shard by shard (see `cptkit.merge.stream`). QLoRA adapters are merged into both the
 original and the NF4-dequantised base, compared with the adapter on the 4-bit base, and the closer kept.

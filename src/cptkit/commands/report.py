@@ -59,6 +59,7 @@ def run(where: Paths | str | Path) -> dict[str, Any]:
         made["throughput"] = plots.throughput(report["train"], out)
     if "eval" in report:
         made["perplexity"] = plots.perplexity(report["eval"]["results"], out)
+        made["tradeoff"] = plots.tradeoff(report["eval"].get("interpolation"), out)
     report["plots"] = {k: v for k, v in made.items() if v}
     report["created"] = now()
     write_json(out / REPORT_JSON, report)

@@ -7,6 +7,8 @@ from typing import Literal
 
 from cptkit.config.fields import at_least, opt
 
+SCALE_MEANING = "(0: the base, 1: the adapted model)"
+
 
 @dataclass
 class MergeConfig:
@@ -38,7 +40,10 @@ class MergeConfig:
     )
 
     def check(self, path: str):
-        return at_least(self, path, compare_documents=1, compare_tokens=2)
+        problems = at_least(self, path, compare_documents=1, compare_tokens=2)
+        if not 0 <= self.scale <= 1:
+            problems.append((f"{path}.scale", f"{self.scale}: must be in [0, 1] {SCALE_MEANING}"))
+        return problems
 
 
 @dataclass
@@ -135,6 +140,20 @@ class EvalConfig:
                 (
                     f"{path}.bootstrap",
                     f"{self.bootstrap}: use 0 (off) or 100 to 100000 resamples (1000 is usual)",
+                )
+            )
+        outside = [s for s in self.interpolate if not 0 <= s <= 1]
+        if outside:
+            shown = ", ".join(str(s) for s in outside)
+            problems.append(
+                (f"{path}.interpolate", f"{shown}: every scale must be in [0, 1] {SCALE_MEANING}")
+            )
+        repeated = sorted({s for s in self.interpolate if self.interpolate.count(s) > 1})
+        if repeated:
+            problems.append(
+                (
+                    f"{path}.interpolate",
+                    f"{', '.join(map(str, repeated))} listed more than once: list each scale once",
                 )
             )
         return problems

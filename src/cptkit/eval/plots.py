@@ -110,3 +110,39 @@ def perplexity(results: list[dict[str, Any]], folder: Path) -> str | None:
     ax.set_title("held-out perplexity per set")
     ax.legend()
     return _save(fig, folder / "perplexity.png")
+
+
+def tradeoff(interpolation: dict[str, Any] | None, folder: Path) -> str | None:
+    """eval.interpolate's trade-off curve: domain perplexity change (y) against general change (x), in
+    percent, one point per scale, the base at the origin and the forgetting budget as a vertical line."""
+    points = [
+        p
+        for p in (interpolation or {}).get("points", [])
+        if p["domain_change"] is not None and p["general_change"] is not None
+    ]
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [0.0] + [100 * p["general_change"] for p in points]
+    ys = [0.0] + [100 * p["domain_change"] for p in points]
+    ax.plot(xs, ys, "-o", color="tab:blue")
+    for x, y, label in zip(xs, ys, ["base"] + [f"{p['scale']:g}" for p in points], strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4))
+    ax.axvline(100 * interpolation["budget"], color="tab:red", linestyle="--", label="forgetting budget")
+    best = interpolation.get("best")
+    if best is not None:
+        ax.plot(
+            [100 * best["general_change"]],
+            [100 * best["domain_change"]],
+            "*",
+            ms=14,
+            color="tab:green",
+            label=f"best (scale {best['scale']:g})",
+        )
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("general perplexity change (%)")
+    ax.set_ylabel("domain perplexity change (%)")
+    ax.set_title("interpolation between base and adapted")
+    ax.legend()
+    return _save(fig, folder / "tradeoff.png")

@@ -20,9 +20,11 @@ from cptkit.eval.results import (
     SUMMARY_KEYS,
     delta_verdict,
     interval_text,
+    markdown_table,
     perplexity_change,
     results_table,
 )
+from cptkit.eval.tradeoff import describe_best, is_point
 from cptkit.paths import Paths
 from cptkit.train.budget import budget_text
 
@@ -75,7 +77,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _eval_summary(results: Path) -> dict[str, Any]:
     data = _read_json(results)
-    return {"results": data.get("results", []), "deltas": data.get("deltas", [])}
+    summary = {"results": data.get("results", []), "deltas": data.get("deltas", [])}
+    if data.get("interpolation"):
+        summary["interpolation"] = data["interpolation"]
+    return summary
 
 
 _SOURCE_KEYS = (
@@ -208,11 +213,47 @@ def _sft_markdown(sft: dict[str, Any]) -> list[str]:
     return out
 
 
+def interpolation_markdown(block: dict[str, Any] | None, plots: dict[str, str]) -> list[str]:
+    """eval.interpolate's points (scale, domain and general perplexity change, within the budget), the
+    best one, and the trade-off plot; nothing when the sweep did not run."""
+    if not block:
+        return []
+
+    def percent(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.2%}"
+
+    rows = [
+        [
+            f"{p['scale']:g}",
+            percent(p["domain_change"]),
+            percent(p["general_change"]),
+            {True: "yes", False: "no", None: "-"}[p["within_budget"]],
+        ]
+        for p in block["points"]
+    ]
+    out = [
+        "### Interpolation between base and adapted",
+        "",
+        f"The {block['mode']} model at scales between the base (0) and itself (1), scored without writing a "
+        f"model; perplexity changes against the base over all sets of each role. Budget "
+        f"{block['budget']:+.2%} ({block['budget_from']}).",
+        "",
+        *markdown_table(
+            ["scale", "domain ppl change", "general ppl change", "within budget"], rows, [True] * 4
+        ),
+        "",
+        f"{describe_best(block)}: {block['why']}",
+        "",
+    ]
+    return out + ([f"![trade-off]({plots['tradeoff']})", ""] if "tradeoff" in plots else [])
+
+
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     """One page: the verdict first (gain, forgetting), then data, training, evaluation, with the plots."""
     out = [f"# cptkit report: {report['run_dir']}", ""]
     sft_deltas = [d for d in _sft_eval(report).get("deltas", []) if d.get("model") == "sft"]
     deltas = [*((report.get("eval") or {}).get("deltas") or []), *sft_deltas]
+    deltas = [d for d in deltas if not is_point(d["model"])]  # the interpolation section has those
     if deltas:
         out += ["## In one line per set", ""] + [_verdict(d) for d in deltas] + [""]
     if report.get("missing"):
@@ -254,6 +295,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     if "eval" in report:
         out += ["## Evaluation", ""] + _results_table(report["eval"]["results"])
         out += [""] + ([f"![perplexity]({plots['perplexity']})", ""] if "perplexity" in plots else [])
+        out += interpolation_markdown(report["eval"].get("interpolation"), plots)
     if "sft" in report:
         out += _sft_markdown(report["sft"])
     if "merge" in report:

@@ -31,6 +31,25 @@ def nf4_base(spec: EvalModel) -> dict[str, Any] | None:
     return nf4_settings(quant)
 
 
+def load_scored_model(
+    spec: EvalModel,
+    device: torch.device,
+    dtype: torch.dtype,
+    notes: list[str],
+    trust_remote_code: bool = False,
+):
+    """The model `spec` names, loaded as eval scores it: a QLoRA adapter on the NF4 round trip of its base
+    where bitsandbytes runs, else (said in `notes`) on the original base."""
+    nf4 = nf4_base(spec)
+    if nf4 is not None and (reason := nf4_available(device)):
+        notes.append(f"{spec.name}: {reason}; the adapter was evaluated on the original base instead")
+        log.warning(notes[-1])
+        nf4 = None
+    return load_model(
+        spec.path, device, dtype, adapter=spec.adapter, nf4=nf4, trust_remote_code=trust_remote_code
+    )
+
+
 def score_model(
     spec: EvalModel,
     sets: list[EvalSet],
@@ -40,17 +59,13 @@ def score_model(
     dtype: torch.dtype,
     notes: list[str],
     trust_remote_code: bool = False,
+    model: Any = None,
 ) -> list[dict[str, Any]]:
     """One result row per set for one model (loaded, scored, released); what was done other than asked
-    (the adapter on the original base where bitsandbytes cannot run) is added to `notes`."""
-    nf4 = nf4_base(spec)
-    if nf4 is not None and (reason := nf4_available(device)):
-        notes.append(f"{spec.name}: {reason}; the adapter was evaluated on the original base instead")
-        log.warning(notes[-1])
-        nf4 = None
-    model = load_model(
-        spec.path, device, dtype, adapter=spec.adapter, nf4=nf4, trust_remote_code=trust_remote_code
-    )
+    (the adapter on the original base where bitsandbytes cannot run) is added to `notes`. `model`: the
+    model `spec` names, already loaded (the points of eval.interpolate), scored as it is."""
+    if model is None:
+        model = load_scored_model(spec, device, dtype, notes, trust_remote_code)
     tokenizer = load_tokenizer(
         spec.adapter or spec.path, fallback=spec.path, trust_remote_code=trust_remote_code
     )

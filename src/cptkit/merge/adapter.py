@@ -25,7 +25,7 @@ from cptkit.paths import CONFIG, RUN_META
 log = logging.getLogger(__name__)
 
 _PREFIX = "base_model.model."
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -53,11 +53,12 @@ class LoraModule:
     def weight_key(self) -> str:
         return f"{self.name}.weight"
 
-    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """scale * B @ A in float32, shaped like the base weight it is added to."""
+    def delta(self, device: torch.device | str = "cpu", times: float = 1.0) -> torch.Tensor:
+        """times * scale * B @ A in float32, shaped like the base weight it is added to (`times` is
+        merge.scale: 1 merges the update as trained)."""
         a = self.a.to(device, torch.float32)
         b = self.b.to(device, torch.float32)
-        d = (b @ a) * self.scale  # (out, in); embeddings store (dim, vocab) this way round
+        d = (b @ a) * (self.scale * times)  # (out, in); embeddings store (dim, vocab) this way round
         return d.T if (self.embedding or self.fan_in_fan_out) else d
 
     def delta_shape(self) -> tuple[int, int]:
@@ -77,9 +78,6 @@ class LoraAdapter:
     @property
     def base_name(self) -> str | None:
         return self.config.get("base_model_name_or_path")
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self.folder / n for n in _TOKENIZER_FILES if (self.folder / n).is_file()]
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

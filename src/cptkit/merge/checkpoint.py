@@ -151,3 +151,28 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         for key, v in entries:
             tensors[key] = TensorInfo(key, path, tuple(v["shape"]), v["dtype"], *v["data_offsets"])
     return Checkpoint(folder, tensors)
+
+
+class TensorReader:
+    """Tensors of a checkpoint read by name, in any order, each file opened once (a context manager):
+    for walking one checkpoint while taking the same tensors from another."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self._open: dict[Path, tuple[BinaryIO, int]] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f, _ in self._open.values():
+            f.close()
+        self._open.clear()
+
+    def read(self, key: str) -> torch.Tensor:
+        info = self.checkpoint.tensors[key]
+        if info.file not in self._open:
+            _, data_start = read_header(info.file)
+            self._open[info.file] = (open(info.file, "rb"), data_start)  # noqa: SIM115 - closed in __exit__
+        f, data_start = self._open[info.file]
+        return read_tensor(info, f, data_start)

@@ -17,6 +17,7 @@ import torch
 
 from cptkit.eval.models import load_model
 from cptkit.eval.perplexity import iter_scored
+from cptkit.merge.scale import adapter_at_scale
 
 if TYPE_CHECKING:
     from cptkit.data.prepared import Prepared
@@ -48,22 +49,26 @@ def compare_candidates(
     seq_length: int = 2048,
     batch_size: int = 4,
     trust_remote_code: bool = False,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
-    """Reference loss and, per candidate, KL / max logit difference / loss against the reference."""
+    """Reference loss and, per candidate, KL / max logit difference / loss against the reference (the
+    adapter at merge.scale `scale`, as the candidates merged it)."""
     reference = load_model(
         base, device, dtype, adapter=adapter, nf4=quant, trust_remote_code=trust_remote_code
     )
     ref: list[tuple[torch.Tensor, torch.Tensor]] = []
     ref_nats = 0.0
-    for logits, targets, _ in iter_scored(reference, docs, seq_length, batch_size, 0, desc="reference"):
-        ref_nats += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        ref.append((logits.cpu(), targets.cpu()))
+    with adapter_at_scale(reference, scale):
+        for logits, targets, _ in iter_scored(reference, docs, seq_length, batch_size, 0, desc="reference"):
+            ref_nats += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            ref.append((logits.cpu(), targets.cpu()))
     tokens = sum(t.numel() for _, t in ref)
     del reference  # one model in memory at a time
     _release()
     results = {
         "reference": {
-            "what": "adapter unmerged on the NF4 round trip of the base",
+            "what": "adapter unmerged on the NF4 round trip of the base"
+            + (f", its update times merge.scale {scale:g}" if scale != 1 else ""),
             "loss": ref_nats / tokens,
             "tokens": tokens,
             "documents": len(docs),

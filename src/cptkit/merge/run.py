@@ -1,6 +1,7 @@
 """One merge from start to end: read and check the adapter and the base, stream the merge of every variant
 into a temp folder, compare the variants (QLoRA), keep one, and write its report; the temp folder replaces
-the output folder only when all of it succeeded."""
+the output folder only when all of it succeeded. A fully fine-tuned model is merged only part of the way
+back to its base (merge.scale < 1): base + scale * (trained - base)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cptkit.eval.models import pick_device, pick_dtype
 from cptkit.merge.adapter import LoraAdapter, read_adapter, training_mode
 from cptkit.merge.checkpoint import Checkpoint, read_checkpoint, resolve_model_folder
 from cptkit.merge.compare import compare_candidates, heldout_token_docs
+from cptkit.merge.full import check_same_model, is_full_model, write_interpolated
 from cptkit.merge.qlora import choose_variant, plan_variants
 from cptkit.merge.stream import Variant, check_adapter_fits, merge_stream, output_specs, write_model_files
 from cptkit.merge.write import atomic_folder, check_disk_space, parse_size, promote
@@ -26,6 +28,44 @@ from cptkit.outputs import now, versions, write_json
 from cptkit.paths import MERGE_REPORT
 
 log = logging.getLogger(__name__)
+
+
+def merge_full(
+    base_name: str,
+    trained_dir: Path,
+    out_dir: Path,
+    mc: MergeConfig,
+    before_commit: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Write base + merge.scale * (trained - base) of a fully fine-tuned model into `out_dir`, streamed
+    like the adapter merge; returns merge_report.json's content."""
+    start = time.perf_counter()
+    trained = read_checkpoint(trained_dir)
+    base = read_checkpoint(resolve_model_folder(base_name))
+    check_same_model(base, trained)
+    with atomic_folder(out_dir) as tmp:
+        stats = write_interpolated(
+            base, trained, tmp, mc.scale, getattr(torch, mc.dtype), parse_size(mc.max_shard_size)
+        )
+        report = {
+            "created": now(),
+            "base": str(base.folder),
+            "adapter": str(trained_dir),
+            "mode": "full",
+            "scale": mc.scale,
+            "dtype": mc.dtype,
+            "device": "cpu",
+            "kept": "interpolated",
+            "why": f"base + {mc.scale:g} * (trained - base)",
+            "notes": [],
+            **stats,
+            "resources": resource_usage(start, torch.device("cpu")),
+            "versions": versions(),
+        }
+        if before_commit is not None:
+            before_commit(tmp)
+        write_json(tmp / MERGE_REPORT, report)
+    return report
 
 
 def merge_adapter(
@@ -40,7 +80,10 @@ def merge_adapter(
     """Merge the adapter in `adapter_dir` into `base_name` and write the model into `out_dir`; returns
     merge_report.json's content. `dataset` is the prepared folder whose held-out documents compare QLoRA
     merges; `before_commit(folder)` writes further files (config.yaml) into the output before it is moved
-    into place, so that a failure there leaves the previous output too."""
+    into place, so that a failure there leaves the previous output too. A fully fine-tuned model in
+    `adapter_dir` is merged at merge.scale < 1 (`merge_full`); at 1 there is nothing to merge."""
+    if is_full_model(adapter_dir) and mc.scale < 1:
+        return merge_full(base_name, adapter_dir, out_dir, mc, before_commit)
     start = time.perf_counter()
     adapter = read_adapter(adapter_dir)
     base = read_checkpoint(resolve_model_folder(base_name))
@@ -62,6 +105,7 @@ def merge_adapter(
             "base": str(base.folder),
             "adapter": str(adapter_dir),
             "mode": mode,
+            "scale": mc.scale,
             "dtype": mc.dtype,
             "device": str(device),
             "kept": chosen.name,
@@ -93,7 +137,7 @@ def _write_variants(
     check_disk_space(out_dir, needed * len(variants))
     for v in variants:
         v.folder.mkdir(parents=True, exist_ok=True)
-    stats = merge_stream(base, adapter, variants, dtype, parse_size(mc.max_shard_size), device)
+    stats = merge_stream(base, adapter, variants, dtype, parse_size(mc.max_shard_size), device, mc.scale)
     tokenizer_from = [write_model_files(v.folder, base, adapter, dtype) for v in variants][0]
     return {"tokenizer_from": tokenizer_from, **stats}
 
@@ -130,6 +174,7 @@ def compare_variants(
         pick_dtype(device),
         seq_length=max(len(d) for d in docs),
         trust_remote_code=trust_remote_code,
+        scale=mc.scale,
     )
 
 

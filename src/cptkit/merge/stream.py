@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from cptkit.errors import CptkitError
-from cptkit.merge.adapter import LoraAdapter
+from cptkit.merge.adapter import TOKENIZER_FILES, LoraAdapter
 from cptkit.merge.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, read_header, read_tensor
 from cptkit.merge.nf4 import is_quantized_key, nf4_roundtrip
+from cptkit.merge.scale import interpolated
 from cptkit.merge.write import ShardWriter, TensorSpec, plan_shards
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,11 @@ def merge_stream(
     dtype: torch.dtype,
     max_shard_bytes: int,
     device: torch.device,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
-    """Write every variant's weights into its folder; returns counts and the NF4 round-trip error of the base."""
+    """Write every variant's weights into its folder; returns counts and the NF4 round-trip error of the base.
+    `scale` (merge.scale) multiplies each LoRA update, and moves each trained copy of a module
+    (modules_to_save) that part of the way from the base's weight."""
     from tqdm.auto import tqdm
 
     specs = output_specs(base, adapter, dtype)
@@ -118,7 +122,7 @@ def merge_stream(
             with open(file, "rb") as f:
                 for info in [t for t in base.tensors.values() if t.file == file]:
                     tensor = read_tensor(info, f, data_start)
-                    outputs = _merge_one(info.key, tensor, adapter, variants, dtype, device, skip, err)
+                    outputs = _merge_one(info.key, tensor, adapter, variants, dtype, device, skip, err, scale)
                     merged += info.key in adapter.modules
                     for writer, out in zip(writers, outputs, strict=True):
                         writer.add(info.key, out)
@@ -126,8 +130,9 @@ def merge_stream(
                     bar.update()
         for key, t in adapter.replacements.items():
             if key not in base.tensors:
+                untied = interpolated(_tied_base_weight(base, key), t, scale) if scale != 1 else t
                 for writer in writers:
-                    writer.add(key, t.to(dtype))
+                    writer.add(key, untied.to(dtype))
                 bar.update()
     finally:
         bar.close()
@@ -149,13 +154,13 @@ def merge_stream(
     }
 
 
-def _merge_one(key, tensor, adapter, variants, dtype, device, skip, err) -> list[torch.Tensor]:
+def _merge_one(key, tensor, adapter, variants, dtype, device, skip, err, scale) -> list[torch.Tensor]:
     if key in adapter.replacements:
-        return [adapter.replacements[key].to(dtype)] * len(variants)
+        return [interpolated(tensor, adapter.replacements[key], scale).to(dtype)] * len(variants)
     if not tensor.is_floating_point():
         return [tensor] * len(variants)
     module = adapter.modules.get(key)
-    delta = module.delta(device) if module is not None else None
+    delta = module.delta(device, scale) if module is not None else None
     outputs = []
     for variant in variants:
         if variant.quant is not None and is_quantized_key(key, tuple(tensor.shape), skip):
@@ -180,31 +185,59 @@ def _merge_one(key, tensor, adapter, variants, dtype, device, skip, err) -> list
     return outputs
 
 
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def _tied_base_weight(base: Checkpoint, key: str) -> torch.Tensor:
+    """The base's value of a trained tensor it does not store: the input embeddings, for an output head
+    tied to them (the only such tensor a base model lacks)."""
+    found = [k for k in base.tensors if k.endswith(_INPUT_EMBEDDINGS)]
+    if len(found) != 1:
+        raise CptkitError(
+            f"{base.folder}: the adapter trained {key}, which the base does not store and which is not "
+            "tied to one input embedding; merge.scale other than 1 cannot tell what it started from"
+        )
+    info = base.tensors[found[0]]
+    _, data_start = read_header(info.file)
+    with open(info.file, "rb") as f:
+        return read_tensor(info, f, data_start)
+
+
 def write_model_files(folder: Path, base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype) -> str:
     """config.json (dtype updated), generation_config.json, and the tokenizer; returns the tokenizer's source."""
-    config = base.config()
+    untie = any(k.startswith("lm_head") for k in adapter.replacements)  # the trained head is written apart
+    write_config_files(folder, base, dtype, untie=untie)
+    return copy_tokenizer(folder, [adapter.folder, base.folder])
+
+
+def write_config_files(folder: Path, model: Checkpoint, dtype: torch.dtype, untie: bool = False) -> None:
+    """`model`'s config.json with the written dtype (and untied embeddings when `untie`), and its
+    generation_config.json (made from the config when it has none)."""
+    config = model.config()
     name = str(dtype).replace("torch.", "")
     for k in ("dtype", "torch_dtype"):
         if k in config:
             config[k] = name
     config.setdefault("dtype", name)
-    if config.get("tie_word_embeddings") and any(k.startswith("lm_head") for k in adapter.replacements):
-        config["tie_word_embeddings"] = False  # the trained head is written separately
+    if untie and config.get("tie_word_embeddings"):
+        config["tie_word_embeddings"] = False
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    gen = base.folder / "generation_config.json"
+    gen = model.folder / "generation_config.json"
     if gen.is_file():
         shutil.copy2(gen, folder / gen.name)
     else:
         from transformers import GenerationConfig, PretrainedConfig
 
         GenerationConfig.from_model_config(PretrainedConfig.from_dict(config)).save_pretrained(folder)
-    files = adapter.tokenizer_files()
-    source = adapter.folder
-    if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in files):
-        from cptkit.merge.adapter import _TOKENIZER_FILES
 
-        files = [base.folder / n for n in _TOKENIZER_FILES if (base.folder / n).is_file()]
-        source = base.folder
+
+def copy_tokenizer(folder: Path, sources: list[Path]) -> str:
+    """The tokenizer files of the first of `sources` that holds a tokenizer (else of the last one) copied
+    into `folder`; returns the folder they came from."""
+    for source in sources:
+        files = [source / n for n in TOKENIZER_FILES if (source / n).is_file()]
+        if any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in files):
+            break
     for f in files:
         shutil.copy2(f, folder / f.name)
     return str(source)

@@ -112,9 +112,12 @@ def describe_train(s: dict[str, Any]) -> str:
 
 
 def describe_eval(r: dict[str, Any]) -> str:
+    from cptkit.eval.tradeoff import is_point
+
     last = {}
     for d in r.get("deltas", []):  # the last model listed (merged, or sft) on each set
-        last[d["set"]] = d
+        if not is_point(d["model"]):
+            last[d["set"]] = d
     parts = [
         f"{s} ({d['role']}) ppl {d['perplexity_before']:.2f} -> {d['perplexity_after']:.2f}"
         for s, d in last.items()
@@ -125,8 +128,8 @@ def describe_eval(r: dict[str, Any]) -> str:
 def _merge_why_not(cfg: Config) -> str | None:
     if cfg.merge is None:
         return "no merge section"
-    if cfg.train and cfg.train.mode == "full":
-        return "train.mode is full: nothing to merge"
+    if cfg.train and cfg.train.mode == "full" and cfg.merge.scale == 1:
+        return "train.mode is full: nothing to merge (merge.scale below 1 writes a model toward the base)"
     return None
 
 
@@ -142,6 +145,8 @@ def _report_inputs(cfg: Config) -> list[Path]:
 
 
 def _describe_merge(r: dict[str, Any]) -> str:
+    if r.get("mode") == "full":
+        return f"full model moved toward the base: {r.get('why')}"
     return f"{r.get('mode', '?')} adapter merged, kept the {r.get('kept', '?')} variant"
 
 

@@ -1,6 +1,6 @@
 """Stage outputs for tests and benchmarks of the later stages: a prepared folder with given held-out sets
-(made by the real prepare on a tiny corpus), a LoRA adapter with non-zero weights, and a train folder's
-metrics.jsonl."""
+(made by the real prepare on a tiny corpus), a LoRA adapter with non-zero weights (and trained module
+copies), and a train folder's metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -94,6 +94,23 @@ def make_lora_adapter(
         }
     (folder / RUN_META).write_text(json.dumps(meta))
     return folder
+
+
+def train_module_copies(adapter_dir: str | Path, scale: float = 0.05, seed: int = 1) -> Path:
+    """Move an adapter's full module copies (modules_to_save, saved equal to the base's weights) away from
+    the base by random noise, as training would; returns the folder."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    saved = load_file(path)
+    gen = torch.Generator().manual_seed(seed)
+    # peft saves a module copy under the module's own name (lm_head.weight); LoRA factors and saved base
+    # embeddings (base_layer) are not copies
+    for key in [k for k in saved if ".lora_" not in k and not k.endswith(".base_layer.weight")]:
+        saved[key] = saved[key] + scale * torch.randn(saved[key].shape, generator=gen)
+    save_file(saved, path, metadata={"format": "pt"})
+    return Path(adapter_dir)
 
 
 def write_metrics(folder: str | Path, steps: int = 20, sets: dict[str, str] | None = None) -> Path:
