@@ -22,6 +22,7 @@ from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
 from cptkit.locks import is_main_process
 from cptkit.paths import CONFIG, METRICS, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
+from cptkit.train.ewc import check_ewc
 from cptkit.train.optional import check_optional_dependencies
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ def preflight(
         ) from None
     check_tokenizer(tokenizer, prepared)
     check_positions(model_cfg, prepared)
+    check_ewc(train_cfg, prepared)
     identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash)
     fresh = check_output_dir(output_dir, identity, train_cfg)
     return {
