@@ -16,9 +16,11 @@ from cptkit.testing.regularize import (
     DOMAIN,
     GENERAL,
     SourceCollator,
+    perturb_trainable,
     source_rows,
     tiny_train_config,
     train_regularized,
+    value_and_grads,
 )
 from cptkit.train.collator import PackedCollator
 from cptkit.train.ewc import check_ewc
@@ -134,23 +136,6 @@ def test_the_fisher_is_saved_and_reused_and_estimated_again_for_other_settings(
     assert not _ewc(more, rows, model).estimated
 
 
-def _perturb(model, seed=1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
-
-
-def _value_and_grads(compute, model):
-    model.zero_grad(set_to_none=True)
-    value = compute()
-    value.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return value.detach(), grads
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_the_penalty_is_half_the_weight_times_the_normalised_fisher_times_squared_drift(
     tmp_path, tiny_model_dir, mode
@@ -165,7 +150,7 @@ def test_the_penalty_is_half_the_weight_times_the_normalised_fisher_times_square
     assert float(term(model, {}, {})[0]) == 0.0
     fisher = _saved_fisher(cfg)
     mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
-    _perturb(model)
+    perturb_trainable(model)
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
 
     def naive():
@@ -179,8 +164,8 @@ def test_the_penalty_is_half_the_weight_times_the_normalised_fisher_times_square
                 total = total + (fisher[f"{name}.base_layer.weight"] * update.square()).sum()
         return 3.0 / 2 * total / mean
 
-    value, grads = _value_and_grads(lambda: term(model, {}, {})[0], model)
-    naive_value, naive_grads = _value_and_grads(naive, model)
+    value, grads = value_and_grads(lambda: term(model, {}, {})[0], model)
+    naive_value, naive_grads = value_and_grads(naive, model)
     assert value > 0
     torch.testing.assert_close(value, naive_value, rtol=1e-5, atol=1e-7)
     for name in grads:
@@ -249,3 +234,21 @@ def test_negative_weights_and_no_fisher_rows_are_refused_in_the_config(tmp_path,
         _config(tmp_path, tiny_model_dir, weight=-0.5, fisher_rows=0)
     assert "train.regularize.ewc.weight: -0.5 is negative" in str(info.value)
     assert "train.regularize.ewc.fisher_rows: 0 is too small" in str(info.value)
+
+
+def test_qlora_fisher_is_taken_on_the_4bit_base_weights_through_the_hooks(tmp_path, tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import LoraLayer
+
+    cfg = _config(tmp_path, tiny_model_dir, "qlora")
+    model = _model(cfg)
+    term = _ewc(cfg, source_rows(VOCAB, 2), model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert term.fisher.keys() == {f"{n}.base_layer.weight" for n in layers}
+    for name, layer in layers.items():
+        assert "4bit" in type(layer.base_layer).__name__
+        shape = (layer.base_layer.out_features, layer.base_layer.in_features)
+        assert term.fisher[f"{name}.base_layer.weight"].shape == shape
+    perturb_trainable(model)
+    value, grads = value_and_grads(lambda: term(model, {}, {})[0], model)
+    assert value > 0 and all(g.abs().sum() > 0 for n, g in grads.items() if "lora_" in n)

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from cptkit.errors import ConfigError
-from cptkit.testing.regularize import source_rows, tiny_train_config, train_regularized
+from cptkit.testing.regularize import (
+    perturb_trainable,
+    source_rows,
+    tiny_train_config,
+    train_regularized,
+    value_and_grads,
+)
 from cptkit.train.losses import LossContext, build_loss_terms
 
 
@@ -23,34 +29,12 @@ def _built(cfg, tmp_path):
     return model, terms[1]
 
 
-def _perturb(model, seed=1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
-
-
-def _value_and_grads(term, model):
-    model.zero_grad(set_to_none=True)
-    value, metrics = term(model, {}, {})
-    value.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return value.detach(), metrics, grads
-
-
-def _naive_value_and_grads(model, penalty):
-    model.zero_grad(set_to_none=True)
-    value = penalty()
-    value.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return value.detach(), grads
-
-
-def _assert_same(ours, naive):
-    (value, grads), (naive_value, naive_grads) = ours, naive
+def _assert_same(term, model, naive):
+    """The term's value and gradients equal `naive()`'s."""
+    (value, grads), (naive_value, naive_grads) = (
+        value_and_grads(lambda: term(model, {}, {})[0], model),
+        value_and_grads(naive, model),
+    )
     assert value > 0
     torch.testing.assert_close(value, naive_value, rtol=1e-5, atol=1e-6)
     assert grads.keys() == naive_grads.keys()
@@ -69,7 +53,7 @@ def test_lora_penalty_is_the_norm_of_each_scaled_update_and_so_is_its_gradient(
     cfg = tiny_train_config(tiny_model_dir, tmp_path, "lora", {"l2_to_base": {"weight": 0.5}}, lora=lora)
     model, term = _built(cfg, tmp_path)
     assert float(term(model, {}, {})[0]) == 0.0  # B = 0 and the trained copies equal the originals
-    _perturb(model)
+    perturb_trainable(model)
 
     def naive():  # the d_out x d_in updates formed in full, with the scale from the config
         scale = 8 / (math.sqrt(4) if rslora else 4)
@@ -83,9 +67,10 @@ def test_lora_penalty_is_the_norm_of_each_scaled_update_and_so_is_its_gradient(
                 total = total + (trained - original.detach()).square().sum()
         return 0.5 * total
 
-    value, metrics, grads = _value_and_grads(term, model)
-    _assert_same((value, grads), _naive_value_and_grads(model, naive))
-    assert any("modules_to_save" in name for name in grads) == embeddings
+    _assert_same(term, model, naive)
+    value, metrics = term(model, {}, {})
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("modules_to_save" in name for name in trained) == embeddings
     assert metrics["loss/l2_to_base"] == value
     torch.testing.assert_close(metrics["regularize/drift_norm"], (value / 0.5).sqrt())
 
@@ -100,15 +85,14 @@ def test_full_penalty_sums_the_squared_drift_of_every_trained_weight_from_the_ba
         model, term = _built(cfg, tmp_path)
     assert "a frozen copy of the base weights takes" in caplog.text
     assert float(term(model, {}, {})[0]) == 0.0
-    _perturb(model)
+    perturb_trainable(model)
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
 
     def naive():
         trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return 2.0 * sum((p - base[n].detach()).square().sum() for n, p in trained)
 
-    value, _, grads = _value_and_grads(term, model)
-    _assert_same((value, grads), _naive_value_and_grads(model, naive))
+    _assert_same(term, model, naive)
 
 
 def test_gradient_accumulation_counts_the_penalty_once_per_optimizer_step(tmp_path, tiny_model_dir):

@@ -63,24 +63,37 @@ def tiny_train_config(
     cptkit's small defaults (8 steps of 4 rows, logged every step, no checkpoints)."""
     from cptkit.config import Config, build_config
 
-    lora = hf.pop("lora", {})
-    train = {
-        "mode": mode,
-        "output_dir": str(out),
-        "report_to": ["none"],
-        "eval_steps": 1000,
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, **lora},
-        "regularize": regularize or {},
-        "hf": {
-            "max_steps": 8,
-            "per_device_train_batch_size": 4,
-            "learning_rate": 3e-3,
-            "logging_steps": 1,
-            "save_steps": 1000,
-            **hf,
-        },
-    }
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, **hf.pop("lora", {})}
+    hf = {**SMALL_RUN, **hf}
+    train = dict(mode=mode, output_dir=str(out), report_to=["none"], eval_steps=1000, lora=lora, hf=hf)
+    train["regularize"] = regularize or {}
     return build_config(Config, {"model": {"name_or_path": str(model_dir)}, "train": train})
+
+
+# train.hf of the tiny runs: 8 steps of 4 rows, logged at every step, no checkpoint
+SMALL_RUN = dict(
+    max_steps=8, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1, save_steps=1000
+)
+
+
+def perturb_trainable(model: Any, seed: int = 1, size: float = 0.1) -> None:
+    """Move every trainable weight by Gaussian noise, so that the drift from the base is not zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                param.add_(noise.to(param.device) * size)
+
+
+def value_and_grads(compute: Any, model: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`compute()`'s value and the gradients it gives the trainable parameters (by name); none are left."""
+    model.zero_grad(set_to_none=True)
+    value = compute()
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return value.detach(), grads
 
 
 def train_regularized(cfg: Any, rows: Sequence[Mapping[str, Any]], resume_from: str | None = None):
