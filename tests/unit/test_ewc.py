@@ -218,6 +218,20 @@ def test_check_ewc_refuses_a_dataset_without_general_training_rows(tmp_path, tin
     check_ewc(_config(tmp_path, tiny_model_dir, weight=0).train, _prepared({"med": domain}, {}))
 
 
+@pytest.mark.parametrize("regularize", [{"ewc": {"weight": 1.0}}, {"l2_to_base": {"weight": 1.0}}])
+def test_sharded_weights_are_refused_for_the_weight_regularizers(
+    tmp_path, tiny_model_dir, monkeypatch, regularize
+):
+    mixed = {"med": {"role": "domain", "weight": 1.0}, "web": {"role": "general", "weight": 0.2}}
+    train = tiny_train_config(tiny_model_dir, tmp_path, regularize=regularize).train
+    check_ewc(train, _prepared(mixed, {"med": 0, "web": 1}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with FSDP sets
+    with pytest.raises(
+        CptkitError, match=f"train.regularize.{next(iter(regularize))}: the weights are sharded"
+    ):
+        check_ewc(train, _prepared(mixed, {"med": 0, "web": 1}))
+
+
 def test_preflight_refuses_ewc_on_a_dataset_with_no_general_source(tmp_path, tiny_model_dir, tiny_tokenizer):
     from cptkit.testing.stages import write_prepared
     from cptkit.testing.tiny import sample_texts

@@ -186,8 +186,19 @@ def save_fisher(path: Path, fisher: dict[str, torch.Tensor], settings: dict[str,
 
 
 def check_ewc(train_cfg: TrainConfig, prepared: Prepared) -> None:
-    """Before any model loads: EWC needs general training rows that record their sources."""
-    if train_cfg.regularize.ewc.weight <= 0:
+    """Before any model loads, what `ewc` and `l2_to_base` need: whole weights on every process (their
+    base copies and Fisher are kept per weight, not per shard), and for EWC general training rows that
+    record which source each token came from."""
+    from cptkit.model.load import _weights_sharded
+
+    regularize = train_cfg.regularize
+    used = [name for name in ("l2_to_base", "ewc") if getattr(regularize, name).weight > 0]
+    if used and _weights_sharded():
+        raise CptkitError(
+            f"train.regularize.{used[0]}: the weights are sharded (FSDP or DeepSpeed ZeRO-3), which "
+            f"{' and '.join(used)} do not support; launch with DDP or DeepSpeed ZeRO-1/2, or set the weight to 0"
+        )
+    if regularize.ewc.weight <= 0:
         return
     where = "train.regularize.ewc.weight"
     general = [
