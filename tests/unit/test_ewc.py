@@ -73,12 +73,15 @@ def _direct_fisher(model, rows, params, general_only=True):
     return {name: s / len(rows) for name, s in sums.items()}
 
 
-def test_the_fisher_comes_from_the_general_tokens_of_general_training_rows(tmp_path, tiny_model_dir):
+def test_the_fisher_comes_from_the_general_tokens_of_general_training_rows(tmp_path, tiny_model_dir, caplog):
     rows = source_rows(VOCAB, 6, kinds=("domain", "mixed", "general"))
     cfg = _config(tmp_path, tiny_model_dir, fisher_rows=2)
     model = _model(cfg)
     model.train()
-    term = _ewc(cfg, rows, model)
+    with caplog.at_level("INFO", logger="cptkit.train.ewc"):
+        term = _ewc(cfg, rows, model)
+    assert "Fisher estimated on 2 general training rows in" in caplog.text
+    assert "the frozen copy of the base weights" in caplog.text
     assert term.estimated and term.fisher_seconds > 0
     assert model.training and all(p.grad is None for p in model.parameters())
     fisher = _saved_fisher(cfg)
@@ -93,7 +96,7 @@ def test_the_fisher_comes_from_the_general_tokens_of_general_training_rows(tmp_p
     assert differs > 0.05 * sum(float(expected[n].sum()) for n in trained)
 
 
-def test_lora_fisher_of_the_base_weights_equals_their_gradients_squared(tmp_path, tiny_model_dir):
+def test_lora_fisher_of_the_base_weights_equals_their_gradients_squared(tmp_path, tiny_model_dir, caplog):
     """The hooks give each adapted base weight W the Fisher that gradients of W itself would give;
     the embeddings trained in full (modules_to_save) get their own."""
     from peft.tuners.lora import LoraLayer
@@ -101,7 +104,9 @@ def test_lora_fisher_of_the_base_weights_equals_their_gradients_squared(tmp_path
     rows = source_rows(VOCAB, 4, kinds=("mixed", "general"))
     cfg = _config(tmp_path, tiny_model_dir, "lora", fisher_rows=3, lora={"train_embeddings": True})
     model = _model(cfg)
-    _ewc(cfg, rows, model)
+    with caplog.at_level("INFO", logger="cptkit.train.ewc"):
+        _ewc(cfg, rows, model)
+    assert "the Fisher of the adapted weights takes" in caplog.text
     fisher = _saved_fisher(cfg)
     adapted = {
         f"{name}.base_layer.weight": module.base_layer.weight

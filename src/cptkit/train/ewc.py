@@ -85,14 +85,16 @@ class Ewc:
         devices.update({base_weight_name(u): u.factors()[0].device for u in targets.updates})
         self.fisher = {name: (f / mean).to(devices[name]) for name, f in fisher.items()}
         self.estimated, self.fisher_seconds = False, 0.0
-        log.info(
-            "ewc: the Fisher takes %.2f GB%s",
-            memory_bytes(list(self.fisher.values())) / 1e9,
-            ""
-            if targets.updates
-            else ", the frozen base copy %.2f GB"
-            % (memory_bytes([ref for _, _, ref in targets.direct]) / 1e9),
-        )
+        fisher_gb = memory_bytes(list(self.fisher.values())) / 1e9
+        if targets.updates:
+            log.info("ewc: the Fisher of the adapted weights takes %.2f GB", fisher_gb)
+        else:  # full mode: the drift is measured from a copy of the base weights
+            copy_gb = memory_bytes([ref for _, _, ref in targets.direct]) / 1e9
+            log.info(
+                "ewc: the Fisher takes %.2f GB, the frozen copy of the base weights %.2f GB",
+                fisher_gb,
+                copy_gb,
+            )
 
     @classmethod
     def build(cls, train_cfg: TrainConfig, context: LossContext | None) -> Ewc:
