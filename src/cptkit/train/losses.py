@@ -72,9 +72,10 @@ class LossContext:
 def build_loss_terms(train_cfg: TrainConfig, context: LossContext | None = None) -> list[LossTerm]:
     """The loss terms `train_cfg` asks for, the causal-LM loss first."""
     terms: list[LossTerm] = [CausalLMLoss()]
-    if train_cfg.regularize.l2_to_base.weight > 0:
+    regularize = getattr(train_cfg, "regularize", None)  # `cptkit sft` has no regularizers
+    if regularize and regularize.l2_to_base.weight > 0:
         terms.append(L2ToBase.build(train_cfg, context))
-    if train_cfg.regularize.ewc.weight > 0:
+    if regularize and regularize.ewc.weight > 0:
         terms.append(Ewc.build(train_cfg, context))
     return terms
 
