@@ -28,6 +28,7 @@ CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 RUN_META = "run_meta.json"
 METRICS = "metrics.jsonl"
+EWC_FISHER = "ewc_fisher.safetensors"  # the diagonal Fisher EWC estimated before training
 MERGE_REPORT = "merge_report.json"
 RESULTS = "results.json"
 RESULTS_MD = "results.md"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cptkit.config.fields import opt
+from cptkit.config.fields import at_least, opt
 
 
 @dataclass
@@ -27,7 +27,13 @@ class KlToBaseConfig:
 class L2ToBaseConfig:
     """The squared distance of the trained weights from the base's (LoRA: of each update B @ A * scale)."""
 
-    weight: float = opt(0.0, "weight of the term in the loss; 0: off")
+    weight: float = opt(
+        0.0,
+        "weight of the term in the loss (weight * the summed squared drift of every trained weight); 0: off",
+    )
+
+    def check(self, path: str):
+        return _non_negative_weight(self.weight, path)
 
 
 @dataclass
@@ -35,8 +41,15 @@ class EwcConfig:
     """Elastic weight consolidation: a diagonal Fisher from general training rows, estimated before
     training and saved beside the run, weighs each weight's drift from the base."""
 
-    weight: float = opt(0.0, "weight of the term in the loss; 0: off")
-    fisher_rows: int = opt(64, "general training rows the Fisher is estimated on")
+    weight: float = opt(
+        0.0,
+        "weight of the term in the loss (weight / 2 * sum F * drift^2, F normalised to mean 1: weight w "
+        "weighs an average weight's drift as l2_to_base does at w / 2); 0: off",
+    )
+    fisher_rows: int = opt(64, "general training rows the Fisher is estimated on (one backward pass each)")
+
+    def check(self, path: str):
+        return _non_negative_weight(self.weight, path) + at_least(self, path, fisher_rows=1)
 
 
 @dataclass
@@ -46,3 +59,9 @@ class RegularizeConfig:
     kl_to_base: KlToBaseConfig = opt(factory=KlToBaseConfig, help="KL to the base model's predictions")
     l2_to_base: L2ToBaseConfig = opt(factory=L2ToBaseConfig, help="L2 distance to the base weights")
     ewc: EwcConfig = opt(factory=EwcConfig, help="elastic weight consolidation")
+
+
+def _non_negative_weight(weight: float, path: str) -> list[tuple[str, str]]:
+    if weight < 0:
+        return [(f"{path}.weight", f"{weight} is negative; use 0 to turn the term off")]
+    return []

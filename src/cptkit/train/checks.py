@@ -23,6 +23,7 @@ from cptkit.errors import CptkitError
 from cptkit.locks import is_main_process
 from cptkit.paths import CONFIG, METRICS, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
 from cptkit.train.budget import check_budget_sets
+from cptkit.train.ewc import check_ewc
 from cptkit.train.optional import check_optional_dependencies
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,7 @@ def preflight(
     check_tokenizer(tokenizer, prepared)
     check_positions(model_cfg, prepared)
     check_budget_sets(getattr(train_cfg, "forgetting_budget", None), prepared.heldout, prepared.folder)
+    check_ewc(train_cfg, prepared)
     identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash)
     fresh = check_output_dir(output_dir, identity, train_cfg)
     return {

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 
 from cptkit.config.train import TrainConfig
+from cptkit.train.ewc import Ewc
+from cptkit.train.l2 import L2ToBase
 
 
 class LossTerm(Protocol):
@@ -69,7 +71,13 @@ class LossContext:
 
 def build_loss_terms(train_cfg: TrainConfig, context: LossContext | None = None) -> list[LossTerm]:
     """The loss terms `train_cfg` asks for, the causal-LM loss first."""
-    return [CausalLMLoss()]
+    terms: list[LossTerm] = [CausalLMLoss()]
+    regularize = getattr(train_cfg, "regularize", None)  # `cptkit sft` has no regularizers
+    if regularize and regularize.l2_to_base.weight > 0:
+        terms.append(L2ToBase.build(train_cfg, context))
+    if regularize and regularize.ewc.weight > 0:
+        terms.append(Ewc.build(train_cfg, context))
+    return terms
 
 
 class LossTerms:
