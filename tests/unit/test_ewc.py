@@ -201,7 +201,8 @@ def test_training_with_ewc_logs_it_and_stays_closer_to_the_base_where_the_fisher
 def test_rows_without_source_ids_are_refused(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir)
     with pytest.raises(CptkitError, match="do not record their sources"):
-        _ewc(cfg, source_rows(VOCAB, 2), _model(cfg), collator=PackedCollator(0))
+        rows = [{k: v for k, v in row.items() if k != "source_ids"} for row in source_rows(VOCAB, 2)]
+        _ewc(cfg, rows, _model(cfg), collator=PackedCollator(0))
 
 
 def _prepared(sources, index):

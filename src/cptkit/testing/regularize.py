@@ -1,5 +1,6 @@
-"""Training rows that record their sources, a collator that turns them into per-token `source_ids`, and
-a train config on a tiny model: what tests of the regularizers against the base model train with."""
+"""Training rows that record their sources (one id per packed segment, as prepared rows do), the
+collator that turns them into per-token `source_ids`, and a train config on a tiny model: what tests
+of the regularizers against the base model train with."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ DOMAIN, GENERAL = 0, 1  # the source ids the rows use
 def source_rows(
     vocab_size: int, count: int, seq_length: int = 32, kinds: Sequence[str] = ("mixed",), seed: int = 0
 ) -> list[dict[str, list[int]]]:
-    """`count` packed rows of random tokens, two documents each, with `source_ids` per token. Row i is of
+    """`count` packed rows of random tokens, two documents each, with `source_ids` per segment. Row i is of
     kind kinds[i % len(kinds)]: `domain` (both documents domain), `general` (both general) or `mixed`
     (a domain document, then a general one). Domain documents use the lower half of the vocabulary,
     general ones the upper half, so the two give different gradients."""
@@ -36,24 +37,14 @@ def source_rows(
             high = half if source == DOMAIN else vocab_size
             ids += torch.randint(low, high, (length,), generator=generator).tolist()
             positions += list(range(length))
-            source_ids += [source] * length
+            source_ids.append(source)
         rows.append({"input_ids": ids, "position_ids": positions, "source_ids": source_ids})
     return rows
 
 
-class SourceCollator:
-    """`PackedCollator`'s batch plus `source_ids` from the rows' own per-token ids (-1 on padding)."""
-
-    def __init__(self, pad_token_id: int = 0):
-        self.packed = PackedCollator(pad_token_id)
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.packed(rows)
-        source_ids = torch.full_like(batch["input_ids"], -1)
-        for i, row in enumerate(rows):
-            source_ids[i, : len(row["source_ids"])] = torch.as_tensor(row["source_ids"])
-        batch["source_ids"] = source_ids
-        return batch
+def SourceCollator(pad_token_id: int = 0) -> PackedCollator:  # noqa: N802 (reads as the class it makes)
+    """The training collator: its batch has per-token `source_ids` (-1 on padding) from the rows'."""
+    return PackedCollator(pad_token_id)
 
 
 def tiny_train_config(
