@@ -96,3 +96,34 @@ def test_source_ids_reach_the_terms_not_the_model(tmp_path, tiny_model_dir, prep
         assert min(per_source) <= r["loss/causal_lm"] <= max(per_source)  # the loss is their token mean
     assert records[0]["regularize/kl_to_base"] == 0.0  # LoRA's B = 0: the base itself
     assert all(r["regularize/kl_to_base"] > 0 for r in records[1:])
+
+
+class StepRecorder:
+    """A measuring term: records the step being computed each time the trainer calls it."""
+
+    name = "recorder"
+    logging_steps_only = True
+
+    def __init__(self):
+        self.trainer = None
+        self.calls: list[int] = []
+
+    def __call__(self, model, inputs, outputs):
+        self.calls.append(self.trainer.state.global_step + 1)
+        return outputs["loss"].new_zeros(()), {}
+
+
+def test_measuring_terms_run_on_the_micro_batches_of_logging_steps_only(tmp_path, tiny_model_dir, prepared):
+    from test_train import _trainer
+
+    from cptkit.train.losses import CausalLMLoss
+
+    recorder = StepRecorder()
+    cfg = make_cfg(
+        tmp_path / "o", tiny_model_dir, prepared, max_steps=5, logging_steps=2, gradient_accumulation_steps=2
+    )
+    trainer, _ = _trainer(cfg, [CausalLMLoss(), recorder])
+    recorder.trainer = trainer
+    trainer.train()
+    assert recorder.calls == [2, 2, 4, 4]
+    assert [r["step"] for r in train_records(tmp_path / "o")] == [2, 4]

@@ -281,3 +281,13 @@ def test_a_lora_adapted_lm_head_is_refused(tmp_path, tiny_model_dir):
     train.lora.target_modules = ["q_proj", "lm_head"]
     with pytest.raises(CptkitError, match="lm_head"):
         check_regularizers(train, model, prepared_with(tmp_path))
+
+
+def test_chunked_kl_computes_in_its_own_dtypes_under_autocast():
+    hidden, weight = (t.float().detach().requires_grad_() for t in _leaves((6, 8), (40, 8)))
+    base = hidden.detach() + 0.5
+    plain = chunked_kl(hidden, weight, None, base, weight.detach(), None, 1.0, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = chunked_kl(hidden, weight, None, base, weight.detach(), None, 1.0, 4)
+    assert autocast.dtype == torch.float32
+    assert autocast.item() == pytest.approx(plain.item(), rel=1e-6)

@@ -41,31 +41,14 @@ class _ChunkedKl(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, base_hidden, base_weight, base_bias, temperature, chunk_tokens):
-        count = hidden.shape[0]
-        scale = temperature / max(count, 1)
-        wide = torch.promote_types(weight.dtype, torch.float32)  # logits and sums in float32 at least
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=wide) if weight.requires_grad else None
-        wants_bias = bias is not None and bias.requires_grad
-        grad_bias = torch.zeros_like(bias, dtype=wide) if wants_bias else None
-        total = torch.zeros((), dtype=wide, device=hidden.device)
-        for part in chunks(count, chunk_tokens):
-            h = hidden[part]
-            log_q = F.log_softmax(F.linear(h, weight, bias).to(wide) / temperature, dim=-1)
-            base = F.linear(base_hidden[part], base_weight, base_bias).to(wide)
-            log_p = F.log_softmax(base / temperature, dim=-1)
-            p = log_p.exp()
-            total += (p * (log_p - log_q)).sum()
-            grad_logits = (log_q.exp() - p) * scale
-            if grad_hidden is not None:
-                grad_hidden[part] = grad_logits.to(weight.dtype) @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h.to(wide))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes below are chosen, not cast
+            grads = _kl_and_grads(
+                hidden, weight, bias, base_hidden, base_weight, base_bias, temperature, chunk_tokens
+            )
+        total, grad_hidden, grad_weight, grad_bias = grads
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total * (temperature * temperature / max(count, 1))
+        return total
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -77,6 +60,33 @@ class _ChunkedKl(torch.autograd.Function):
             None if grad_bias is None else (grad_bias * grad_output).to(bias_dtype),
             *([None] * 5),
         )
+
+
+def _kl_and_grads(hidden, weight, bias, base_hidden, base_weight, base_bias, temperature, chunk_tokens):
+    """The term's value and its gradients (None where an input needs none), one chunk at a time."""
+    count = hidden.shape[0]
+    scale = temperature / max(count, 1)
+    wide = torch.promote_types(weight.dtype, torch.float32)  # logits and sums in float32 at least
+    grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=wide) if weight.requires_grad else None
+    wants_bias = bias is not None and bias.requires_grad
+    grad_bias = torch.zeros_like(bias, dtype=wide) if wants_bias else None
+    total = torch.zeros((), dtype=wide, device=hidden.device)
+    for part in chunks(count, chunk_tokens):
+        h = hidden[part].to(weight.dtype)
+        log_q = F.log_softmax(F.linear(h, weight, bias).to(wide) / temperature, dim=-1)
+        base = F.linear(base_hidden[part].to(base_weight.dtype), base_weight, base_bias).to(wide)
+        log_p = F.log_softmax(base / temperature, dim=-1)
+        p = log_p.exp()
+        total += (p * (log_p - log_q)).sum()
+        grad_logits = (log_q.exp() - p) * scale
+        if grad_hidden is not None:
+            grad_hidden[part] = grad_logits.to(weight.dtype) @ weight
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, h.to(wide))
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+    return total * (temperature * temperature / max(count, 1)), grad_hidden, grad_weight, grad_bias
 
 
 def chunked_kl(
