@@ -127,3 +127,24 @@ def test_measuring_terms_run_on_the_micro_batches_of_logging_steps_only(tmp_path
     trainer.train()
     assert recorder.calls == [2, 2, 4, 4]
     assert [r["step"] for r in train_records(tmp_path / "o")] == [2, 4]
+
+
+def test_kl_on_replay_tokens_of_rows_without_sources_stops_before_the_model_loads(
+    tmp_path, tiny_model_dir, prepared
+):
+    import shutil
+
+    from cptkit.commands import train
+    from cptkit.errors import CptkitError
+
+    older = tmp_path / "older"  # prepared before rows recorded their source
+    shutil.copytree(prepared, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest.pop("source_index", None)
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    cfg = make_cfg(tmp_path / "o", tiny_model_dir, older, mode="lora")
+    cfg.train.regularize.kl_to_base.weight = 0.1
+    with pytest.raises(CptkitError, match="prepare` again") as e:
+        train.run(cfg)
+    assert "train.regularize.kl_to_base.tokens" in str(e.value)
+    assert not (tmp_path / "o" / "run_meta.json").exists()
