@@ -50,7 +50,15 @@ def run(cfg: Config) -> dict[str, Any]:
     eval_sets = load_heldout_sets(prepared, prepared.seq_length, train_cfg.eval_max_tokens)
     flops = flops_per_token(loaded.model, prepared.seq_length)
     trainer, callbacks = build_trainer(
-        train_cfg, loaded, rows, eval_sets, output_dir, flops_per_token=flops, seed=cfg.seed
+        train_cfg,
+        loaded,
+        rows,
+        eval_sets,
+        output_dir,
+        flops_per_token=flops,
+        seed=cfg.seed,
+        prepared=prepared,
+        resume_from=resume_from,
     )
     meta = {
         "identity": checked["identity"],

@@ -17,10 +17,25 @@ class KlToBaseConfig:
     tokens: Literal["replay", "all"] = opt(
         "replay", "replay: only tokens of general (replay) sources; all: every labelled token"
     )
-    temperature: float = opt(1.0, "softmax temperature of both distributions")
+    temperature: float = opt(
+        1.0,
+        "softmax temperature of both distributions (the term is scaled by its square, as in distillation)",
+    )
     chunk_tokens: int = opt(
         1024, "tokens whose vocabulary logits are computed at once (memory stays at one chunk)"
     )
+
+    def check(self, path: str):
+        problems = []
+        if self.weight < 0:
+            problems.append((f"{path}.weight", f"{self.weight} must be 0 (off) or more"))
+        if not self.temperature > 0:
+            problems.append(
+                (f"{path}.temperature", f"{self.temperature} must be positive (1: the plain softmax)")
+            )
+        if self.chunk_tokens < 1:
+            problems.append((f"{path}.chunk_tokens", f"{self.chunk_tokens} must be at least 1"))
+        return problems
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from cptkit.config.train import TrainConfig
+from cptkit.data.prepared import Prepared
 from cptkit.model.load import LoadedModel
 from cptkit.paths import METRICS
 from cptkit.train.arguments import training_arguments
@@ -22,10 +23,12 @@ from cptkit.train.checkpoints import CheckpointCallback, saved_settings
 from cptkit.train.collator import PackedCollator
 from cptkit.train.guard import DivergenceGuard
 from cptkit.train.heldout import HeldoutSet
-from cptkit.train.losses import LossTerm, LossTerms, build_loss_terms
+from cptkit.train.losses import LossContext, LossTerm, LossTerms, build_loss_terms
 from cptkit.train.schedules import make_scheduler
 
 log = logging.getLogger(__name__)
+
+TERM_ONLY_INPUTS = ("source_ids",)  # batch keys for the loss terms, never passed to the model
 
 
 class CptTrainer(Trainer):
@@ -79,9 +82,14 @@ class CptTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # transformers' forward with labels and its scaling (num_items_in_batch, averaging over devices)
-        # give the causal-LM term; the terms then share those outputs, so no second forward is made
+        # give the causal-LM term; the terms then share those outputs, so no second forward is made.
+        # The model never sees the batch's source_ids; the terms do (they get `inputs` as it came).
+        logging_step = self._logs_this_step()
+        forward = {k: v for k, v in inputs.items() if k not in TERM_ONLY_INPUTS}
+        if self.loss_terms.needs_hidden_states(logging_step):
+            forward["output_hidden_states"] = True
         loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            model, forward, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         outputs["loss"] = loss
         scaled = getattr(self, "loss_is_scaled_for_ga", None)  # an override that not every 5.x Trainer has
@@ -89,8 +97,22 @@ class CptTrainer(Trainer):
             scaled = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
         # the training loop sets the micro-batches of the current step; a call outside it has the configured
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        total = self.loss_terms(model, inputs, outputs, steps, causal_lm_is_scaled=scaled)
+        total = self.loss_terms(
+            model, inputs, outputs, steps, causal_lm_is_scaled=scaled, logging_step=logging_step
+        )
         return (total, outputs) if return_outputs else total
+
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step now being computed ends in a training log (the Trainer's
+        DefaultFlowCallback rule; an epoch strategy counts every step, not knowing where epochs end)."""
+        strategy = getattr(self.args.logging_strategy, "value", self.args.logging_strategy)
+        if strategy == "no":
+            return False
+        if strategy != "steps":
+            return True
+        step = self.state.global_step + 1
+        every = max(int(self.state.logging_steps or self.args.logging_steps or 1), 1)
+        return step % every == 0 or (step == 1 and self.args.logging_first_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: the loss terms' metrics since the last one join it
@@ -203,9 +225,14 @@ def build_trainer(
     flops_per_token: float | None = None,
     seed: int = 1234,
     loss_terms: list[LossTerm] | None = None,
+    prepared: Prepared | None = None,
+    resume_from: str | None = None,
 ) -> tuple[CptTrainer, dict[str, Any]]:
     """A Trainer for `loaded` on `train_dataset` (rows of input_ids/position_ids, plus labels for SFT's
-    prompt mask, or whatever `data_collator` takes). `loss_terms` default to `build_loss_terms(train_cfg)`.
+    prompt mask and source_ids for the per-source terms, or whatever `data_collator` takes).
+    `loss_terms` default to `build_loss_terms(train_cfg, context)`, the context built from the model,
+    the sources of `prepared` (the dataset `train_dataset` comes from) and the checkpoint the run
+    resumes from (`resume_from`), before the Trainer loads it: the model is still the base here.
 
     Returns the trainer and its cptkit callbacks by name ("throughput", "guard", "heldout",
     "checkpoints") so the command can read what they measured.
@@ -220,6 +247,9 @@ def build_trainer(
         pad, pad_to_multiple_of=8 if torch.cuda.is_available() else None
     )
     counting = CountingCollator(collator)
+    if loss_terms is None:
+        context = loss_context(loaded.model, output_dir, prepared, train_dataset, collator, resume_from)
+        loss_terms = build_loss_terms(train_cfg, context)
     writer = MetricsWriter(Path(output_dir) / METRICS, enabled=args.process_index == 0)
     guard = DivergenceGuard(train_cfg.guard)
     budget = forgetting_budget(train_cfg)
@@ -251,3 +281,27 @@ def build_trainer(
     )
     callbacks["heldout"].trainer = trainer
     return trainer, callbacks
+
+
+def loss_context(
+    model: Any,
+    output_dir: str | Path,
+    prepared: Prepared | None,
+    train_rows: Any,
+    collator: Any,
+    resume_from: str | None = None,
+) -> LossContext:
+    """What the loss terms get besides the batch: the model, and from the prepared manifest's
+    `source_index` the name of each source id and the ids of the general sources (none without it)."""
+    index = (prepared.manifest.get("source_index") or {}) if prepared is not None else {}
+    roles = {name: info.get("role") for name, info in (prepared.sources if prepared else {}).items()}
+    roles.update({name: info.role for name, info in (prepared.heldout if prepared else {}).items()})
+    return LossContext(
+        model=model,
+        output_dir=Path(output_dir),
+        source_names={int(i): name for name, i in index.items()},
+        general_sources=frozenset(int(i) for name, i in index.items() if roles.get(name) == "general"),
+        train_rows=train_rows,
+        collator=collator,
+        resume_from=resume_from,
+    )

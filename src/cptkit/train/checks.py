@@ -231,6 +231,7 @@ def preflight(
     check_positions(model_cfg, prepared)
     check_budget_sets(getattr(train_cfg, "forgetting_budget", None), prepared.heldout, prepared.folder)
     check_ewc(train_cfg, prepared)
+    check_regularizers(train_cfg, model_cfg, prepared)
     identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash)
     fresh = check_output_dir(output_dir, identity, train_cfg)
     return {
@@ -241,6 +242,87 @@ def preflight(
         "tokenizer": tokenizer,
         "resume_from": None if fresh else resume_checkpoint(train_cfg, output_dir),
     }
+
+
+def check_regularizers(
+    train_cfg: TrainingRun, model_cfg: ModelConfig, prepared: Prepared, gpu_memory: int | None = None
+) -> None:
+    """What `train.regularize` asks of the data, the mode and the GPU, before any model loads.
+
+    kl_to_base on replay tokens needs a general source that trains and rows that record their source;
+    it cannot run on sharded weights (FSDP, DeepSpeed ZeRO-3), nor on a lm_head that LoRA adapts; in
+    full mode the frozen reference copy and the training must fit the GPU (`gpu_memory` in bytes,
+    default: this process's GPU; no GPU, no check)."""
+    from cptkit.model.load import _weights_sharded  # FSDP/ZeRO-3: each rank holds shards of the weights
+
+    kl = getattr(train_cfg, "regularize", None) and train_cfg.regularize.kl_to_base
+    if not kl or kl.weight <= 0:
+        return
+    where = "train.regularize.kl_to_base"
+    if kl.tokens == "replay":
+        general = [
+            n for n, s in prepared.sources.items() if s.get("role") == "general" and s.get("mixed_tokens")
+        ]
+        if not general:
+            raise CptkitError(
+                f"{where}.tokens: replay, but {prepared.folder} has no general source that trains; add a general "
+                "(replay) source with a weight to data.sources and prepare again, or set tokens: all"
+            )
+        if "source_index" not in prepared.manifest:
+            raise CptkitError(
+                f"{where}.tokens: replay, but {prepared.folder} was prepared before rows recorded their source; "
+                "run `cptkit prepare` again (or set tokens: all)"
+            )
+    if _weights_sharded():
+        raise CptkitError(
+            f"{where}: not available with sharded weights (FSDP or DeepSpeed ZeRO-3); use DDP or ZeRO-1/2, "
+            "or set weight: 0"
+        )
+    targets = train_cfg.lora.target_modules
+    if train_cfg.mode != "full" and "lm_head" in ([targets] if isinstance(targets, str) else targets):
+        raise CptkitError(
+            f"{where}: train.lora.target_modules adapts lm_head, which the divergence reads directly; "
+            "leave lm_head out (train it with train.lora.train_embeddings) or set weight: 0"
+        )
+    if train_cfg.mode == "full":
+        check_reference_fits(model_cfg, gpu_memory)
+
+
+def check_reference_fits(model_cfg: ModelConfig, gpu_memory: int | None = None) -> None:
+    """Full fine-tuning with kl_to_base holds a frozen copy of the base beside the trained model: refuse
+    when the copy plus the training (weights, gradients and AdamW's two moments, each in the model's
+    dtype as torch keeps them) cannot fit `gpu_memory` bytes; counted from the model's config on the
+    meta device, activations not included."""
+    from cptkit.model.load import resolve_dtype
+
+    if gpu_memory is None:
+        if not torch.cuda.is_available():
+            return
+        gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    params = count_parameters(model_cfg)
+    width = resolve_dtype(model_cfg).itemsize
+    reference, training = params * width, params * 4 * width
+    if reference + training > gpu_memory:
+        gib = 2**30
+        raise CptkitError(
+            f"train.regularize.kl_to_base: in full mode the frozen reference copy of {model_cfg.name_or_path} "
+            f"({params / 1e9:.2f}B parameters) takes {reference / gib:.1f} GiB beside {training / gib:.1f} GiB "
+            f"of training, more than the GPU's {gpu_memory / gib:.1f} GiB; use train.mode: lora (the base is "
+            "the same network with the adapters off, no copy), or a smaller model"
+        )
+
+
+def count_parameters(model_cfg: ModelConfig) -> int:
+    """The base model's parameter count, from its config on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from cptkit.model.load import load_model_config
+
+    config = load_model_config(model_cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
 
 
 def resume_checkpoint(train_cfg: TrainingRun, output_dir: Path) -> str | None:

@@ -6,11 +6,15 @@ the metrics to log; `LossTerms` adds the values and keeps the metrics until the 
 where they land in the logs and metrics.jsonl under whatever keys the term chose (e.g. `loss/causal_lm`).
 
 A new term (KL to the base model, L2 to the base weights, EWC, ...) is one class with the `LossTerm`
-shape and a config field that `build_loss_terms` reads; the trainer does not change.
+shape and a config field that `build_loss_terms` reads; the trainer does not change. A term may also
+say, as class attributes, that it needs the final hidden states (`needs_hidden_states`: the forward is
+then asked for them) or that it only measures and runs on the micro-batches of logging steps
+(`logging_steps_only`), and may turn the averaged metrics into their logged form (`finish`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +22,9 @@ from typing import Any, Protocol
 
 import torch
 
-from cptkit.config.train import TrainConfig
-from cptkit.train.ewc import Ewc
-from cptkit.train.l2 import L2ToBase
+from cptkit.config.train import TrainingRun
+
+log = logging.getLogger(__name__)
 
 
 class LossTerm(Protocol):
@@ -30,6 +34,11 @@ class LossTerm(Protocol):
     value (a scalar tensor that carries gradients) and metrics to log (tensors or floats; tensors are
     read only when the step is logged, so logging costs no device sync per batch). Every term after the
     first returns a mean over its batch: the trainer scales it for gradient accumulation.
+
+    Optional class attributes: `needs_hidden_states = True` (the forward returns `hidden_states`, the
+    last one after the final norm: `cptkit.train.heads.last_hidden`), `logging_steps_only = True` (called
+    only on the micro-batches of steps that log). An optional `finish(means) -> means` turns the metrics,
+    averaged over steps and processes, into what is logged (e.g. sums and counts into a token mean).
     """
 
     name: str
@@ -69,13 +78,36 @@ class LossContext:
     resume_from: str | None = None
 
 
-def build_loss_terms(train_cfg: TrainConfig, context: LossContext | None = None) -> list[LossTerm]:
-    """The loss terms `train_cfg` asks for, the causal-LM loss first."""
+def build_loss_terms(train_cfg: TrainingRun, context: LossContext | None = None) -> list[LossTerm]:
+    """The loss terms `train_cfg` asks for, the causal-LM loss first. Terms that need the model or the
+    sources come only with a `context`; `cptkit sft`'s config has no regularizers."""
     terms: list[LossTerm] = [CausalLMLoss()]
-    regularize = getattr(train_cfg, "regularize", None)  # `cptkit sft` has no regularizers
-    if regularize and regularize.l2_to_base.weight > 0:
+    regularize = getattr(train_cfg, "regularize", None)
+    asked = [
+        n for n in ("kl_to_base", "l2_to_base", "ewc") if regularize and getattr(regularize, n).weight > 0
+    ]
+    if context is None:
+        if asked:  # never a regularizer silently dropped
+            raise ValueError(f"train.regularize.{asked[0]} needs a LossContext (build_trainer makes one)")
+        return terms
+    if getattr(train_cfg, "loss_per_source", False):
+        if context.source_names:
+            from cptkit.train.per_source import LossPerSource
+
+            terms.append(LossPerSource(context.source_names))
+        else:
+            log.info("no per-source training loss: the prepared rows carry no source ids (prepare again)")
+    if "kl_to_base" in asked:
+        from cptkit.train.kl import KlToBase
+
+        terms.append(KlToBase.build(regularize.kl_to_base, context.model, context.general_sources))
+    if "l2_to_base" in asked:
+        from cptkit.train.l2 import L2ToBase
+
         terms.append(L2ToBase.build(train_cfg, context))
-    if regularize and regularize.ewc.weight > 0:
+    if "ewc" in asked:
+        from cptkit.train.ewc import Ewc
+
         terms.append(Ewc.build(train_cfg, context))
     return terms
 
@@ -102,8 +134,9 @@ class LossTerms:
         outputs: Any,
         accumulation_steps: int = 1,
         causal_lm_is_scaled: bool = False,
+        logging_step: bool = True,
     ) -> torch.Tensor:
-        """The summed loss of one micro-batch.
+        """The summed loss of one micro-batch (`logging_step`: its step logs, so measuring terms run).
 
         `causal_lm_is_scaled`: the first term is already normalised over the `accumulation_steps`
         micro-batches of the optimizer step (transformers passes `num_items_in_batch` to the model), so
@@ -114,6 +147,8 @@ class LossTerms:
         total, metrics = self.terms[0](model, inputs, outputs)
         shares = {key: 1.0 if causal_lm_is_scaled else 1 / steps for key in metrics}
         for term in self.terms[1:]:
+            if getattr(term, "logging_steps_only", False) and not logging_step:
+                continue
             value, more = term(model, inputs, outputs)
             total = total + later * value
             metrics = {**metrics, **more}
@@ -125,12 +160,26 @@ class LossTerms:
                 self._sums[key] = self._sums.get(key, 0.0) + value * shares[key]
         return total
 
+    def needs_hidden_states(self, logging_step: bool = True) -> bool:
+        """Whether a term that runs on this micro-batch reads the final hidden states."""
+        return any(
+            getattr(term, "needs_hidden_states", False)
+            and (logging_step or not getattr(term, "logging_steps_only", False))
+            for term in self.terms
+        )
+
     def pop_means(self) -> dict[str, float]:
         """Each metric averaged over the optimizer steps since the last call, and over the processes of
-        a distributed run (every rank logs at the same steps with the same terms); the sums start again."""
+        a distributed run (every rank logs at the same steps with the same terms), then each term's
+        `finish`; the sums start again."""
         means = {key: float(value) / self._steps for key, value in self._sums.items()} if self._steps else {}
         self._sums, self._steps = {}, 0.0
-        return _mean_over_processes(means)
+        means = _mean_over_processes(means)
+        for term in self.terms:
+            finish = getattr(term, "finish", None)
+            if finish is not None:
+                means = finish(means)
+        return means
 
 
 def _mean_over_processes(means: dict[str, float]) -> dict[str, float]:
