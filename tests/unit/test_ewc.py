@@ -47,8 +47,8 @@ def _ewc(cfg, rows, model, collator=None, resume_from=None):
         model, cfg.train.output_dir, NAMES, general, rows, collator or SourceCollator(), resume_from
     )
     terms = build_loss_terms(cfg.train, context)
-    assert [t.name for t in terms] == ["causal_lm", "ewc"]
-    return terms[1]
+    assert [t.name for t in terms] == ["causal_lm", "loss_per_source", "ewc"]
+    return terms[-1]
 
 
 def _saved_fisher(cfg):
@@ -184,7 +184,8 @@ def test_training_with_ewc_logs_it_and_stays_closer_to_the_base_where_the_fisher
     plain_cfg = tiny_train_config(tiny_model_dir, tmp_path / "plain", max_steps=4)
     ewc_cfg = _config(tmp_path, tiny_model_dir, weight=50.0, fisher_rows=8, max_steps=4)
     plain, _, plain_lines = train_regularized(plain_cfg, rows)
-    held, (_, term), lines = train_regularized(ewc_cfg, rows)
+    held, terms, lines = train_regularized(ewc_cfg, rows)
+    term = terms[-1]
     assert all("loss/ewc" in line for line in lines) and "loss/ewc" not in plain_lines[0]
     assert lines[-1]["loss/ewc"] > 0
     base = dict(_model(plain_cfg).named_parameters())
