@@ -67,7 +67,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _eval_summary(results: Path) -> dict[str, Any]:
     data = _read_json(results)
-    return {"results": data.get("results", []), "deltas": data.get("deltas", [])}
+    return {
+        "results": data.get("results", []),
+        "deltas": data.get("deltas", []),
+        **{k: data[k] for k in ("tasks", "task_deltas") if k in data},
+    }
 
 
 _SOURCE_KEYS = (
@@ -174,6 +178,13 @@ def _results_table(results: list[dict[str, Any]]) -> list[str]:
     return results_table(results, SUMMARY_KEYS)
 
 
+def _tasks_section(evaluation: dict[str, Any]) -> list[str]:
+    """The downstream task scores of an evaluation, each model against the base (none ran: nothing)."""
+    from cptkit.eval.task_results import tasks_markdown
+
+    return tasks_markdown(evaluation, heading="### Downstream tasks")
+
+
 def _sft_markdown(sft: dict[str, Any]) -> list[str]:
     t, d = sft["train"], sft.get("data") or {}
     out = [
@@ -194,7 +205,7 @@ def _sft_markdown(sft: dict[str, Any]) -> list[str]:
     results = (sft.get("eval") or {}).get("results") or []
     if results:
         out += _results_table(results) + [""]
-    return out
+    return out + _tasks_section(sft.get("eval") or {})
 
 
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
@@ -241,6 +252,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     if "eval" in report:
         out += ["## Evaluation", ""] + _results_table(report["eval"]["results"])
         out += [""] + ([f"![perplexity]({plots['perplexity']})", ""] if "perplexity" in plots else [])
+        out += _tasks_section(report["eval"])
     if "sft" in report:
         out += _sft_markdown(report["sft"])
     if "merge" in report:
