@@ -59,15 +59,18 @@ def check_tasks(
     tasks: Sequence[EvalTask],
     where: str = "eval.tasks",
     installed: Callable[[str], bool] | None = None,
+    during_training: bool = False,
 ) -> list[ReadyTask]:
-    """Every task of `tasks` found offline, before any model loads; all problems in one ConfigError.
-    `installed(module)` says whether a module is installed (default: this machine's packages)."""
-    if not tasks:
+    """Every task of `tasks` (with `during_training`: those that also run during training) found
+    offline, before any model loads; all problems in one ConfigError. `installed(module)` says whether
+    a module is installed (default: this machine's packages)."""
+    wanted = [(i, t) for i, t in enumerate(tasks) if t.during_training or not during_training]
+    if not wanted:
         return []
     require_lm_eval(where, installed)
     managers: dict[str | None, Any] = {}
     ready, problems = [], []
-    for i, spec in enumerate(tasks):
+    for i, spec in wanted:
         try:
             ready.append(_find(spec, f"{where}[{i}]", managers))
         except _Problem as p:
