@@ -16,6 +16,7 @@ from cptkit.config.evaluate import EvalTask
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.eval.task_results import scores_of, task_deltas, task_reading, task_summary_lines, tasks_markdown
 from cptkit.eval.tasks import check_tasks, run_tasks
+from cptkit.testing.tiny import sample_texts
 
 EXAMPLES = Path(__file__).parents[2] / "examples/tasks"
 MC, GEN = "cptkit_capitals_mc", "cptkit_capitals_gen"
@@ -184,3 +185,26 @@ def test_tables_and_summary_lines_show_each_model_against_the_base():
     assert "| better |" in md
     assert task_summary_lines(record)[0].startswith("mc acc: base 0.5000 -> merged 0.7000 (+0.2000 [")
     assert tasks_markdown({"tasks": {}}) == [] and task_summary_lines({}) == []
+
+
+def test_the_bench_cloze_task_is_deterministic_by_seed_and_found_offline(tmp_path):
+    import gzip
+    import subprocess
+    import sys
+
+    texts = [t for t in sample_texts(200) if len(t) > 3000][:6]
+    corpus = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    script = Path(__file__).parents[2] / "bench/make_cloze_task.py"
+
+    def make(out: str, seed: int) -> list[dict]:
+        args = ["--out", str(tmp_path / out), "--corpus", str(corpus), "--count", "12", "--seed", str(seed)]
+        subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+        return [json.loads(x) for x in (tmp_path / out / "general_cloze.jsonl").read_text().splitlines()]
+
+    first, again, other = make("a", 0), make("b", 0), make("c", 1)
+    assert first == again != other and len(first) == 12
+    assert all(len(q["choices"]) == 4 and q["choices"][q["answer"]] not in q["context"] for q in first)
+    (ready,) = check_tasks([EvalTask(name="general_cloze", include=str(tmp_path / "a"))])
+    assert ready.overrides["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "a/general_cloze.jsonl")
