@@ -208,3 +208,16 @@ def test_the_bench_cloze_task_is_deterministic_by_seed_and_found_offline(tmp_pat
     assert all(len(q["choices"]) == 4 and q["choices"][q["answer"]] not in q["context"] for q in first)
     (ready,) = check_tasks([EvalTask(name="general_cloze", include=str(tmp_path / "a"))])
     assert ready.overrides["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "a/general_cloze.jsonl")
+
+
+def test_cptkit_run_and_config_name_lm_eval_when_eval_tasks_need_it(tmp_path):
+    from cptkit.train.optional import refusals_for_missing_packages
+
+    cfg = build_config(
+        Config, {"run_dir": str(tmp_path), "eval": {"tasks": [{"name": MC, "include": str(EXAMPLES)}]}}
+    )
+    without = refusals_for_missing_packages(cfg, installed=lambda module: module != "lm_eval")
+    assert without == ['eval.tasks needs lm-eval (pip install "cptkit[eval]"), which is not installed']
+    assert refusals_for_missing_packages(cfg) == []
+    no_tasks = build_config(Config, {"run_dir": str(tmp_path), "eval": {}})
+    assert refusals_for_missing_packages(no_tasks, installed=lambda module: False) == []

@@ -24,6 +24,7 @@ import torch
 
 from cptkit.config.evaluate import EvalTask
 from cptkit.errors import ConfigError, CptkitError
+from cptkit.train.optional import install_hint, is_installed, missing_packages
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class ReadyTask:
 def check_tasks(
     tasks: Sequence[EvalTask],
     where: str = "eval.tasks",
-    installed: Callable[[str], bool] | None = None,
+    installed: Callable[[str], bool] = is_installed,
     during_training: bool = False,
 ) -> list[ReadyTask]:
     """Every task of `tasks` (with `during_training`: those that also run during training) found
@@ -80,10 +81,8 @@ def check_tasks(
     return ready
 
 
-def require_lm_eval(where: str = "eval.tasks", installed: Callable[[str], bool] | None = None) -> None:
-    from cptkit.train.optional import install_hint, missing_packages
-
-    if missing_packages(["lm-eval"], *([installed] if installed else [])):
+def require_lm_eval(where: str = "eval.tasks", installed: Callable[[str], bool] = is_installed) -> None:
+    if missing_packages(["lm-eval"], installed):
         raise CptkitError(f"{where} needs {install_hint('lm-eval')}, which is not installed")
 
 

@@ -68,19 +68,19 @@ def check_optional_dependencies(
         raise CptkitError("missing optional package(s): " + "; ".join(missing))
 
 
-def refusals_for_missing_packages(cfg: Any) -> list[str]:
+def refusals_for_missing_packages(cfg: Any, installed: Callable[[str], bool] = is_installed) -> list[str]:
     """What `cptkit train`, `cptkit sft` and the downstream tasks of `cptkit eval` of config `cfg` would
-    refuse on this machine for want of an optional package (one message per section; none when all are
-    installed)."""
+    refuse on this machine (or where `installed(module)` says) for want of an optional package (one
+    message per section; none when all are installed)."""
     notes = []
     for section, run in (("train", cfg.train), ("sft", cfg.sft)):
         if run is None:
             continue
         try:
-            check_optional_dependencies(run, cfg.model, section)
+            check_optional_dependencies(run, cfg.model, section, installed)
         except CptkitError as e:
             notes.append(str(e))
-    if cfg.eval is not None and cfg.eval.tasks and missing_packages(["lm-eval"]):
+    if cfg.eval is not None and cfg.eval.tasks and missing_packages(["lm-eval"], installed):
         notes.append(f"eval.tasks needs {install_hint('lm-eval')}, which is not installed")
     return notes
 
