@@ -16,9 +16,11 @@ from cptkit.eval.models import pick_device, pick_dtype
 from cptkit.eval.results import print_summary, results_record, write_results
 from cptkit.eval.score import score_models
 from cptkit.eval.sets import EvalSet, heldout_sets, text_set
+from cptkit.eval.task_results import append_tasks_markdown, print_task_summary
+from cptkit.eval.tasks import check_tasks, score_tasks
 from cptkit.eval.tradeoff import print_sweep, sweep_summary
 from cptkit.outputs import write_config
-from cptkit.paths import resolve
+from cptkit.paths import RESULTS_MD, resolve
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if not models:
         raise CptkitError("eval.models: nothing to evaluate: list models, or set model.name_or_path")
     sets, seq_length = _sets(cfg, ec)
+    tasks = check_tasks(ec.tasks)  # found offline before any model loads
     device = pick_device(ec.device)
     dtype = pick_dtype(device, cfg.model.dtype if cfg.model else "auto")
     trust = bool(cfg.model and cfg.model.trust_remote_code)
@@ -50,12 +53,15 @@ def run(cfg: Config) -> dict[str, Any]:
     result = results_record(rows, models, notes, seq_length, device, dtype, ec.bootstrap)
     if sweep is not None:
         result["interpolation"] = sweep_summary(sweep, rows)
+    result.update(score_tasks(models, tasks, device, dtype, ec.batch_size, trust))
     out = resolve(cfg).folder("eval")
     write_config(out, cfg)
     write_results(out, result)
+    append_tasks_markdown(out / RESULTS_MD, result)
     print_summary(rows, result["deltas"])
     if sweep is not None:
         print_sweep(result["interpolation"])
+    print_task_summary(result)
     log.info("eval results in %s", out)
     return result
 

@@ -9,6 +9,7 @@ error and keeps what finished. `--from STAGE` reruns from a stage on (earlier on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def main(args) -> int:
 
 def run(cfg: Config, from_stage: str | None = None, only_stage: str | None = None) -> dict[str, Any]:
     """Run the configured stages; returns {"stages": [one row per stage], "results": {stage: result}}."""
+    from cptkit.eval.tasks import check_tasks
     from cptkit.train.optional import refusals_for_missing_packages
 
     console = _console()
@@ -34,6 +36,8 @@ def run(cfg: Config, from_stage: str | None = None, only_stage: str | None = Non
     missing = refusals_for_missing_packages(cfg) if any(s.name in ("train", "sft") for s, _ in wanted) else []
     if missing:  # found before prepare spends its time, not when train starts
         raise CptkitError("; ".join(missing))
+    if any(s.name in ("train", "eval", "sft-eval") for s, _ in wanted):
+        check_tasks(cfg.eval.tasks if cfg.eval else [])  # a task not found offline, before prepare
     records = StageRecords(cfg.run_dir or ".")
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] = {}
@@ -63,6 +67,21 @@ def _summary(console: Any, rows: list[dict[str, Any]], cfg: Config) -> None:
     total = sum(r["seconds"] for r in rows)
     table.add_row("total", "", f"{total:.0f} s", str(Path(cfg.run_dir)) if cfg.run_dir else "")
     console.print(table)
+    for line in downstream_lines(cfg):
+        console.print(line)
+
+
+def downstream_lines(cfg: Config) -> list[str]:
+    """A line per downstream task and metric of the evaluations this run has written (eval, sft-eval)."""
+    from cptkit.eval.task_results import task_summary_lines
+    from cptkit.paths import resolve
+
+    paths, lines = resolve(cfg), []
+    for stage, results in (("eval", paths.eval_results), ("sft-eval", paths.sft_eval_results)):
+        if results is not None and results.is_file():
+            record = json.loads(results.read_text(encoding="utf-8"))
+            lines += [f"{stage} task {line}" for line in task_summary_lines(record)]
+    return lines
 
 
 def _console() -> Any:

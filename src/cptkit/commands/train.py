@@ -31,6 +31,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train as `cfg.train` says; returns the run's summary (also in run_meta.json)."""
     from transformers import set_seed
 
+    from cptkit.eval.tasks import check_tasks
     from cptkit.model.attention import describe
     from cptkit.model.flops import flops_per_token
     from cptkit.model.load import load_model_and_tokenizer
@@ -43,6 +44,7 @@ def run(cfg: Config) -> dict[str, Any]:
     train_cfg, model_cfg, paths = cfg.train, cfg.model, resolve(cfg)
     dataset_dir, output_dir = paths.prepared or paths.folder("prepare"), paths.folder("train")
     checked = preflight(train_cfg, model_cfg, dataset_dir, output_dir)
+    tasks = check_tasks(cfg.eval.tasks if cfg.eval else [], during_training=True)
     prepared, resume_from = checked["prepared"], checked["resume_from"]
     set_seed(cfg.seed)
     loaded = load_model_and_tokenizer(model_cfg, train_cfg, tokenizer=checked["tokenizer"])
@@ -59,6 +61,7 @@ def run(cfg: Config) -> dict[str, Any]:
         seed=cfg.seed,
         prepared=prepared,
         resume_from=resume_from,
+        tasks=tasks,
     )
     meta = {
         "identity": checked["identity"],

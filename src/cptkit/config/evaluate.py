@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from cptkit.config.fields import at_least, opt
@@ -74,10 +75,30 @@ class EvalTask:
     """A downstream task run by lm-evaluation-harness on every evaluated model, offline."""
 
     name: str = opt(help="lm-eval task name (a task of lm-eval, or one defined by a YAML file in include)")
-    include: str | None = opt(None, "folder (or YAML file) of local task definitions")
-    num_fewshot: int = opt(0, "few-shot examples per question")
+    include: str | None = opt(
+        None,
+        "folder (or YAML file, whose folder is read) of local task definitions; their relative data "
+        "paths are read from the task file's folder",
+    )
+    num_fewshot: int | None = opt(None, "few-shot examples per question (default: the task's own, else 0)")
     limit: int | None = opt(None, "score at most this many examples")
-    during_training: bool = opt(False, "also run at each held-out evaluation during training")
+    during_training: bool = opt(
+        False, "also run at each held-out evaluation during training (keep it small with limit)"
+    )
+
+    def check(self, path: str):
+        problems = at_least(self, path, num_fewshot=0, limit=1)
+        if not self.name.strip():
+            problems.append((f"{path}.name", "empty: name the lm-eval task to run"))
+        if self.include is not None and not Path(self.include).expanduser().exists():
+            problems.append(
+                (
+                    f"{path}.include",
+                    f"{self.include} does not exist (expected a folder of lm-eval task YAML files, or one "
+                    "such file; examples/tasks has examples)",
+                )
+            )
+        return problems
 
 
 @dataclass

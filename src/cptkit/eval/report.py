@@ -77,9 +77,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _eval_summary(results: Path) -> dict[str, Any]:
     data = _read_json(results)
-    summary = {"results": data.get("results", []), "deltas": data.get("deltas", [])}
-    if data.get("interpolation"):
-        summary["interpolation"] = data["interpolation"]
+    summary = {
+        "results": data.get("results", []),
+        "deltas": data.get("deltas", []),
+        **{k: data[k] for k in ("tasks", "task_deltas", "interpolation") if data.get(k)},
+    }
     return summary
 
 
@@ -190,6 +192,13 @@ def _results_table(results: list[dict[str, Any]]) -> list[str]:
     return results_table(results, SUMMARY_KEYS)
 
 
+def _tasks_section(evaluation: dict[str, Any]) -> list[str]:
+    """The downstream task scores of an evaluation, each model against the base (none ran: nothing)."""
+    from cptkit.eval.task_results import tasks_markdown
+
+    return tasks_markdown(evaluation, heading="### Downstream tasks")
+
+
 def _sft_markdown(sft: dict[str, Any]) -> list[str]:
     t, d = sft["train"], sft.get("data") or {}
     out = [
@@ -210,7 +219,7 @@ def _sft_markdown(sft: dict[str, Any]) -> list[str]:
     results = (sft.get("eval") or {}).get("results") or []
     if results:
         out += _results_table(results) + [""]
-    return out
+    return out + _tasks_section(sft.get("eval") or {})
 
 
 def interpolation_markdown(block: dict[str, Any] | None, plots: dict[str, str]) -> list[str]:
@@ -296,6 +305,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         out += ["## Evaluation", ""] + _results_table(report["eval"]["results"])
         out += [""] + ([f"![perplexity]({plots['perplexity']})", ""] if "perplexity" in plots else [])
         out += interpolation_markdown(report["eval"].get("interpolation"), plots)
+        out += _tasks_section(report["eval"])
     if "sft" in report:
         out += _sft_markdown(report["sft"])
     if "merge" in report:

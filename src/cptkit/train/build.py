@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from cptkit.train.guard import DivergenceGuard
 from cptkit.train.heldout import HeldoutSet
 from cptkit.train.losses import LossContext, LossTerm, LossTerms, build_loss_terms
 from cptkit.train.schedules import make_scheduler
+from cptkit.train.task_callback import ReadyTask, add_task_callback
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +229,17 @@ def build_trainer(
     loss_terms: list[LossTerm] | None = None,
     prepared: Prepared | None = None,
     resume_from: str | None = None,
+    tasks: Sequence[ReadyTask] = (),
 ) -> tuple[CptTrainer, dict[str, Any]]:
     """A Trainer for `loaded` on `train_dataset` (rows of input_ids/position_ids, plus labels for SFT's
     prompt mask and source_ids for the per-source terms, or whatever `data_collator` takes).
     `loss_terms` default to `build_loss_terms(train_cfg, context)`, the context built from the model,
     the sources of `prepared` (the dataset `train_dataset` comes from) and the checkpoint the run
     resumes from (`resume_from`), before the Trainer loads it: the model is still the base here.
+    `tasks` (checked downstream tasks) run at each held-out evaluation.
 
     Returns the trainer and its cptkit callbacks by name ("throughput", "guard", "heldout",
-    "checkpoints") so the command can read what they measured.
+    "checkpoints", and "tasks" with tasks) so the command can read what they measured.
     """
     args = training_arguments(train_cfg, output_dir, loaded.dtype, seed)
     settings = optimization_settings(args, train_cfg)
@@ -280,6 +284,7 @@ def build_trainer(
         settings=settings,
     )
     callbacks["heldout"].trainer = trainer
+    add_task_callback(trainer, callbacks, tasks)
     return trainer, callbacks
 
 

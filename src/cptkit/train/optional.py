@@ -1,6 +1,6 @@
-"""The optional packages a config needs (bitsandbytes, deepspeed, liger-kernel, flash-attn, the trackers),
-checked before any model loads so that a missing one is a message with the extra to install, not a
-traceback after minutes of loading."""
+"""The optional packages a config needs (bitsandbytes, deepspeed, liger-kernel, flash-attn, the trackers,
+lm-eval for eval.tasks), checked before any model loads so that a missing one is a message with the extra
+to install, not a traceback after minutes of loading."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ OPTIONAL_PACKAGES = {
     "wandb": ("wandb", 'pip install "cptkit[wandb]"'),
     "mlflow": ("mlflow", 'pip install "cptkit[mlflow]"'),
     "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "lm-eval": ("lm_eval", 'pip install "cptkit[eval]"'),
 }
 
 
@@ -67,17 +68,20 @@ def check_optional_dependencies(
         raise CptkitError("missing optional package(s): " + "; ".join(missing))
 
 
-def refusals_for_missing_packages(cfg: Any) -> list[str]:
-    """What `cptkit train` and `cptkit sft` of config `cfg` would refuse on this machine for want of an
-    optional package (one message per section; none when all are installed)."""
+def refusals_for_missing_packages(cfg: Any, installed: Callable[[str], bool] = is_installed) -> list[str]:
+    """What `cptkit train`, `cptkit sft` and the downstream tasks of `cptkit eval` of config `cfg` would
+    refuse on this machine (or where `installed(module)` says) for want of an optional package (one
+    message per section; none when all are installed)."""
     notes = []
     for section, run in (("train", cfg.train), ("sft", cfg.sft)):
         if run is None:
             continue
         try:
-            check_optional_dependencies(run, cfg.model, section)
+            check_optional_dependencies(run, cfg.model, section, installed)
         except CptkitError as e:
             notes.append(str(e))
+    if cfg.eval is not None and cfg.eval.tasks and missing_packages(["lm-eval"], installed):
+        notes.append(f"eval.tasks needs {install_hint('lm-eval')}, which is not installed")
     return notes
 
 
