@@ -207,3 +207,18 @@ def test_full_sweep_of_another_architecture_is_refused_before_any_model_loads(
 def test_bad_interpolate_lists_are_refused_by_the_config(tmp_path, scales, message):
     with pytest.raises(ConfigError, match=message):
         build_config(Config, {"run_dir": str(tmp_path), "eval": {"interpolate": scales}})
+
+
+def test_every_point_of_the_sweep_is_scored_on_the_downstream_tasks(lora_run, tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    examples = Path(__file__).parents[2] / "examples/tasks"
+    task = {"name": "cptkit_capitals_mc", "include": str(examples), "limit": 4}
+    cfg = config(lora_run, tiny_model_dir, interpolate=[0.0, 1.0], tasks=[task])
+    cfg.eval.output_dir = str(tmp_path / "eval")
+    result = eval_cmd.run(cfg)
+    scores = result["tasks"]
+    assert set(scores) == {"base", "adapted", "interpolated@0", "interpolated@1"}
+    acc = {name: scores[name]["cptkit_capitals_mc"]["acc"]["value"] for name in scores}
+    assert acc["interpolated@1"] == acc["adapted"] and acc["interpolated@0"] == acc["base"]
+    assert {d["model"] for d in result["task_deltas"]} >= {"interpolated@0", "interpolated@1"}

@@ -48,17 +48,16 @@ def run(cfg: Config) -> dict[str, Any]:
     rows, notes = score_models(
         models, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust
     )
+    point_rows, point_tasks = run_sweep(sweep, sets, seq_length, ec.batch_size, tasks) if sweep else ([], {})
+    result = results_record(rows + point_rows, models, notes, seq_length, device, dtype, ec.bootstrap)
     if sweep is not None:
-        rows += run_sweep(sweep, sets, seq_length, ec.batch_size)
-    result = results_record(rows, models, notes, seq_length, device, dtype, ec.bootstrap)
-    if sweep is not None:
-        result["interpolation"] = sweep_summary(sweep, rows)
-    result.update(score_tasks(models, tasks, device, dtype, ec.batch_size, trust))
+        result["interpolation"] = sweep_summary(sweep, rows + point_rows)
+    result.update(score_tasks(models, tasks, device, dtype, ec.batch_size, trust, scored=point_tasks))
     out = resolve(cfg).folder("eval")
     write_config(out, cfg)
     write_results(out, result)
     append_tasks_markdown(out / RESULTS_MD, result)
-    print_summary(rows, result["deltas"])
+    print_summary(rows + point_rows, result["deltas"])
     if sweep is not None:
         print_sweep(result["interpolation"])
     print_task_summary(result)

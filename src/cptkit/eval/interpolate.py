@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,22 +80,35 @@ def plan_sweep(
     return Sweep(sorted(scales), adapted, base, budget, budget_from, checkpoints, **placement)
 
 
-def run_sweep(sweep: Sweep, sets: list[EvalSet], seq_length: int, batch_size: int) -> list[dict[str, Any]]:
-    """The result rows of every point, on every set; the adapted model is loaded once for all of them."""
+def run_sweep(
+    sweep: Sweep, sets: list[EvalSet], seq_length: int, batch_size: int, tasks: Sequence[Any] = ()
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The result rows of every point, on every set, and each point's downstream `tasks` scores
+    ({point name: {task: {metric: ...}}}, as `cptkit.eval.tasks.run_tasks` gives them); the adapted
+    model is loaded once for all of them."""
+    from cptkit.eval.models import load_tokenizer
+    from cptkit.eval.tasks import run_tasks
+
     device, dtype, trust = sweep.device, sweep.dtype, sweep.trust_remote_code
     notes: list[str] = []  # what loading says was done differently is already noted for `adapted`
     model = load_scored_model(sweep.adapted, device, dtype, notes, trust)
+    adapted = sweep.adapted
+    tokenizer = load_tokenizer(adapted.adapter or adapted.path, adapted.path, trust) if tasks else None
     rows: list[dict[str, Any]] = []
+    task_scores: dict[str, Any] = {}
     for scale in sweep.scales:
         log.info("eval.interpolate: scoring the adapted model at scale %g", scale)
+        name = point_name(scale)
         with _at_scale(model, sweep, scale):
-            spec = EvalModel(name=point_name(scale), path=sweep.adapted.path, adapter=sweep.adapted.adapter)
+            spec = EvalModel(name=name, path=adapted.path, adapter=adapted.adapter)
             rows += score_model(
                 spec, sets, seq_length, batch_size, device, dtype, notes, trust_remote_code=trust, model=model
             )
+            if tasks:
+                task_scores[name] = run_tasks(model, tokenizer, tasks, device, batch_size)
     del model
     gc.collect()
-    return rows
+    return rows, task_scores
 
 
 def _at_scale(model, sweep: Sweep, scale: float) -> contextlib.AbstractContextManager:

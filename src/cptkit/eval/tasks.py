@@ -290,10 +290,12 @@ def score_tasks(
     dtype: torch.dtype,
     batch_size: int,
     trust_remote_code: bool = False,
+    scored: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """results.json's `tasks` ({model: {task: {metric: ...}}}) and `task_deltas` (against `base`) for
     every model of `eval.models` (EvalModel), loaded one at a time as `cptkit eval` scores them (the
-    adapter on the NF4 base where it was trained on one and bitsandbytes runs); {} without tasks."""
+    adapter on the NF4 base where it was trained on one and bitsandbytes runs), and the models already
+    scored elsewhere (`scored`: the interpolation sweep's points); {} without tasks."""
     if not tasks:
         return {}
     import gc
@@ -313,4 +315,5 @@ def score_tasks(
         scores[spec.name] = run_tasks(model, tokenizer, tasks, device, batch_size)
         del model
         gc.collect()
+    scores.update(scored or {})
     return {"tasks": scores, "task_deltas": task_deltas(scores)}
