@@ -96,3 +96,36 @@ def test_a_killed_save_resumes_from_the_last_complete_checkpoint_on_gpu(
     assert set(resumed) == {4, 5, 6}
     for step in resumed:
         assert abs(resumed[step] - plain[step]) < 1e-3, (resumed, plain)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_regularizers_train_on_the_gpu_path(tmp_path, tiny_model_dir, tiny_tokenizer, mode):
+    """On the GPU path (varlen attention, liger's fused loss where installed, bf16): kl_to_base, l2_to_base
+    and ewc together, with the per-source loss, train with finite values logged under their own keys; the
+    KL starts at 0 (the base is the model at step 0) and the Fisher file is written beside the run."""
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+    from test_train import make_cfg, write_dataset
+
+    from cptkit.commands.train import run
+
+    prepared = write_dataset(tmp_path / "prepared", tiny_tokenizer)
+    cfg = make_cfg(tmp_path / "out", tiny_model_dir, prepared, mode=mode, max_steps=6, schedule="constant")
+    reg = cfg.train.regularize
+    reg.kl_to_base.weight, reg.l2_to_base.weight, reg.ewc.weight, reg.ewc.fisher_rows = 1.0, 0.1, 1.0, 4
+    run(cfg)
+    meta = json.loads((tmp_path / "out" / "run_meta.json").read_text())
+    assert meta["attention"].startswith("varlen") and meta["status"] == "complete"
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["type"] == "train"]
+    for key in ("loss/kl_to_base", "loss/l2_to_base", "loss/ewc"):
+        assert all(key in x and math.isfinite(x[key]) for x in train), key
+    for key in ("loss/source/domain", "loss/source/general"):  # where the logged step had its tokens
+        values = [x[key] for x in train if key in x]
+        assert values and all(math.isfinite(v) for v in values), key
+    assert train[0]["regularize/kl_to_base"] < 1e-3
+    assert train[-1]["regularize/kl_to_base"] > train[0]["regularize/kl_to_base"]
+    assert (tmp_path / "out" / "ewc_fisher.safetensors").is_file()
