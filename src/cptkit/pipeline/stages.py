@@ -130,6 +130,13 @@ def _merge_why_not(cfg: Config) -> str | None:
     return None
 
 
+def _prepare_inputs(cfg: Config) -> list[str]:
+    from cptkit.data.self_replay import source_inputs
+
+    base = cfg.model.name_or_path if cfg.model else None
+    return [p for s in cfg.data.sources for p in source_inputs(s, base)]
+
+
 def _report_why_not(cfg: Config) -> str | None:
     if cfg.run_dir and (cfg.data or cfg.train or cfg.eval):
         return None
@@ -150,7 +157,7 @@ STAGES: list[Stage] = [
         name="prepare",
         why_not=lambda c: None if c.data else "no data section",
         sections=lambda c: {"data": c.data},
-        inputs=lambda c: [s.path for s in c.data.sources],
+        inputs=_prepare_inputs,
         marker=lambda c: resolve(c).data_manifest,
         run=_prepare,
         describe=describe_prepare,
