@@ -11,8 +11,10 @@ from cptkit.config import Config
 from cptkit.config.evaluate import EvalConfig, EvalModel
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
+from cptkit.eval.chat_probe import prepare_probe
 from cptkit.eval.models import pick_device, pick_dtype
 from cptkit.eval.results import print_summary, results_record, write_results
+from cptkit.eval.samples import generate_samples
 from cptkit.eval.score import score_models
 from cptkit.eval.sets import EvalSet, heldout_sets, text_set
 from cptkit.outputs import write_config
@@ -38,10 +40,15 @@ def run(cfg: Config) -> dict[str, Any]:
     device = pick_device(ec.device)
     dtype = pick_dtype(device, cfg.model.dtype if cfg.model else "auto")
     trust = bool(cfg.model and cfg.model.trust_remote_code)
+    probe = prepare_probe(ec.chat_probe, cfg.sft, models, trust)  # refused here, before any model loads
     rows, notes = score_models(
         models, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust
     )
     result = results_record(rows, models, notes, seq_length, device, dtype)
+    if probe is not None:
+        result["chat_probe"] = probe.run(models, device, dtype, seq_length, ec.batch_size, trust)
+    if samples := generate_samples(ec.samples, models, sets, device, dtype, trust):
+        result["samples"] = samples
     out = resolve(cfg).folder("eval")
     write_config(out, cfg)
     write_results(out, result)

@@ -67,7 +67,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _eval_summary(results: Path) -> dict[str, Any]:
     data = _read_json(results)
-    return {"results": data.get("results", []), "deltas": data.get("deltas", [])}
+    found = {k: data[k] for k in ("chat_probe", "samples") if k in data}
+    return {"results": data.get("results", []), "deltas": data.get("deltas", []), **found}
 
 
 _SOURCE_KEYS = (
@@ -197,6 +198,20 @@ def _sft_markdown(sft: dict[str, Any]) -> list[str]:
     return out
 
 
+def _generation_markdown(report: dict[str, Any]) -> list[str]:
+    """The chat probe (answer loss of instruction examples, against the base) and the sample generations."""
+    from cptkit.eval import chat_probe, samples
+
+    out = []
+    for title, found in (("", report.get("eval") or {}), (" (SFT evaluation)", _sft_eval(report))):
+        if found.get("chat_probe"):
+            out += [f"## Chat behaviour{title}", "", *chat_probe.markdown_lines(found["chat_probe"]), ""]
+    if (report.get("eval") or {}).get("samples"):
+        out += ["## Sample generations", "", "Greedy raw continuations (no chat template).", ""]
+        out += samples.markdown_lines(report["eval"]["samples"])
+    return out
+
+
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     """One page: the verdict first (gain, forgetting), then data, training, evaluation, with the plots."""
     out = [f"# cptkit report: {report['run_dir']}", ""]
@@ -243,6 +258,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         out += [""] + ([f"![perplexity]({plots['perplexity']})", ""] if "perplexity" in plots else [])
     if "sft" in report:
         out += _sft_markdown(report["sft"])
+    out += _generation_markdown(report)
     if "merge" in report:
         m = report["merge"]
         out += [
