@@ -9,6 +9,7 @@ evaluated model; a rise against the base is chat behaviour lost.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,8 +60,8 @@ def prepare_probe(
     reads them, and every model's tokenizer checked for a chat template (refused when one has none)."""
     if cfg.path is None:
         return None
-    sft = sft or SftConfig()
-    read = read_conversations(cfg.path, sft.format, sft.system_prompt, where=WHERE)
+    fmt, system_prompt = (sft.format, sft.system_prompt) if sft else ("auto", _default("system_prompt"))
+    read = read_conversations(cfg.path, fmt, system_prompt, where=WHERE)
     for spec in models:
         if not getattr(model_tokenizer(spec, trust_remote_code), "chat_template", None):
             raise CptkitError(
@@ -69,6 +70,11 @@ def prepare_probe(
                 "eval.chat_probe.path for a base model"
             )
     return ChatProbe(read.conversations[: cfg.max_examples], dict(read.skipped))
+
+
+def _default(name: str) -> Any:
+    """A field's default in the sft section (what `cptkit sft` would use)."""
+    return next(f.default for f in dataclasses.fields(SftConfig) if f.name == name)
 
 
 def answer_loss(
