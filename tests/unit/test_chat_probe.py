@@ -122,3 +122,11 @@ def test_the_report_lines_give_the_change_against_the_base():
     lines = markdown_lines(probe)
     assert lines[0].startswith("- **base**: answer loss 1.230")
     assert lines[1] == "- **merged**: answer loss 1.230 -> 1.310 (+6.5%), perplexity 3.42 -> 3.71"
+
+
+def test_cptkit_runs_eval_stamp_follows_the_probes_examples(tmp_path, probe_file):
+    from cptkit.pipeline.stages import STAGES
+
+    (eval_stage,) = [s for s in STAGES if s.name == "eval"]
+    cfg = build_config(Config, {"run_dir": str(tmp_path), "eval": {"chat_probe": {"path": str(probe_file)}}})
+    assert str(probe_file) in eval_stage.inputs(cfg)

@@ -187,3 +187,13 @@ def test_engine_vllm_without_vllm_names_the_package(tmp_path, model):
     with pytest.raises(CptkitError, match="pip install vllm"):
         prepare(replay_data(tmp_path, model, engine="vllm"), tmp_path / "out")
     assert not generated_files(tmp_path / "out")
+
+
+def test_cptkit_runs_prepare_stamp_follows_the_model_that_writes_the_text(tmp_path):
+    from cptkit.pipeline.stages import STAGES
+
+    (tmp_path / "docs").mkdir()
+    (prepare_stage,) = [s for s in STAGES if s.name == "prepare"]
+    cfg = _config(tmp_path, {})
+    cfg.data.sources.insert(0, SourceConfig(name="docs", path=str(tmp_path / "docs")))
+    assert prepare_stage.inputs(cfg) == [str(tmp_path / "docs"), "base-model", str(shipped_prompts())]

@@ -189,7 +189,10 @@ STAGES: list[Stage] = [
             "eval": c.eval,
             "seq_length": c.data.seq_length if c.data else None,
         },
-        inputs=lambda c: _files(resolve(c).eval_manifest, resolve(c).train_meta, resolve(c).merge_report),
+        inputs=lambda c: [
+            *_files(resolve(c).eval_manifest, resolve(c).train_meta, resolve(c).merge_report),
+            *([c.eval.chat_probe.path] if c.eval.chat_probe.path else []),  # its examples, by content
+        ],
         marker=lambda c: resolve(c).eval_results,
         run=_eval,
         describe=describe_eval,
