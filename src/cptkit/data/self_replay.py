@@ -131,7 +131,7 @@ def materialize(
             "that writes the text"
         )
     prompts = read_prompts(spec.prompts, f"{where}.self_replay.prompts")
-    key = digest(model_fingerprint(spec.model), prompts, _settings(spec))
+    key = digest(model_fingerprint(spec.model), prompts, _settings(spec), source.text_field)
     folder = cache_dir / source.name
     documents, record_file = folder / f"{PREFIX}{key}.jsonl", folder / f"{PREFIX}{key}.json"
     if documents.is_file() and record_file.is_file():
