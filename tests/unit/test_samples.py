@@ -64,7 +64,7 @@ def test_the_report_shows_each_prompt_then_each_models_continuation():
         {"model": "merged", "role": "general", "prompt": "The weather", "text": "word " * 200},
     ]
     lines = markdown_lines(samples)
-    assert lines[0] == "general prompt: *The weather*"
+    assert lines[0] == "general prompt: `The weather`"
     assert "| base | is fine \\| today |" in lines
     merged = next(line for line in lines if line.startswith("| merged |"))
     assert merged.endswith(" ... |") and len(merged) < 340
@@ -119,4 +119,4 @@ def test_eval_writes_samples_and_the_chat_probe_and_the_report_shows_them(tmp_pa
     report.run(resolve(cfg))
     text = resolve(cfg).report_md.read_text()
     assert "## Chat behaviour" in text and "- **merged**: answer loss" in text and "->" in text
-    assert "## Sample generations" in text and "general prompt: *The history of the old harbour" in text
+    assert "## Sample generations" in text and "general prompt: `The history of the old harbour" in text

@@ -74,6 +74,7 @@ def markdown_lines(samples: list[dict[str, Any]]) -> list[str]:
         prompts.setdefault((s["role"], s["prompt"]), []).append(s)
     out = []
     for (role, prompt), rows in prompts.items():
-        out += [f"{role} prompt: *{_cell(prompt)}*", "", "| model | continuation |", "|---|---|"]
+        shown = _cell(prompt).replace("`", "'")  # a code span: the prompt's own markup stays as written
+        out += [f"{role} prompt: `{shown}`", "", "| model | continuation |", "|---|---|"]
         out += [f"| {r['model']} | {_cell(r['text'])} |" for r in rows] + [""]
     return out
