@@ -13,12 +13,15 @@ import pytest
 from rich.console import Console
 from safetensors import SafetensorError
 
+from cptkit.config.data import SelfReplayConfig
+from cptkit.data.self_replay import write_documents
 from cptkit.demo.base import demo_base
 from cptkit.demo.config import demo_config
-from cptkit.demo.corpus import generate_general_text, write_python_docs
+from cptkit.demo.corpus import write_python_docs
 from cptkit.demo.headline import print_headline, read_headline
 from cptkit.demo.scratch import FOLDER as SCRATCH_FOLDER
 from cptkit.demo.smollm2 import FOLDER, SmolLM2Unavailable, extract_gguf, fetch_smollm2
+from cptkit.errors import CptkitError
 
 
 def test_python_docs_corpus_has_one_file_per_topic(tmp_path):
@@ -32,26 +35,37 @@ def test_python_docs_corpus_has_one_file_per_topic(tmp_path):
     )
 
 
-def test_general_text_is_generated_once_and_cached(tmp_path, tiny_model_dir):
-    folder = tmp_path / "general"
-    assert generate_general_text(tiny_model_dir, folder, samples=3, max_new_tokens=6, batch_size=2) == 3
-    files = sorted(folder.glob("*.txt"))
-    assert len(files) == 3 and all(f.read_text().strip() for f in files)
-    before = [f.stat().st_mtime_ns for f in files]
-    generate_general_text(tiny_model_dir, folder, samples=3, max_new_tokens=6, batch_size=2)
-    assert [f.stat().st_mtime_ns for f in files] == before
-
-
 def test_demo_config_points_the_preset_at_the_built_paths(tmp_path):
     corpora = {"domain": tmp_path / "a", "general": tmp_path / "b"}
     for folder in corpora.values():
         folder.mkdir()
     for gpu in (False, True):
-        cfg = demo_config(tmp_path / "run", tmp_path / "model", corpora, gpu=gpu)
+        cfg = demo_config(tmp_path / "run", tmp_path / "model", corpora, gpu=gpu, general_name="own")
         assert cfg.model.name_or_path == cfg.data.tokenizer == str(tmp_path / "model")
         assert [s.path for s in cfg.data.sources] == [str(tmp_path / "a"), str(tmp_path / "b")]
+        assert [s.type for s in cfg.data.sources] == ["files", "files"] and cfg.data.sources[1].name == "own"
         assert [m.name for m in cfg.eval.models] == ["base", "merged"]
         assert cfg.stage_dir("train") == tmp_path / "run" / "train"
+        assert cfg.eval.chat_probe.path is None
+
+
+def test_smollm2_writes_the_demos_general_text_itself_and_its_chat_is_probed(tmp_path):
+    (tmp_path / "a").mkdir()
+    sizes = {}
+    for gpu in (False, True):
+        cfg = demo_config(tmp_path / "run", tmp_path / "model", {"domain": tmp_path / "a"}, gpu, chat=True)
+        general = cfg.data.sources[1]
+        assert (general.name, general.type, general.path, general.weight) == (
+            "smollm2_text",
+            "self_replay",
+            None,
+            0.3,
+        )
+        spec = general.self_replay
+        assert spec.model is None and (spec.temperature, spec.top_p, spec.seed) == (0.8, 0.95, 1234)
+        sizes[gpu] = (spec.documents, spec.max_new_tokens)
+        assert cfg.eval.chat_probe.path.endswith("chat_probe.jsonl") and cfg.eval.samples.count > 0
+    assert sizes == {False: (48, 160), True: (512, 256)}  # the demo's general text as it always was
 
 
 def test_gguf_is_found_inside_the_wheel(tmp_path):
@@ -172,8 +186,10 @@ def test_a_broken_smollm2_folder_is_an_error_not_a_fallback(tmp_path, tiny_model
     shutil.copytree(tiny_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     buf = io.StringIO()
-    with pytest.raises(SafetensorError):  # weights that cannot be read: a fault to see, not a missing model
-        demo_base(
-            Console(file=buf, width=400), tmp_path / "run", tmp_path / "domain", cache=cache, environ={}
-        )
+    base = demo_base(
+        Console(file=buf, width=400), tmp_path / "run", tmp_path / "domain", cache=cache, environ={}
+    )
+    assert base.model_dir == broken and base.general_dir is None  # the broken model is the one used
     assert "Falling back" not in buf.getvalue() and not (tmp_path / "run/corpus/stdlib_docstrings").exists()
+    with pytest.raises((SafetensorError, CptkitError)):  # weights that cannot be read: a fault to see
+        write_documents(SelfReplayConfig(model=str(broken), documents=1, max_new_tokens=1), ["Hi"], "demo")

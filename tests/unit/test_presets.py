@@ -19,7 +19,8 @@ def load_preset(name: str, root):
     """Load a preset as a user would, with the folders it names created under `root`."""
     data, _ = read_yaml(presets.path(name))
     for source in (data.get("data") or {}).get("sources", []):
-        (root / source["path"]).mkdir(parents=True, exist_ok=True)
+        if "path" in source:  # a self_replay source has none
+            (root / source["path"]).mkdir(parents=True, exist_ok=True)
     return load_config(Config, presets.path(name))
 
 

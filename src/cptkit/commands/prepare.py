@@ -22,8 +22,11 @@ def main(args) -> int:
 
 
 def run(cfg: Config, force: bool = False) -> dict[str, Any]:
-    """Prepare `cfg.data` into the run's prepare folder (its config.yaml records `cfg`); returns the manifest."""
+    """Prepare `cfg.data` into the run's prepare folder (its config.yaml records `cfg`); returns the manifest.
+    Self-replay sources without a model of their own are written by the base model (model.name_or_path)."""
     from cptkit.data.prepare import prepare
+    from cptkit.data.self_replay import with_default_model
     from cptkit.paths import resolve
 
-    return prepare(cfg.data, resolve(cfg).folder("prepare"), force=force, config=cfg).manifest
+    data = with_default_model(cfg.data, cfg.model.name_or_path if cfg.model else None)
+    return prepare(data, resolve(cfg).folder("prepare"), force=force, config=cfg).manifest

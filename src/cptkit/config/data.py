@@ -31,6 +31,22 @@ class SelfReplayConfig:
         "auto", "auto: vLLM when installed and on a GPU, else transformers' generate"
     )
 
+    def check(self, path: str):
+        problems = at_least(self, path, documents=1, max_tokens=1, max_new_tokens=1, batch_size=1)
+        if not self.temperature >= 0:
+            problems.append((f"{path}.temperature", f"{self.temperature} must be 0 (greedy) or more"))
+        if not 0 < self.top_p <= 1:
+            problems.append((f"{path}.top_p", f"{self.top_p} must be in (0, 1]"))
+        if self.prompts is not None:
+            file = Path(self.prompts)
+            if not file.is_file():
+                problems.append((f"{path}.prompts", f"{self.prompts} is not a file (one prompt a line)"))
+            elif not file.read_text(encoding="utf-8", errors="replace").strip():
+                problems.append(
+                    (f"{path}.prompts", f"{self.prompts} holds no prompt; write one prompt a line")
+                )
+        return problems
+
 
 @dataclass
 class SourceConfig:
@@ -64,6 +80,13 @@ class SourceConfig:
         problems = []
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             problems.append((f"{path}.name", f"{self.name!r}: use letters, digits, '-' and '_' only"))
+        if self.type == "self_replay" and self.path:
+            problems.append(
+                (
+                    f"{path}.path",
+                    "a self_replay source writes its own documents: remove path (or use type: files)",
+                )
+            )
         if self.type == "files" and not self.path:
             problems.append((f"{path}.path", f"a source of type files needs a path ({READABLE})"))
         elif self.type == "files" and not Path(self.path).exists():
@@ -189,3 +212,14 @@ class DataConfig:
         if self.chunk_tokens is not None and not 1 <= self.chunk_tokens <= self.seq_length:
             problems.append((f"{path}.chunk_tokens", f"must be between 1 and seq_length ({self.seq_length})"))
         return problems
+
+    def generator_problems(self, path: str, default_model: str | None):
+        """A self_replay source needs a model to write its text: its own, or model.name_or_path."""
+        return [
+            (
+                f"{path}.sources[{i}].self_replay.model",
+                "not set, and no model.name_or_path to default to: name the model that writes the text",
+            )
+            for i, s in enumerate(self.sources)
+            if s.type == "self_replay" and s.self_replay.model is None and not default_model
+        ]

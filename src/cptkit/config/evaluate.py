@@ -106,20 +106,37 @@ class ChatProbeConfig:
     """Retention of chat behaviour for instruction-tuned bases: the chat-templated loss of the answers of
     held-out instruction data, before and after."""
 
-    path: str | None = opt(None, "JSONL of instruction examples (as `cptkit sft` reads them); none: off")
-    max_examples: int = opt(200, "examples scored")
+    path: str | None = opt(
+        None,
+        "JSONL of instruction examples (as `cptkit sft` reads them; the shipped neutral set is "
+        "presets/chat_probe.jsonl); needs tokenizers with a chat template; none: off",
+    )
+    max_examples: int = opt(200, "examples scored (the first ones of the file)")
+
+    def check(self, path: str):
+        problems = at_least(self, path, max_examples=1)
+        if self.path is not None and not Path(self.path).is_file():
+            problems.append(
+                (f"{path}.path", f"{self.path} is not a file (expected a .jsonl of instruction examples)")
+            )
+        return problems
 
 
 @dataclass
 class SamplesConfig:
-    """A few generations from each evaluated model, for domain and general prompts, shown in the report."""
+    """A few greedy generations from each evaluated model, for domain and general prompts, shown in the
+    report. Raw continuations for both kinds (no chat template, even for an instruction-tuned model):
+    what continued pretraining changes is how the model continues text."""
 
     domain_prompts: list[str] = opt(
         factory=list, help="prompts from the domain (none: the first words of held-out documents)"
     )
     general_prompts: list[str] = opt(factory=list, help="general prompts (none: a shipped neutral set)")
-    count: int = opt(3, "prompts of each kind; 0: off")
+    count: int = opt(0, "prompts of each kind; 0: off")
     max_new_tokens: int = opt(64, "tokens per generation (greedy)")
+
+    def check(self, path: str):
+        return at_least(self, path, count=0, max_new_tokens=1)
 
 
 @dataclass

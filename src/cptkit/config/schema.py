@@ -46,6 +46,8 @@ class Config:
                 problems.append(
                     (f"{name}.output_dir", "not set, and no run_dir to put it under: set one of them")
                 )
+        if self.data is not None:
+            problems += self.data.generator_problems("data", self.model.name_or_path if self.model else None)
         return problems
 
     def stage_dir(self, stage: str) -> Path:

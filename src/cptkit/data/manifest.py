@@ -144,6 +144,7 @@ def _source_entry(source: Any, plan: Plan, read: ShardStats, assembled: dict[str
         "examples": read.ledger.examples | ({"ignored_file": str(ignored[0])} if ignored else {}),
         **{k: assembled[k] for k in _ASSEMBLED},
         "shards": len(plan.shards[source.name]),
+        **({"self_replay": plan.generated[source.name]} if source.name in plan.generated else {}),
     }
 
 

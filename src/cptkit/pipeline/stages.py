@@ -133,6 +133,13 @@ def _merge_why_not(cfg: Config) -> str | None:
     return None
 
 
+def _prepare_inputs(cfg: Config) -> list[str]:
+    from cptkit.data.self_replay import source_inputs
+
+    base = cfg.model.name_or_path if cfg.model else None
+    return [p for s in cfg.data.sources for p in source_inputs(s, base)]
+
+
 def _report_why_not(cfg: Config) -> str | None:
     if cfg.run_dir and (cfg.data or cfg.train or cfg.eval):
         return None
@@ -155,7 +162,7 @@ STAGES: list[Stage] = [
         name="prepare",
         why_not=lambda c: None if c.data else "no data section",
         sections=lambda c: {"data": c.data},
-        inputs=lambda c: [s.path for s in c.data.sources],
+        inputs=_prepare_inputs,
         marker=lambda c: resolve(c).data_manifest,
         run=_prepare,
         describe=describe_prepare,
@@ -187,7 +194,10 @@ STAGES: list[Stage] = [
             "eval": c.eval,
             "seq_length": c.data.seq_length if c.data else None,
         },
-        inputs=lambda c: _files(resolve(c).eval_manifest, resolve(c).train_meta, resolve(c).merge_report),
+        inputs=lambda c: [
+            *_files(resolve(c).eval_manifest, resolve(c).train_meta, resolve(c).merge_report),
+            *([c.eval.chat_probe.path] if c.eval.chat_probe.path else []),  # its examples, by content
+        ],
         marker=lambda c: resolve(c).eval_results,
         run=_eval,
         describe=describe_eval,

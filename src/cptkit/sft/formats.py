@@ -38,17 +38,18 @@ class ReadResult:
     format: str = ""
 
 
-def iter_records(path: str | Path) -> Iterator[Any]:
-    """Records of a .jsonl file (one JSON value a line) or a .json file holding a list."""
+def iter_records(path: str | Path, where: str = "sft.data") -> Iterator[Any]:
+    """Records of a .jsonl file (one JSON value a line) or a .json file holding a list (`where`: the
+    setting that names the file, for messages)."""
     path = Path(path)
     if not path.is_file():
         raise CptkitError(
-            f"sft.data: {path} does not exist (expected a .jsonl or .json file of instruction records)"
+            f"{where}: {path} does not exist (expected a .jsonl or .json file of instruction records)"
         )
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):
-            raise CptkitError(f"sft.data: {path} holds a {type(data).__name__}; expected a list of records")
+            raise CptkitError(f"{where}: {path} holds a {type(data).__name__}; expected a list of records")
         yield from data
         return
     with path.open(encoding="utf-8") as f:
@@ -117,10 +118,12 @@ def from_messages(record: dict, system_prompt: str) -> Conversation:
     return Conversation(turns)
 
 
-def read_conversations(path: str | Path, fmt: Format = "auto", system_prompt: str = "") -> ReadResult:
+def read_conversations(
+    path: str | Path, fmt: Format = "auto", system_prompt: str = "", where: str = "sft.data"
+) -> ReadResult:
     """Every record of `path` as a Conversation; bad records are skipped and counted by reason."""
     result = ReadResult()
-    for record in iter_records(path):
+    for record in iter_records(path, where):
         if record is None:
             result.skipped["not JSON"] += 1
             continue
@@ -137,7 +140,7 @@ def read_conversations(path: str | Path, fmt: Format = "auto", system_prompt: st
     if not result.conversations:
         reasons = ", ".join(f"{n} {r}" for r, n in result.skipped.most_common()) or "the file is empty"
         raise CptkitError(
-            f"sft.data: {path}: no usable record ({reasons}); expected alpaca rows "
+            f"{where}: {path}: no usable record ({reasons}); expected alpaca rows "
             '{"instruction", "input", "output"} or chat rows {"messages": [{"role", "content"}, ...]}'
         )
     return result

@@ -73,3 +73,17 @@ def make_tiny_llama(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def with_chat_template(tokenizer):
+    """The tokenizer with role markers as special tokens (so no token crosses a turn's edge) and a
+    small chat template, like an instruction-tuned model's."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
