@@ -107,3 +107,17 @@ def _train_cfg(**train):
     from cptkit.config import Config, build_config
 
     return build_config(Config, {"run_dir": "run", "train": train}).train
+
+
+def test_token_losses_take_hidden_states_wider_than_the_head():
+    """Under bf16 training the final hidden states can reach the terms in float32 while lm_head is bf16."""
+    from cptkit.train.heads import token_losses
+
+    hidden, weight = torch.randn(5, 8), torch.randn(11, 8).to(torch.bfloat16)
+    targets = torch.randint(0, 11, (5,))
+    expected = torch.nn.functional.cross_entropy(
+        hidden.to(torch.bfloat16) @ weight.T.float().to(torch.bfloat16), targets, reduction="none"
+    )
+    torch.testing.assert_close(
+        token_losses(hidden, weight, None, targets, 2), expected.float(), atol=1e-2, rtol=1e-2
+    )

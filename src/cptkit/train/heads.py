@@ -72,6 +72,6 @@ def token_losses(
     computed `chunk_tokens` at a time."""
     losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
     for part in chunks(len(targets), chunk_tokens):
-        logits = F.linear(hidden[part], weight, bias).float()
+        logits = F.linear(hidden[part].to(weight.dtype), weight, bias).float()  # hidden may be wider
         losses[part] = F.cross_entropy(logits, targets[part], reduction="none")
     return losses
