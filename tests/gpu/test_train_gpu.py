@@ -126,6 +126,6 @@ def test_regularizers_train_on_the_gpu_path(tmp_path, tiny_model_dir, tiny_token
     for key in ("loss/source/domain", "loss/source/general"):  # where the logged step had its tokens
         values = [x[key] for x in train if key in x]
         assert values and all(math.isfinite(v) for v in values), key
-    assert train[0]["regularize/kl_to_base"] < 1e-3
-    assert train[-1]["regularize/kl_to_base"] > train[0]["regularize/kl_to_base"]
+    kl = [x["regularize/kl_to_base"] for x in train]  # 0 on a step whose batch held no replay token
+    assert kl[0] < 1e-3 and max(kl) > kl[0]
     assert (tmp_path / "out" / "ewc_fisher.safetensors").is_file()
