@@ -83,6 +83,18 @@ def test_the_probe_is_the_mean_loss_of_the_answer_tokens(chat_model, probe_file)
     assert found["base"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
 
 
+def test_each_model_against_the_base_carries_a_paired_interval_over_the_examples(chat_model, probe_file):
+    """The same model twice: no change, an interval that is exactly [0, 0]; the per-example numbers that
+    make it stay out of results.json."""
+    models = [EvalModel(name="base", path=str(chat_model)), EvalModel(name="again", path=str(chat_model))]
+    probe = prepare_probe(ChatProbeConfig(path=str(probe_file)), None, models)
+    found = probe.run(models, CPU, torch.float32, max_length=512, batch_size=2, resamples=200)
+    assert found["again"]["perplexity_change"] == pytest.approx(0.0, abs=1e-9)
+    assert found["again"]["perplexity_change_interval"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert "perplexity_change" not in found["base"] and "example_nats" not in found["base"]
+    assert found["base"]["tokens"] == found["again"]["tokens"]
+
+
 def test_the_probe_follows_the_sft_sections_system_prompt_and_max_examples(chat_model, probe_file):
     base = EvalModel(name="base", path=str(chat_model))
     sft = SftConfig(data="x.jsonl", system_prompt="You answer in one word.")
@@ -122,6 +134,8 @@ def test_the_report_lines_give_the_change_against_the_base():
     lines = markdown_lines(probe)
     assert lines[0].startswith("- **base**: answer loss 1.230")
     assert lines[1] == "- **merged**: answer loss 1.230 -> 1.310 (+6.5%), perplexity 3.42 -> 3.71"
+    probe["merged"]["perplexity_change_interval"] = [0.02, 0.15]
+    assert markdown_lines(probe)[1].endswith("perplexity change 95% interval [+2.0%, +15.0%]")
 
 
 def test_cptkit_runs_eval_stamp_follows_the_probes_examples(tmp_path, probe_file):

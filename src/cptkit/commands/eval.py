@@ -57,7 +57,9 @@ def run(cfg: Config) -> dict[str, Any]:
         result["interpolation"] = sweep_summary(sweep, rows + point_rows)
     result.update(score_tasks(models, tasks, device, dtype, ec.batch_size, trust, scored=point_tasks))
     if probe is not None:
-        result["chat_probe"] = probe.run(models, device, dtype, seq_length, ec.batch_size, trust)
+        result["chat_probe"] = probe.run(
+            models, device, dtype, seq_length, ec.batch_size, trust, ec.bootstrap
+        )
     if samples := generate_samples(ec.samples, models, sets, device, dtype, trust):
         result["samples"] = samples
     out = resolve(cfg).folder("eval")

@@ -20,7 +20,9 @@ import torch
 from cptkit.config.evaluate import ChatProbeConfig, EvalModel
 from cptkit.config.sft import SftConfig
 from cptkit.errors import CptkitError
+from cptkit.eval.bootstrap import RESAMPLES, perplexity_change_interval
 from cptkit.eval.each_model import each_model, model_tokenizer
+from cptkit.eval.results import interval_text
 from cptkit.sft.formats import Conversation, read_conversations
 from cptkit.sft.render import IGNORE_INDEX, Example, render
 
@@ -42,12 +44,22 @@ class ChatProbe:
         max_length: int,
         batch_size: int,
         trust_remote_code: bool = False,
+        resamples: int = RESAMPLES,
     ) -> dict[str, dict[str, Any]]:
-        """results.json's `chat_probe`: {model: {loss, perplexity, examples, tokens}}."""
-        return {
+        """results.json's `chat_probe`: {model: {loss, perplexity, examples, tokens}}, and for each model
+        but the base its answer perplexity's change against the base with a 95% paired bootstrap
+        interval over the examples (`perplexity_change`, `perplexity_change_interval`, fractions)."""
+        scored = {
             spec.name: answer_loss(model, tokenizer, self.conversations, max_length, batch_size)
             for spec, model, tokenizer in each_model(models, device, dtype, trust_remote_code)
         }
+        base = scored.get("base")
+        for name, r in scored.items():
+            if base is not None and name != "base":
+                r.update(_change_against(base, r, resamples))
+        for r in scored.values():  # per-example numbers are for the interval only
+            r.pop("example_nats"), r.pop("example_tokens")
+        return scored
 
 
 def prepare_probe(
@@ -84,17 +96,39 @@ def answer_loss(
     chat template and cut at `max_length` tokens (an example left without an answer token is not counted)."""
     examples = [_truncated(render(c, tokenizer, "chat"), max_length) for c in conversations]
     examples = [e for e in examples if e.trained_tokens > 0]
-    nats, tokens = 0.0, 0
+    example_nats: list[float] = []
+    example_tokens: list[int] = []
     for start in range(0, len(examples), batch_size):
         batch_nats, batch_tokens = _batch_nats(model, examples[start : start + batch_size])
-        nats, tokens = nats + batch_nats, tokens + batch_tokens
+        example_nats += batch_nats
+        example_tokens += batch_tokens
+    nats, tokens = sum(example_nats), sum(example_tokens)
     loss = nats / tokens if tokens else float("nan")
     return {
         "loss": loss,
         "perplexity": math.exp(loss) if tokens and loss < 700 else float("inf"),
         "examples": len(examples),
         "tokens": tokens,
+        "example_nats": example_nats,
+        "example_tokens": example_tokens,
     }
+
+
+def _change_against(base: dict[str, Any], after: dict[str, Any], resamples: int) -> dict[str, Any]:
+    """The perplexity change of `after`'s answers against `base`'s and its paired bootstrap interval
+    (None where the two were not scored on the same examples, e.g. tokenizers that cut them apart)."""
+    change = math.expm1(after["loss"] - base["loss"]) if base["tokens"] and after["tokens"] else None
+    interval = None
+    if len(base["example_nats"]) == len(after["example_nats"]):
+        found = perplexity_change_interval(
+            base["example_nats"],
+            base["example_tokens"],
+            after["example_nats"],
+            after["example_tokens"],
+            resamples,
+        )
+        interval = found.as_list() if found is not None else None
+    return {"perplexity_change": change, "perplexity_change_interval": interval}
 
 
 def _truncated(example: Example, max_length: int) -> Example:
@@ -102,8 +136,8 @@ def _truncated(example: Example, max_length: int) -> Example:
 
 
 @torch.no_grad()
-def _batch_nats(model: Any, examples: list[Example]) -> tuple[float, int]:
-    """Summed answer-token nats of a right-padded batch, and the number of answer tokens."""
+def _batch_nats(model: Any, examples: list[Example]) -> tuple[list[float], list[int]]:
+    """Each example's summed answer-token nats in a right-padded batch, and its number of answer tokens."""
     device = next(model.parameters()).device
     width = max(len(e.input_ids) for e in examples)
     ids = torch.zeros((len(examples), width), dtype=torch.long)
@@ -116,9 +150,9 @@ def _batch_nats(model: Any, examples: list[Example]) -> tuple[float, int]:
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
     targets = labels[:, 1:].to(device)  # the token at k+1 is predicted from position k
     nats = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return float(nats), int((targets != IGNORE_INDEX).sum())
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).reshape(targets.shape)
+    return nats.sum(dim=1).tolist(), (targets != IGNORE_INDEX).sum(dim=1).tolist()
 
 
 def probe_change(probe: dict[str, dict[str, Any]], model: str, base: str = "base") -> float | None:
@@ -142,8 +176,10 @@ def markdown_lines(probe: dict[str, dict[str, Any]], base: str = "base") -> list
             )
         else:
             b = probe[base]
+            interval = r.get("perplexity_change_interval")
+            noise = f", perplexity change 95% interval {interval_text(interval)}" if interval else ""
             out.append(
                 f"- **{name}**: answer loss {b['loss']:.3f} -> {r['loss']:.3f} ({change:+.1f}%), "
-                f"perplexity {b['perplexity']:.2f} -> {r['perplexity']:.2f}"
+                f"perplexity {b['perplexity']:.2f} -> {r['perplexity']:.2f}{noise}"
             )
     return out
