@@ -80,3 +80,46 @@ def _non_negative_weight(weight: float, path: str) -> list[tuple[str, str]]:
     if weight < 0:
         return [(f"{path}.weight", f"{weight} is negative; use 0 to turn the term off")]
     return []
+
+
+def forgetting_problems(train, data) -> list[tuple[str, str]]:
+    """What the forgetting controls of `train` need from the sources of `data` (the dataset it trains on),
+    found when the config loads, before prepare spends its time: a general held-out set for the budget,
+    general training rows for kl_to_base on replay tokens and for EWC's Fisher."""
+    general = [s for s in data.sources if s.role == "general"]
+    training = [s for s in general if s.weight > 0]
+    held_out = [s for s in general if _heldout_fraction(s, data) > 0]
+    add = "add a source with role: general (type: self_replay when you have no general text)"
+    problems = []
+    if train.forgetting_budget is not None and not held_out:
+        problems.append(
+            (
+                "train.forgetting_budget",
+                f"needs a general held-out set to check, and data.sources holds none: {add}, or remove "
+                "train.forgetting_budget",
+            )
+        )
+    kl = train.regularize.kl_to_base
+    if kl.weight > 0 and kl.tokens == "replay" and not training:
+        problems.append(
+            (
+                "train.regularize.kl_to_base.tokens",
+                f"replay: no general source trains (role: general, weight > 0), so no token is selected: {add} "
+                "and a weight, or set tokens: all",
+            )
+        )
+    if train.regularize.ewc.weight > 0 and not training:
+        problems.append(
+            (
+                "train.regularize.ewc.weight",
+                f"EWC's Fisher comes from general training rows and no general source trains: {add} with "
+                "weight > 0, or set the weight to 0",
+            )
+        )
+    return problems
+
+
+def _heldout_fraction(source, data) -> float:
+    if source.heldout_fraction is not None:
+        return source.heldout_fraction
+    return 1.0 if source.weight == 0 else data.heldout_fraction

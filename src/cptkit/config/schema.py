@@ -9,6 +9,7 @@ from typing import ClassVar
 from cptkit.config.data import DataConfig
 from cptkit.config.evaluate import EvalConfig, MergeConfig
 from cptkit.config.fields import opt
+from cptkit.config.forgetting import forgetting_problems
 from cptkit.config.model import ModelConfig
 from cptkit.config.sft import SftConfig
 from cptkit.config.train import TrainConfig
@@ -48,6 +49,8 @@ class Config:
                 )
         if self.data is not None:
             problems += self.data.generator_problems("data", self.model.name_or_path if self.model else None)
+        if self.data is not None and self.train is not None and self.train.dataset is None:
+            problems += forgetting_problems(self.train, self.data)  # the rows train reads come from data
         return problems
 
     def stage_dir(self, stage: str) -> Path:
