@@ -268,12 +268,26 @@ def test_replay_tokens_need_a_training_general_source_with_source_ids(
 def test_full_mode_refuses_a_reference_copy_the_gpu_cannot_hold(tmp_path, tiny_model_dir):
     prepared = prepared_with(tmp_path)
     train, model = cfgs(tiny_model_dir, mode="full", weight=0.1)
-    with pytest.raises(CptkitError, match="reference copy") as e:
+    with pytest.raises(CptkitError, match="regularizers' copies") as e:
         check_regularizers(train, model, prepared, gpu_memory=100_000)
-    assert "train.mode: lora" in str(e.value)
+    assert "kl_to_base" in str(e.value) and "train.mode: lora" in str(e.value)
     check_regularizers(train, model, prepared, gpu_memory=2**30)
     lora_train, _ = cfgs(tiny_model_dir, mode="lora", weight=0.1)
     check_regularizers(lora_train, model, prepared, gpu_memory=100_000)  # LoRA makes no copy
+
+
+def test_every_regularizer_copy_and_the_ewc_fisher_count_against_the_gpu(tmp_path, tiny_model_dir):
+    """Full mode: l2_to_base's and ewc's copies count as kl_to_base's does; LoRA: ewc's float32 Fisher."""
+    prepared = prepared_with(tmp_path)
+    for mode, name in (("full", "l2_to_base"), ("full", "ewc"), ("lora", "ewc")):
+        train, model = cfgs(tiny_model_dir, mode=mode, weight=0.0)
+        getattr(train.regularize, name).weight = 1.0
+        with pytest.raises(CptkitError, match=rf"train.regularize.{name}: the regularizers' copies") as e:
+            check_regularizers(train, model, prepared, gpu_memory=10_000)
+        check_regularizers(train, model, prepared, gpu_memory=2**30)
+    train, model = cfgs(tiny_model_dir, mode="lora", weight=0.0)
+    train.regularize.l2_to_base.weight = 1.0
+    check_regularizers(train, model, prepared, gpu_memory=10_000)  # LoRA's L2 reads the adapters only
 
 
 def test_a_lora_adapted_lm_head_is_refused(tmp_path, tiny_model_dir):

@@ -255,8 +255,11 @@ def check_regularizers(
     default: this process's GPU; no GPU, no check)."""
     from cptkit.model.load import _weights_sharded  # FSDP/ZeRO-3: each rank holds shards of the weights
 
-    kl = getattr(train_cfg, "regularize", None) and train_cfg.regularize.kl_to_base
-    if not kl or kl.weight <= 0:
+    if getattr(train_cfg, "regularize", None) is None:
+        return  # cptkit sft
+    check_copies_fit(model_cfg, train_cfg, gpu_memory)
+    kl = train_cfg.regularize.kl_to_base
+    if kl.weight <= 0:
         return
     where = "train.regularize.kl_to_base"
     if kl.tokens == "replay":
@@ -284,31 +287,51 @@ def check_regularizers(
             f"{where}: train.lora.target_modules adapts lm_head, which the divergence reads directly; "
             "leave lm_head out (train it with train.lora.train_embeddings) or set weight: 0"
         )
-    if train_cfg.mode == "full":
-        check_reference_fits(model_cfg, gpu_memory)
 
 
-def check_reference_fits(model_cfg: ModelConfig, gpu_memory: int | None = None) -> None:
-    """Full fine-tuning with kl_to_base holds a frozen copy of the base beside the trained model: refuse
-    when the copy plus the training (weights, gradients and AdamW's two moments, each in the model's
-    dtype as torch keeps them) cannot fit `gpu_memory` bytes; counted from the model's config on the
-    meta device, activations not included."""
+def check_copies_fit(model_cfg: ModelConfig, train_cfg: TrainingRun, gpu_memory: int | None = None) -> None:
+    """The regularizers' copies must fit the GPU beside the training: refuse when they cannot fit
+    `gpu_memory` bytes (default: this process's GPU; no GPU, no check). Counted from the model's config
+    on the meta device, activations not included: in full mode kl_to_base's frozen reference, l2_to_base's
+    and ewc's copies of the base (the model's dtype) and ewc's float32 Fisher, beside the training
+    (weights, gradients and AdamW's two moments in the model's dtype); in lora/qlora mode ewc's float32
+    Fisher of the adapted weights (about every linear weight), beside the base weights."""
     from cptkit.model.load import resolve_dtype
 
     if gpu_memory is None:
         if not torch.cuda.is_available():
             return
         gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    full = train_cfg.mode == "full"
+    asked = {n for n in ("kl_to_base", "l2_to_base", "ewc") if getattr(train_cfg.regularize, n).weight > 0}
+    if not asked or (not full and "ewc" not in asked):
+        return
     params = count_parameters(model_cfg)
     width = resolve_dtype(model_cfg).itemsize
-    reference, training = params * width, params * 4 * width
-    if reference + training > gpu_memory:
+    copies = {}
+    if full:
+        copies = {n: params * width for n in ("kl_to_base", "l2_to_base", "ewc") if n in asked}
+        if "ewc" in asked:
+            copies["ewc"] += params * 4
+        training = params * 4 * width
+    else:
+        copies["ewc"] = params * 4  # an upper bound: the Fisher covers the adapted linear weights
+        training = params * (width if train_cfg.mode == "lora" else 1)
+    if sum(copies.values()) + training > gpu_memory:
         gib = 2**30
+        parts = ", ".join(f"{n} {size / gib:.1f} GiB" for n, size in copies.items())
+        first = next(iter(copies))
+        advice = (
+            "use train.mode: lora (kl_to_base's base is the same network with the adapters off, no copy), "
+            "fewer regularizers, or a smaller model"
+            if full
+            else "set train.regularize.ewc.weight: 0 (kl_to_base and l2_to_base need no copy in this mode), "
+            "or a smaller model"
+        )
         raise CptkitError(
-            f"train.regularize.kl_to_base: in full mode the frozen reference copy of {model_cfg.name_or_path} "
-            f"({params / 1e9:.2f}B parameters) takes {reference / gib:.1f} GiB beside {training / gib:.1f} GiB "
-            f"of training, more than the GPU's {gpu_memory / gib:.1f} GiB; use train.mode: lora (the base is "
-            "the same network with the adapters off, no copy), or a smaller model"
+            f"train.regularize.{first}: the regularizers' copies of {model_cfg.name_or_path} "
+            f"({params / 1e9:.2f}B parameters: {parts}) and {training / gib:.1f} GiB of training need more than "
+            f"the GPU's {gpu_memory / gib:.1f} GiB; {advice}"
         )
 
 
