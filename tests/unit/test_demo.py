@@ -148,6 +148,49 @@ def test_headline_lines_say_learned_forgot_or_within_noise_and_the_budget(tmp_pa
     )
 
 
+def test_headline_reads_and_prints_the_chat_probe_and_each_downstream_task(tmp_path):
+    task = {"model": "merged", "task": "arc_easy", "metric": "acc", "before": 0.441, "after": 0.452}
+    task |= {"delta": 0.011, "stderr": 0.0148, "low": -0.018, "high": 0.04, "reading": "within noise"}
+    results = {
+        "deltas": [],
+        "chat_probe": {
+            "base": {"loss": 1.201, "perplexity": 3.32, "examples": 52, "tokens": 4100},
+            "merged": {"loss": 1.128, "perplexity": 3.09, "examples": 52, "tokens": 4100},
+        },
+        "tasks": {"base": {}, "merged": {}},  # the scores behind task_deltas; the headline reads the deltas
+        "task_deltas": [
+            task,
+            {**task, "task": "piqa", "low": None, "high": None, "reading": "no interval"},
+            {**task, "model": "adapter"},  # another model's change is not the headline's
+        ],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    meta = tmp_path / "run_meta.json"
+    meta.write_text(json.dumps({"status": "complete", "forgetting_budget": BUDGET_RECORD}))
+    headline = read_headline(path, train_meta=meta)
+    assert headline["chat"]["examples"] == 52 and round(headline["chat"]["change"], 1) == -6.1
+    assert [d["task"] for d in headline["tasks"]] == ["arc_easy", "piqa"]
+    buf = io.StringIO()
+    print_headline(Console(file=buf, width=300), {**headline, "seconds": 12.0}, tmp_path)
+    assert buf.getvalue().splitlines()[2:] == [
+        "chat behaviour (answer loss on 52 held-out instructions): 1.201 -> 1.128 (-6.1%)",
+        "task arc_easy acc: 0.4410 -> 0.4520 (+0.0110 [-0.0180, +0.0400]: within noise)",
+        "task piqa acc: 0.4410 -> 0.4520 (+0.0110: no interval)",
+        "training stayed within its forgetting budget of 1.00%: general perplexity +0.41% at step 60, 95% "
+        "interval [-0.22%, +1.05%]; best checkpoint within it: run/train/checkpoint-60 (step 60, domain gain "
+        "+18.20%)",
+        "total time: 12 s",
+    ]
+
+
+def test_headline_without_a_probe_or_tasks_has_no_such_lines(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"deltas": [], "chat_probe": {"merged": {"loss": 1.0, "examples": 3}}}))
+    headline = read_headline(path)  # no base in the probe: no change to show
+    assert "chat" not in headline and "tasks" not in headline
+
+
 def scratch_cache(tmp_path):
     """A cache where the fallback's Llama is already pretrained (the demo finds it and skips the pretraining)."""
     cache = tmp_path / "cache"

