@@ -121,6 +121,11 @@ def test_a_resumed_budget_reads_the_base_back_from_metrics(tmp_path):
             {"stop_at_forgetting_budget": True},
             "train.stop_at_forgetting_budget: true needs train.forgetting_budget",
         ),
+        (  # saved at an epoch's end, after the evaluation that judges a saving step: no checkpoint judged
+            {"forgetting_budget": 0.01, "hf": {"save_strategy": "epoch"}},
+            "train.hf.save_strategy: epoch: a forgetting budget judges the checkpoints saved every "
+            "save_steps; use save_strategy: steps",
+        ),
     ],
 )
 def test_a_budget_out_of_range_is_a_config_error(train, message):

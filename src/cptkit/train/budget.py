@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 MAX_BUDGET = 10.0  # a 1000% rise is no budget; a value this large is a percent given as a fraction
 
 
-def budget_problems(budget: float | None, stop: bool, path: str) -> list[tuple[str, str]]:
-    """The config problems of `train.forgetting_budget` and `train.stop_at_forgetting_budget`."""
+def budget_problems(
+    budget: float | None, stop: bool, path: str, save_strategy: Any = "steps"
+) -> list[tuple[str, str]]:
+    """The config problems of `train.forgetting_budget` and `train.stop_at_forgetting_budget`
+    (`save_strategy`: `train.hf.save_strategy`, steps when not set)."""
     if budget is None:
         if stop:
             return [(f"{path}.stop_at_forgetting_budget", "true needs train.forgetting_budget (e.g. 0.01)")]
@@ -48,6 +51,17 @@ def budget_problems(budget: float | None, stop: bool, path: str) -> list[tuple[s
                 f"{path}.forgetting_budget",
                 f"{budget}: must be a fraction above 0 and below {MAX_BUDGET:g} (0.01: general perplexity "
                 "may rise at most 1% over the base's)",
+            )
+        ]
+    # the held-out evaluation that judges a checkpoint runs when a step is about to save
+    # (HeldoutEvalCallback.on_step_end); a save decided elsewhere (epoch: at the epoch's end) is never judged
+    strategy = str(getattr(save_strategy, "value", save_strategy))
+    if strategy != "steps":
+        return [
+            (
+                f"{path}.hf.save_strategy",
+                f"{strategy}: a forgetting budget judges the checkpoints saved every save_steps; use "
+                "save_strategy: steps (the default), or remove train.forgetting_budget",
             )
         ]
     return []
