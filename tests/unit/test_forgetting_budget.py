@@ -258,6 +258,26 @@ def test_stop_at_the_budget_ends_the_run_complete_at_the_crossing(tmp_path, tiny
     assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
 
 
+def test_a_crossing_at_the_final_evaluation_is_not_a_stop(tmp_path, tiny_model_dir, domain_only):
+    # 3 steps, saved (and so evaluated) only at the last: training ends there whatever the budget says
+    from cptkit.commands.train import run
+
+    out = tmp_path / "end"
+    cfg = budget_cfg(
+        out,
+        tiny_model_dir,
+        domain_only,
+        stop_at_forgetting_budget=True,
+        eval_steps=4,
+        forgetting_budget=0.001,
+    )
+    cfg.train.hf.update(max_steps=3, save_steps=4)
+    summary = run(cfg)
+    record = json.loads((out / "run_meta.json").read_text())["forgetting_budget"]
+    assert summary["steps"] == 3 and sorted({r["step"] for r in eval_lines(out)}) == [0, 3]
+    assert (record["stopped"], record["crossed_at_step"], record["within_budget_at_end"]) == (False, 3, False)
+
+
 def test_a_budget_without_a_general_heldout_set_is_refused_before_the_model_loads(
     tmp_path, tiny_model_dir, tiny_tokenizer
 ):

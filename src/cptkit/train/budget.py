@@ -146,6 +146,7 @@ class ForgettingBudget:
         self.base: list[dict[str, Any]] | None = None
         self.checks: list[BudgetCheck] = []
         self.crossed_at: int | None = None
+        self.stopped_at: int | None = None  # the step at which the budget asked the trainer to stop
 
     def observe(
         self, step: int, results: Sequence[dict[str, Any]], quiet: bool = False
@@ -193,9 +194,11 @@ class ForgettingBudget:
             log.warning("%s: crosses the forgetting budget of %s", what, budget)
 
     def should_stop(self, check: BudgetCheck | None) -> bool:
-        """Whether training stops after `check` (`train.stop_at_forgetting_budget` and a crossing)."""
+        """Whether training stops after `check` (`train.stop_at_forgetting_budget` and a crossing); asked
+        only where a stop ends training early (not at the final evaluation, nor at max_steps)."""
         if not (self.stop and check is not None and not check.within):
             return False
+        self.stopped_at = check.step
         best = self.best()
         log.warning(
             "stopping at step %d: the forgetting budget is crossed (train.stop_at_forgetting_budget); %s",
@@ -269,7 +272,7 @@ class ForgettingBudget:
             "within_budget_at_end": last.within if last else None,
             "crossed_at_step": self.crossed_at,
             "last": asdict(last) if last else None,
-            "stopped": bool(self.stop and self.crossed_at is not None),
+            "stopped": self.stopped_at is not None,
             "max_tokens_per_set": self.max_tokens,
         }
 
