@@ -97,6 +97,23 @@ def test_the_best_checkpoint_within_the_budget_survives_rotation_and_is_named(tm
     assert (record["crossed_at_step"], record["within_budget_at_end"], record["stopped"]) == (6, True, False)
 
 
+def test_the_budget_text_says_a_crossing_the_run_came_back_from():
+    from cptkit.train.budget import budget_text
+
+    budget = ForgettingBudget(0.01)
+    observed(budget)  # crosses at step 6, within again at step 8
+    assert budget_text(budget.record("no-checkpoints")).startswith(
+        "crossed its forgetting budget of 1.00% at step 6, within again at the end: general perplexity "
+        "+0.30% at step 8"
+    )
+    never = ForgettingBudget(0.01)
+    observed(never)
+    never.checks, never.crossed_at = [c for c in never.checks if c.within], None
+    assert budget_text(never.record("no-checkpoints")).startswith(
+        "stayed within its forgetting budget of 1.00%: general perplexity +0.30% at step 8"
+    )
+
+
 def test_a_resumed_budget_reads_the_base_back_from_metrics(tmp_path):
     lines = [r for step, g, d in HISTORY[:3] for r in evaluation(step, g, d)]
     lines.insert(2, {"type": "train", "step": 1, "loss": 4.0})

@@ -278,7 +278,8 @@ class ForgettingBudget:
 
 
 def budget_text(record: dict[str, Any]) -> str:
-    """Whether a run stayed within its forgetting budget (run_meta.json's record), in one line, e.g.
+    """Whether a run stayed within its forgetting budget (run_meta.json's record; a crossing it came back
+    from is said), in one line, e.g.
     `stayed within its forgetting budget of 1.00%: general perplexity +0.41% at step 60, 95% interval
     [-0.22%, +1.05%]; best checkpoint within it: .../checkpoint-60 (step 60, domain gain +18.20%)`."""
     budget = _percent(record["budget"]).lstrip("+")
@@ -286,7 +287,12 @@ def budget_text(record: dict[str, Any]) -> str:
     within = record.get("within_budget_at_end")
     if within is None:
         return f"not checked against its forgetting budget of {budget}: no evaluation after the base"
-    if within:
+    if within and record.get("crossed_at_step") is not None:
+        text = (
+            f"crossed its forgetting budget of {budget} at step {record['crossed_at_step']}, "
+            "within again at the end"
+        )
+    elif within:
         text = f"stayed within its forgetting budget of {budget}"
     else:
         stopped = ", and stopped there" if record.get("stopped") else ""
