@@ -28,7 +28,10 @@ CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 RUN_META = "run_meta.json"
 METRICS = "metrics.jsonl"
-EWC_FISHER = "ewc_fisher.safetensors"  # the diagonal Fisher EWC estimated before training
+# the diagonal Fisher EWC estimated before training, in a subfolder: a model reader takes every
+# *.safetensors at the root of an unindexed model folder for weights
+REGULARIZE_DIR = "regularize"
+EWC_FISHER = f"{REGULARIZE_DIR}/ewc_fisher.safetensors"
 MERGE_REPORT = "merge_report.json"
 RESULTS = "results.json"
 RESULTS_MD = "results.md"

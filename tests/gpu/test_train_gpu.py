@@ -128,4 +128,6 @@ def test_regularizers_train_on_the_gpu_path(tmp_path, tiny_model_dir, tiny_token
         assert values and all(math.isfinite(v) for v in values), key
     kl = [x["regularize/kl_to_base"] for x in train]  # 0 on a step whose batch held no replay token
     assert kl[0] < 1e-3 and max(kl) > kl[0]
-    assert (tmp_path / "out" / "ewc_fisher.safetensors").is_file()
+    from cptkit.paths import EWC_FISHER
+
+    assert (tmp_path / "out" / EWC_FISHER).is_file()

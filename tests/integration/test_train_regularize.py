@@ -142,7 +142,12 @@ def test_kl_on_replay_tokens_of_rows_without_sources_stops_before_the_model_load
     manifest = json.loads((older / "manifest.json").read_text())
     manifest.pop("source_index", None)
     (older / "manifest.json").write_text(json.dumps(manifest))
-    cfg = make_cfg(tmp_path / "o", tiny_model_dir, older, mode="lora")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for f in tiny_model_dir.iterdir():  # a model that cannot load: the refusal must come first
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, no_weights / f.name)
+    cfg = make_cfg(tmp_path / "o", no_weights, older, mode="lora")
     cfg.train.regularize.kl_to_base.weight = 0.1
     with pytest.raises(CptkitError, match="prepare` again") as e:
         train.run(cfg)

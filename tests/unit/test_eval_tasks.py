@@ -16,6 +16,7 @@ from cptkit.config.evaluate import EvalTask
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.eval.task_results import scores_of, task_deltas, task_reading, task_summary_lines, tasks_markdown
 from cptkit.eval.tasks import check_tasks, run_tasks
+from cptkit.eval.tradeoff import point_name
 from cptkit.testing.tiny import sample_texts
 
 EXAMPLES = Path(__file__).parents[2] / "examples/tasks"
@@ -185,6 +186,20 @@ def test_tables_and_summary_lines_show_each_model_against_the_base():
     assert "| better |" in md
     assert task_summary_lines(record)[0].startswith("mc acc: base 0.5000 -> merged 0.7000 (+0.2000 [")
     assert tasks_markdown({"tasks": {}}) == [] and task_summary_lines({}) == []
+
+
+def test_summary_lines_name_the_last_evaluated_model_not_a_point_of_the_sweep():
+    # the sweep's points are scored after eval.models (cptkit.eval.tasks.score_tasks' `scored`)
+    tasks = {
+        "base": scores_of(lm_eval_result(0.50, 0.03)),
+        "adapted": scores_of(lm_eval_result(0.60, 0.03)),
+        "merged": scores_of(lm_eval_result(0.70, 0.03)),
+        point_name(0.5): scores_of(lm_eval_result(0.55, 0.03)),
+        point_name(1.0): scores_of(lm_eval_result(0.60, 0.03)),
+    }
+    lines = task_summary_lines({"tasks": tasks, "task_deltas": task_deltas(tasks)})
+    assert lines[0].startswith("mc acc: base 0.5000 -> merged 0.7000 (+0.2000 [")
+    assert not any("interpolated@" in line for line in lines)
 
 
 def test_the_bench_cloze_task_is_deterministic_by_seed_and_found_offline(tmp_path):

@@ -141,6 +141,32 @@ def test_the_fisher_is_saved_and_reused_and_estimated_again_for_other_settings(
     assert not _ewc(more, rows, model).estimated
 
 
+def test_a_full_mode_train_folder_with_its_fisher_reads_as_the_model_alone(tmp_path, tiny_model_dir):
+    # merge and the eval sweep read every *.safetensors of an unindexed model folder
+    import shutil
+
+    from cptkit.merge.checkpoint import read_checkpoint
+    from cptkit.train.checks import remove_run
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    _ewc(cfg, source_rows(VOCAB, 4), _model(cfg))
+    run = Path(cfg.train.output_dir)
+    assert (run / EWC_FISHER).is_file()
+    shutil.copytree(tiny_model_dir, run, dirs_exist_ok=True)  # the trained model as a full run saves it
+
+    def weights(folder):
+        return {
+            k: (t.file.name, t.shape, t.dtype, t.start) for k, t in read_checkpoint(folder).tensors.items()
+        }
+
+    # every *.safetensors at the root is a weight file; the Fisher holds the same names as the weights
+    assert sorted(p.name for p in run.glob("*.safetensors")) == ["model.safetensors"]
+    assert weights(run) == weights(tiny_model_dir)
+    (run / "run_meta.json").write_text("{}")
+    remove_run(run)  # the Fisher is the run's own file
+    assert not (run / EWC_FISHER).exists() and not (run / EWC_FISHER).parent.exists()
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_the_penalty_is_half_the_weight_times_the_normalised_fisher_times_squared_drift(
     tmp_path, tiny_model_dir, mode

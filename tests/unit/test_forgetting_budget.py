@@ -97,6 +97,23 @@ def test_the_best_checkpoint_within_the_budget_survives_rotation_and_is_named(tm
     assert (record["crossed_at_step"], record["within_budget_at_end"], record["stopped"]) == (6, True, False)
 
 
+def test_the_budget_text_says_a_crossing_the_run_came_back_from():
+    from cptkit.train.budget import budget_text
+
+    budget = ForgettingBudget(0.01)
+    observed(budget)  # crosses at step 6, within again at step 8
+    assert budget_text(budget.record("no-checkpoints")).startswith(
+        "crossed its forgetting budget of 1.00% at step 6, within again at the end: general perplexity "
+        "+0.30% at step 8"
+    )
+    never = ForgettingBudget(0.01)
+    observed(never)
+    never.checks, never.crossed_at = [c for c in never.checks if c.within], None
+    assert budget_text(never.record("no-checkpoints")).startswith(
+        "stayed within its forgetting budget of 1.00%: general perplexity +0.30% at step 8"
+    )
+
+
 def test_a_resumed_budget_reads_the_base_back_from_metrics(tmp_path):
     lines = [r for step, g, d in HISTORY[:3] for r in evaluation(step, g, d)]
     lines.insert(2, {"type": "train", "step": 1, "loss": 4.0})
@@ -120,6 +137,11 @@ def test_a_resumed_budget_reads_the_base_back_from_metrics(tmp_path):
         (
             {"stop_at_forgetting_budget": True},
             "train.stop_at_forgetting_budget: true needs train.forgetting_budget",
+        ),
+        (  # saved at an epoch's end, after the evaluation that judges a saving step: no checkpoint judged
+            {"forgetting_budget": 0.01, "hf": {"save_strategy": "epoch"}},
+            "train.hf.save_strategy: epoch: a forgetting budget judges the checkpoints saved every "
+            "save_steps; use save_strategy: steps",
         ),
     ],
 )
@@ -251,6 +273,26 @@ def test_stop_at_the_budget_ends_the_run_complete_at_the_crossing(tmp_path, tiny
     record = meta["forgetting_budget"]
     assert (record["stopped"], record["crossed_at_step"], record["best_step"]) == (True, 3, 2)
     assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
+
+
+def test_a_crossing_at_the_final_evaluation_is_not_a_stop(tmp_path, tiny_model_dir, domain_only):
+    # 3 steps, saved (and so evaluated) only at the last: training ends there whatever the budget says
+    from cptkit.commands.train import run
+
+    out = tmp_path / "end"
+    cfg = budget_cfg(
+        out,
+        tiny_model_dir,
+        domain_only,
+        stop_at_forgetting_budget=True,
+        eval_steps=4,
+        forgetting_budget=0.001,
+    )
+    cfg.train.hf.update(max_steps=3, save_steps=4)
+    summary = run(cfg)
+    record = json.loads((out / "run_meta.json").read_text())["forgetting_budget"]
+    assert summary["steps"] == 3 and sorted({r["step"] for r in eval_lines(out)}) == [0, 3]
+    assert (record["stopped"], record["crossed_at_step"], record["within_budget_at_end"]) == (False, 3, False)
 
 
 def test_a_budget_without_a_general_heldout_set_is_refused_before_the_model_loads(

@@ -96,6 +96,22 @@ def test_sft_starts_from_the_base_model_without_cpt_stages():
     assert resolve(config(run_dir="r")).sft_base is None
 
 
+def test_sft_eval_runs_no_interpolation_sweep_the_cpt_eval_runs():
+    # the sweep is between the base and the CPT model (`adapted`), which the SFT eval has no model named
+    from cptkit.eval.interpolate import plan_sweep
+
+    cfg = config(
+        run_dir="r",
+        model={"name_or_path": "org/base"},
+        train={},
+        eval={"interpolate": [0.5, 1.0]},
+        sft={"data": __file__},
+    )
+    sft_eval = sft_eval_config(cfg).eval
+    assert sft_eval.interpolate == [] and cfg.eval.interpolate == [0.5, 1.0]
+    assert plan_sweep(sft_eval.interpolate, sft_eval.models, None) is None
+
+
 def test_written_config_records_the_paths_and_loads_back_as_it_was(tmp_path):
     cfg = config(run_dir=str(tmp_path / "run"), train={"output_dir": str(tmp_path / "t")}, eval={})
     write_config(tmp_path / "run/eval", cfg)

@@ -195,7 +195,12 @@ class TrainConfig(TrainingRun):
             problems.append((f"{path}.eval_max_tokens", f"{self.eval_max_tokens} must be at least 1"))
         from cptkit.train.budget import budget_problems
 
-        return problems + budget_problems(self.forgetting_budget, self.stop_at_forgetting_budget, path)
+        return problems + budget_problems(
+            self.forgetting_budget,
+            self.stop_at_forgetting_budget,
+            path,
+            self.hf.get("save_strategy", "steps"),
+        )
 
 
 # TrainingArguments fields that cptkit sets itself -> the cptkit key that says what the user wants

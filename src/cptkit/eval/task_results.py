@@ -153,12 +153,16 @@ def print_task_summary(record: dict[str, Any]) -> None:
 
 
 def task_summary_lines(record: dict[str, Any]) -> list[str]:
-    """One line per task and metric: the base's score, the last listed model's, and the reading."""
+    """One line per task and metric: the base's score, the last listed model's, and the reading. The
+    interpolation sweep's points (scored after the evaluated models) are left out, as in the eval summary."""
+    from cptkit.eval.tradeoff import is_point
+
     tasks = record.get("tasks") or {}
     if not tasks:
         return []
     models = list(tasks)
-    last = {(d["task"], d["metric"]): d for d in record.get("task_deltas") or []}  # the last model wins
+    deltas = [d for d in record.get("task_deltas") or [] if not is_point(d["model"])]
+    last = {(d["task"], d["metric"]): d for d in deltas}  # the last model wins
     lines = []
     for task, metrics in tasks[models[0]].items():
         for metric, m in metrics.items():

@@ -315,5 +315,5 @@ def score_tasks(
         scores[spec.name] = run_tasks(model, tokenizer, tasks, device, batch_size)
         del model
         gc.collect()
-    scores.update(scored or {})
+    scores.update(scored or {})  # the sweep's points after the models: summaries leave them out (is_point)
     return {"tasks": scores, "task_deltas": task_deltas(scores)}

@@ -72,7 +72,9 @@ def _sft(cfg: Config) -> dict[str, Any]:
 
 
 def sft_eval_config(cfg: Config) -> Config:
-    """The eval section pointed at the SFT model: base, the CPT model it started from, and the SFT model."""
+    """The eval section pointed at the SFT model: base, the CPT model it started from, and the SFT model.
+    No interpolation sweep: `eval.interpolate` is between the base and the CPT model (`adapted`), which
+    the CPT eval stage runs; here it would find no `adapted` model and refuse."""
     from cptkit.commands.sft import sft_base_model
 
     paths = resolve(cfg)
@@ -86,7 +88,9 @@ def sft_eval_config(cfg: Config) -> Config:
     if start != base:
         models.append(EvalModel(name="cpt", path=start))
     models.append(sft_model)
-    ec = dataclasses.replace(cfg.eval or EvalConfig(), models=models, output_dir=str(paths.sft_eval))
+    ec = dataclasses.replace(
+        cfg.eval or EvalConfig(), models=models, output_dir=str(paths.sft_eval), interpolate=[]
+    )
     return dataclasses.replace(cfg, eval=ec)
 
 

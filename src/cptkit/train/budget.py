@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 MAX_BUDGET = 10.0  # a 1000% rise is no budget; a value this large is a percent given as a fraction
 
 
-def budget_problems(budget: float | None, stop: bool, path: str) -> list[tuple[str, str]]:
-    """The config problems of `train.forgetting_budget` and `train.stop_at_forgetting_budget`."""
+def budget_problems(
+    budget: float | None, stop: bool, path: str, save_strategy: Any = "steps"
+) -> list[tuple[str, str]]:
+    """The config problems of `train.forgetting_budget` and `train.stop_at_forgetting_budget`
+    (`save_strategy`: `train.hf.save_strategy`, steps when not set)."""
     if budget is None:
         if stop:
             return [(f"{path}.stop_at_forgetting_budget", "true needs train.forgetting_budget (e.g. 0.01)")]
@@ -48,6 +51,17 @@ def budget_problems(budget: float | None, stop: bool, path: str) -> list[tuple[s
                 f"{path}.forgetting_budget",
                 f"{budget}: must be a fraction above 0 and below {MAX_BUDGET:g} (0.01: general perplexity "
                 "may rise at most 1% over the base's)",
+            )
+        ]
+    # the held-out evaluation that judges a checkpoint runs when a step is about to save
+    # (HeldoutEvalCallback.on_step_end); a save decided elsewhere (epoch: at the epoch's end) is never judged
+    strategy = str(getattr(save_strategy, "value", save_strategy))
+    if strategy != "steps":
+        return [
+            (
+                f"{path}.hf.save_strategy",
+                f"{strategy}: a forgetting budget judges the checkpoints saved every save_steps; use "
+                "save_strategy: steps (the default), or remove train.forgetting_budget",
             )
         ]
     return []
@@ -132,6 +146,7 @@ class ForgettingBudget:
         self.base: list[dict[str, Any]] | None = None
         self.checks: list[BudgetCheck] = []
         self.crossed_at: int | None = None
+        self.stopped_at: int | None = None  # the step at which the budget asked the trainer to stop
 
     def observe(
         self, step: int, results: Sequence[dict[str, Any]], quiet: bool = False
@@ -179,9 +194,11 @@ class ForgettingBudget:
             log.warning("%s: crosses the forgetting budget of %s", what, budget)
 
     def should_stop(self, check: BudgetCheck | None) -> bool:
-        """Whether training stops after `check` (`train.stop_at_forgetting_budget` and a crossing)."""
+        """Whether training stops after `check` (`train.stop_at_forgetting_budget` and a crossing); asked
+        only where a stop ends training early (not at the final evaluation, nor at max_steps)."""
         if not (self.stop and check is not None and not check.within):
             return False
+        self.stopped_at = check.step
         best = self.best()
         log.warning(
             "stopping at step %d: the forgetting budget is crossed (train.stop_at_forgetting_budget); %s",
@@ -255,13 +272,14 @@ class ForgettingBudget:
             "within_budget_at_end": last.within if last else None,
             "crossed_at_step": self.crossed_at,
             "last": asdict(last) if last else None,
-            "stopped": bool(self.stop and self.crossed_at is not None),
+            "stopped": self.stopped_at is not None,
             "max_tokens_per_set": self.max_tokens,
         }
 
 
 def budget_text(record: dict[str, Any]) -> str:
-    """Whether a run stayed within its forgetting budget (run_meta.json's record), in one line, e.g.
+    """Whether a run stayed within its forgetting budget (run_meta.json's record; a crossing it came back
+    from is said), in one line, e.g.
     `stayed within its forgetting budget of 1.00%: general perplexity +0.41% at step 60, 95% interval
     [-0.22%, +1.05%]; best checkpoint within it: .../checkpoint-60 (step 60, domain gain +18.20%)`."""
     budget = _percent(record["budget"]).lstrip("+")
@@ -269,7 +287,12 @@ def budget_text(record: dict[str, Any]) -> str:
     within = record.get("within_budget_at_end")
     if within is None:
         return f"not checked against its forgetting budget of {budget}: no evaluation after the base"
-    if within:
+    if within and record.get("crossed_at_step") is not None:
+        text = (
+            f"crossed its forgetting budget of {budget} at step {record['crossed_at_step']}, "
+            "within again at the end"
+        )
+    elif within:
         text = f"stayed within its forgetting budget of {budget}"
     else:
         stopped = ", and stopped there" if record.get("stopped") else ""

@@ -187,7 +187,9 @@ class HeldoutEvalCallback(TrainerCallback):
                 result["tokens"],
                 bpb,
             )
-        self.observe(state.global_step, results, control)
+        # at max_steps training ends anyway: a crossing there is not a stop
+        early = control is not None and state.global_step < state.max_steps
+        self.observe(state.global_step, results, control if early else None)
         if self.trainer is not None:
             should_log = control.should_log if control is not None else False
             self.trainer.log(logs)  # resets control.should_log, which the step's own log still needs

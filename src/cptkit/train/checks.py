@@ -21,7 +21,7 @@ from cptkit.data.manifest import tokenizer_fingerprint
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
 from cptkit.locks import is_main_process
-from cptkit.paths import CONFIG, METRICS, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
+from cptkit.paths import CONFIG, EWC_FISHER, METRICS, REGULARIZE_DIR, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
 from cptkit.train.budget import check_budget_sets
 from cptkit.train.ewc import check_ewc
 from cptkit.train.optional import check_optional_dependencies
@@ -143,11 +143,12 @@ def check_output_dir(output_dir: Path, identity: str, train_cfg: TrainingRun, se
 
 # what a training run (train or sft) writes into its folder: the Trainer's checkpoints and logs, the
 # model or adapter and tokenizer as transformers and peft save them, cptkit's own records, and the
-# evaluation of the SFT model (`sft/eval`, see cptkit.paths)
+# evaluation of the SFT model (`sft/eval`) and EWC's Fisher (`regularize/`, see cptkit.paths)
 RUN_OUTPUTS = (
     "checkpoint-*",
     "runs",
     "eval",
+    REGULARIZE_DIR,
     RUN_META,
     METRICS,
     CONFIG,
@@ -188,7 +189,8 @@ def remove_run(output_dir: Path) -> None:
 
 def _looks_written_by_a_run(entry: Path) -> bool:
     """For the names a user might also give their own files: whether this one holds what a training run
-    writes there (peft's model card, a model config, TensorBoard logs, the SFT model's evaluation)."""
+    writes there (peft's model card, a model config, TensorBoard logs, the SFT model's evaluation, EWC's
+    Fisher)."""
     try:
         if entry.name == "README.md":
             head = entry.read_text(encoding="utf-8", errors="replace")[:2000]
@@ -199,6 +201,9 @@ def _looks_written_by_a_run(entry: Path) -> bool:
             return entry.is_dir() and all("tfevents" in f.name for f in entry.rglob("*") if f.is_file())
         if entry.name == "eval":
             return entry.is_dir() and {f.name for f in entry.iterdir()} <= {RESULTS, RESULTS_MD, CONFIG}
+        if entry.name == REGULARIZE_DIR:
+            fisher = Path(EWC_FISHER).name
+            return entry.is_dir() and {f.name for f in entry.iterdir()} <= {fisher, fisher + ".tmp"}
     except (OSError, ValueError):
         return False
     return True

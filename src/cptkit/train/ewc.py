@@ -2,7 +2,8 @@
 
 The penalty is `weight / 2 * sum_i F_i (theta_i - theta_base_i)^2`, with F the diagonal Fisher of the
 base model on general training rows (`cptkit.train.fisher`), estimated once before training and saved
-beside the run as `ewc_fisher.safetensors` (with what it was estimated on). A rerun or a resumed run of
+in the run folder as `regularize/ewc_fisher.safetensors` (`paths.EWC_FISHER`, with what it was estimated
+on; not at the root, where a full model's weight files are). A rerun or a resumed run of
 the same settings loads it; a file made with other settings is estimated again (logged).
 
 F is normalised to mean 1 over all the weights it covers. The raw Fisher's scale follows the gradients',
