@@ -282,7 +282,7 @@ def test_every_regularizer_copy_and_the_ewc_fisher_count_against_the_gpu(tmp_pat
     for mode, name in (("full", "l2_to_base"), ("full", "ewc"), ("lora", "ewc")):
         train, model = cfgs(tiny_model_dir, mode=mode, weight=0.0)
         getattr(train.regularize, name).weight = 1.0
-        with pytest.raises(CptkitError, match=rf"train.regularize.{name}: the regularizers' copies") as e:
+        with pytest.raises(CptkitError, match=rf"train.regularize.{name}: the regularizers' copies"):
             check_regularizers(train, model, prepared, gpu_memory=10_000)
         check_regularizers(train, model, prepared, gpu_memory=2**30)
     train, model = cfgs(tiny_model_dir, mode="lora", weight=0.0)
