@@ -144,3 +144,33 @@ def test_cptkit_runs_eval_stamp_follows_the_probes_examples(tmp_path, probe_file
     (eval_stage,) = [s for s in STAGES if s.name == "eval"]
     cfg = build_config(Config, {"run_dir": str(tmp_path), "eval": {"chat_probe": {"path": str(probe_file)}}})
     assert str(probe_file) in eval_stage.inputs(cfg)
+
+
+def test_cptkit_runs_eval_stamp_follows_the_budget_the_sft_rendering_and_the_task_files(tmp_path):
+    from cptkit.pipeline.stages import STAGES
+    from cptkit.pipeline.stamps import stamp
+
+    (eval_stage,) = [s for s in STAGES if s.name == "eval"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+
+    def eval_stamp(**sections):
+        raw = {
+            "run_dir": str(tmp_path),
+            "eval": {"tasks": [{"name": "t", "include": str(tasks)}]},
+            **sections,
+        }
+        cfg = build_config(Config, raw)
+        return stamp(eval_stage.sections(cfg), eval_stage.inputs(cfg))
+
+    plain = eval_stamp()
+    assert eval_stamp(train={"forgetting_budget": 0.02}) != plain
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "Hi."}\n', encoding="utf-8")
+    with_sft = eval_stamp(sft={"data": str(data)})
+    assert eval_stamp(sft={"data": str(data), "system_prompt": "Be brief."}) != with_sft
+    assert str(tasks) in eval_stage.inputs(
+        build_config(
+            Config, {"run_dir": str(tmp_path), "eval": {"tasks": [{"name": "t", "include": str(tasks)}]}}
+        )
+    )

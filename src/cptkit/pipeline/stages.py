@@ -197,10 +197,14 @@ STAGES: list[Stage] = [
             "model": c.model,
             "eval": c.eval,
             "seq_length": c.data.seq_length if c.data else None,
+            # the sweep's best point is chosen within the budget; the probe renders as sft does
+            "forgetting_budget": c.train.forgetting_budget if c.train else None,
+            "sft": c.sft,
         },
         inputs=lambda c: [
             *_files(resolve(c).eval_manifest, resolve(c).train_meta, resolve(c).merge_report),
             *([c.eval.chat_probe.path] if c.eval.chat_probe.path else []),  # its examples, by content
+            *sorted({t.include for t in c.eval.tasks if t.include}),  # local task definitions and data
         ],
         marker=lambda c: resolve(c).eval_results,
         run=_eval,
