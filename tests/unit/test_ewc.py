@@ -4,12 +4,12 @@ penalty it weighs the drift from the base with."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cptkit.data.prepared import Prepared
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.paths import EWC_FISHER
 from cptkit.testing.regularize import (
@@ -233,7 +233,9 @@ def test_rows_without_source_ids_are_refused(tmp_path, tiny_model_dir):
 
 
 def _prepared(sources, index):
-    return SimpleNamespace(sources=sources, source_index=index, folder="run/data")
+    """A manifest's sources as prepare records them: a source with a weight has tokens in the rows."""
+    sources = {n: {**s, "mixed_tokens": 100 if s["weight"] > 0 else 0} for n, s in sources.items()}
+    return Prepared(Path("run/data"), {"sources": sources, "source_index": index})
 
 
 def test_check_ewc_refuses_a_dataset_without_general_training_rows(tmp_path, tiny_model_dir):
@@ -251,18 +253,22 @@ def test_check_ewc_refuses_a_dataset_without_general_training_rows(tmp_path, tin
     check_ewc(_config(tmp_path, tiny_model_dir, weight=0).train, _prepared({"med": domain}, {}))
 
 
-@pytest.mark.parametrize("regularize", [{"ewc": {"weight": 1.0}}, {"l2_to_base": {"weight": 1.0}}])
-def test_sharded_weights_are_refused_for_the_weight_regularizers(
-    tmp_path, tiny_model_dir, monkeypatch, regularize
-):
+@pytest.mark.parametrize(
+    "regularize",
+    [{"ewc": {"weight": 1.0}}, {"l2_to_base": {"weight": 1.0}}, {"kl_to_base": {"weight": 1.0}}],
+)
+def test_sharded_weights_are_refused_for_every_regularizer(tmp_path, tiny_model_dir, monkeypatch, regularize):
+    from cptkit.train.checks import check_regularizers
+
     mixed = {"med": {"role": "domain", "weight": 1.0}, "web": {"role": "general", "weight": 0.2}}
-    train = tiny_train_config(tiny_model_dir, tmp_path, regularize=regularize).train
-    check_ewc(train, _prepared(mixed, {"med": 0, "web": 1}))
+    cfg = tiny_train_config(tiny_model_dir, tmp_path, regularize=regularize)
+    prepared = _prepared(mixed, {"med": 0, "web": 1})
+    check_regularizers(cfg.train, cfg.model, prepared, gpu_memory=2**40)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with FSDP sets
     with pytest.raises(
         CptkitError, match=f"train.regularize.{next(iter(regularize))}: the weights are sharded"
     ):
-        check_ewc(train, _prepared(mixed, {"med": 0, "web": 1}))
+        check_regularizers(cfg.train, cfg.model, prepared, gpu_memory=2**40)
 
 
 def test_preflight_refuses_ewc_on_a_dataset_with_no_general_source(tmp_path, tiny_model_dir, tiny_tokenizer):

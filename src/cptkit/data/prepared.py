@@ -127,6 +127,12 @@ class Prepared:
         )
 
     @property
+    def general_training_sources(self) -> list[str]:
+        """The general (replay) sources with tokens in the training rows: what kl_to_base's replay tokens
+        and EWC's Fisher come from."""
+        return [n for n, s in self.sources.items() if s.get("role") == "general" and s.get("mixed_tokens")]
+
+    @property
     def has_source_ids(self) -> bool:
         """Whether the training rows carry `source_ids` (else per-source features say NO_SOURCE_IDS)."""
         return bool(self.source_index)

@@ -298,14 +298,12 @@ def loss_context(
 ) -> LossContext:
     """What the loss terms get besides the batch: the model, and from the prepared manifest's
     `source_index` the name of each source id and the ids of the general sources (none without it)."""
-    index = (prepared.manifest.get("source_index") or {}) if prepared is not None else {}
-    roles = {name: info.get("role") for name, info in (prepared.sources if prepared else {}).items()}
-    roles.update({name: info.role for name, info in (prepared.heldout if prepared else {}).items()})
+    index = prepared.source_index if prepared is not None else {}
     return LossContext(
         model=model,
         output_dir=Path(output_dir),
-        source_names={int(i): name for name, i in index.items()},
-        general_sources=frozenset(int(i) for name, i in index.items() if roles.get(name) == "general"),
+        source_names={i: name for name, i in index.items()},
+        general_sources=prepared.general_source_ids if prepared is not None else frozenset(),
         train_rows=train_rows,
         collator=collator,
         resume_from=resume_from,

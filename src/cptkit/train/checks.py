@@ -262,30 +262,30 @@ def check_regularizers(
 
     if getattr(train_cfg, "regularize", None) is None:
         return  # cptkit sft
+    used = [n for n in ("kl_to_base", "l2_to_base", "ewc") if getattr(train_cfg.regularize, n).weight > 0]
+    if (
+        used and _weights_sharded()
+    ):  # their base copies, Fisher and lm_head reads are per weight, not per shard
+        raise CptkitError(
+            f"train.regularize.{used[0]}: the weights are sharded (FSDP or DeepSpeed ZeRO-3), which "
+            f"{' and '.join(used)} do not support; launch with DDP or DeepSpeed ZeRO-1/2, or set the weight to 0"
+        )
     check_copies_fit(model_cfg, train_cfg, gpu_memory)
     kl = train_cfg.regularize.kl_to_base
     if kl.weight <= 0:
         return
     where = "train.regularize.kl_to_base"
     if kl.tokens == "replay":
-        general = [
-            n for n, s in prepared.sources.items() if s.get("role") == "general" and s.get("mixed_tokens")
-        ]
-        if not general:
+        if not prepared.general_training_sources:
             raise CptkitError(
                 f"{where}.tokens: replay, but {prepared.folder} has no general source that trains; add a general "
                 "(replay) source with a weight to data.sources and prepare again, or set tokens: all"
             )
-        if "source_index" not in prepared.manifest:
+        if not prepared.has_source_ids:
             raise CptkitError(
                 f"{where}.tokens: replay, but {prepared.folder} was prepared before rows recorded their source; "
                 "run `cptkit prepare` again (or set tokens: all)"
             )
-    if _weights_sharded():
-        raise CptkitError(
-            f"{where}: not available with sharded weights (FSDP or DeepSpeed ZeRO-3); use DDP or ZeRO-1/2, "
-            "or set weight: 0"
-        )
     targets = train_cfg.lora.target_modules
     if train_cfg.mode != "full" and "lm_head" in ([targets] if isinstance(targets, str) else targets):
         raise CptkitError(

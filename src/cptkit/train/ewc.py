@@ -189,34 +189,19 @@ def save_fisher(path: Path, fisher: dict[str, torch.Tensor], settings: dict[str,
 
 
 def check_ewc(train_cfg: TrainConfig, prepared: Prepared) -> None:
-    """Before any model loads, what `ewc` and `l2_to_base` need: whole weights on every process (their
-    base copies and Fisher are kept per weight, not per shard), and for EWC general training rows that
-    record which source each token came from."""
-    from cptkit.model.load import _weights_sharded
-
-    regularize = train_cfg.regularize
-    used = [name for name in ("l2_to_base", "ewc") if getattr(regularize, name).weight > 0]
-    if used and _weights_sharded():
-        raise CptkitError(
-            f"train.regularize.{used[0]}: the weights are sharded (FSDP or DeepSpeed ZeRO-3), which "
-            f"{' and '.join(used)} do not support; launch with DDP or DeepSpeed ZeRO-1/2, or set the weight to 0"
-        )
-    if regularize.ewc.weight <= 0:
+    """Before any model loads, what `ewc` needs: general training rows that record which source each token
+    came from (sharded weights are refused for every regularizer in `check_regularizers`)."""
+    if train_cfg.regularize.ewc.weight <= 0:
         return
     where = "train.regularize.ewc.weight"
-    general = [
-        name
-        for name, source in prepared.sources.items()
-        if source.get("role") == "general" and (source.get("weight") or 0) > 0
-    ]
+    general = prepared.general_training_sources
     if not general:
         raise CptkitError(
             f"{where}: EWC estimates its Fisher on general (replay) training rows, but {prepared.folder} "
             "trains on no general source; add one to data.sources (role: general, weight > 0, or type: "
             "self_replay) and prepare again, or set the weight to 0"
         )
-    index = getattr(prepared, "source_index", None) or {}
-    if not any(name in index for name in general):
+    if not any(name in prepared.source_index for name in general):
         raise CptkitError(
             f"{where}: the training rows of {prepared.folder} do not record which source each token came "
             "from; run `cptkit prepare` again (with this version of cptkit) to add it"

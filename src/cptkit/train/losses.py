@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from cptkit.config.train import TrainingRun
+from cptkit.data.prepared import NO_SOURCE_IDS
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def build_loss_terms(train_cfg: TrainingRun, context: LossContext | None = None)
 
             terms.append(LossPerSource(context.source_names))
         else:
-            log.info("no per-source training loss: the prepared rows carry no source ids (prepare again)")
+            log.info("no per-source training loss: %s", NO_SOURCE_IDS)
     if "kl_to_base" in asked:
         from cptkit.train.kl import KlToBase
 
