@@ -11,21 +11,17 @@ from typing import Any
 import torch
 
 from cptkit.config.evaluate import EvalModel
-from cptkit.eval.models import load_model, load_tokenizer
+from cptkit.eval.models import load_tokenizer
 
 
 def each_model(
     models: Sequence[EvalModel], device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> Iterator[tuple[EvalModel, Any, Any]]:
     """(spec, model in eval mode, tokenizer) for each model, one in memory at a time."""
-    from cptkit.eval.score import nf4_base
-    from cptkit.merge.nf4 import nf4_available
+    from cptkit.eval.score import load_scored_model
 
     for spec in models:
-        nf4 = nf4_base(spec)
-        if nf4 is not None and nf4_available(device):
-            nf4 = None  # as the scoring does (it notes why in results.json)
-        model = load_model(spec.path, device, dtype, spec.adapter, nf4, trust_remote_code)
+        model = load_scored_model(spec, device, dtype, None, trust_remote_code)  # the scoring noted the base
         yield spec, model, model_tokenizer(spec, trust_remote_code)
         del model
         gc.collect()

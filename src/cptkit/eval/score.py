@@ -35,15 +35,17 @@ def load_scored_model(
     spec: EvalModel,
     device: torch.device,
     dtype: torch.dtype,
-    notes: list[str],
+    notes: list[str] | None,
     trust_remote_code: bool = False,
 ):
     """The model `spec` names, loaded as eval scores it: a QLoRA adapter on the NF4 round trip of its base
-    where bitsandbytes runs, else (said in `notes`) on the original base."""
+    where bitsandbytes runs, else (said in `notes`, and logged, unless `notes` is None: the measures
+    after the scoring load the same way and say nothing more) on the original base."""
     nf4 = nf4_base(spec)
     if nf4 is not None and (reason := nf4_available(device)):
-        notes.append(f"{spec.name}: {reason}; the adapter was evaluated on the original base instead")
-        log.warning(notes[-1])
+        if notes is not None:
+            notes.append(f"{spec.name}: {reason}; the adapter was evaluated on the original base instead")
+            log.warning(notes[-1])
         nf4 = None
     return load_model(
         spec.path, device, dtype, adapter=spec.adapter, nf4=nf4, trust_remote_code=trust_remote_code

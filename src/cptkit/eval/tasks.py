@@ -298,22 +298,12 @@ def score_tasks(
     scored elsewhere (`scored`: the interpolation sweep's points); {} without tasks."""
     if not tasks:
         return {}
-    import gc
-
-    from cptkit.eval.models import load_model, load_tokenizer
-    from cptkit.eval.score import nf4_base
+    from cptkit.eval.each_model import each_model
     from cptkit.eval.task_results import task_deltas
-    from cptkit.merge.nf4 import nf4_available
 
     scores = {}
-    for spec in models:
-        nf4 = nf4_base(spec)
-        nf4 = None if nf4 is None or nf4_available(device) else nf4  # as score_model falls back (noted there)
-        model = load_model(spec.path, device, dtype, spec.adapter, nf4, trust_remote_code)
-        tokenizer = load_tokenizer(spec.adapter or spec.path, spec.path, trust_remote_code)
+    for spec, model, tokenizer in each_model(models, device, dtype, trust_remote_code):
         log.info("downstream tasks on %s", spec.name)
         scores[spec.name] = run_tasks(model, tokenizer, tasks, device, batch_size)
-        del model
-        gc.collect()
     scores.update(scored or {})  # the sweep's points after the models: summaries leave them out (is_point)
     return {"tasks": scores, "task_deltas": task_deltas(scores)}
