@@ -15,7 +15,11 @@ class LoraConfig:
 
     r: int = opt(16, "rank")
     alpha: float = opt(32, "scaling numerator (the update is scaled by alpha / r)")
-    dropout: float = opt(0.05, "dropout on the adapter input")
+    dropout: float = opt(
+        0.0,
+        "dropout on the adapter input; 0 (the default) takes the fused fast path (train.kernels.fast_lora), "
+        "above 0 peft's own path (the seed used 0.05)",
+    )
     target_modules: list[str] | str = opt(
         "all-linear", "module names to adapt, or all-linear (the seed used [q_proj, v_proj])"
     )
@@ -78,6 +82,24 @@ class ScheduleConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """The fast paths around the model's own modules. auto: on where they apply and pay (measured in
+    bench/README.md "speed"); on: required, refused where they cannot apply; off: the stock module."""
+
+    fast_lora: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "cptkit's fused LoRA autograd (base matmul and low-rank update from one read of x, hand-written "
+        "backward, no input copies; bf16 and 4-bit bases); needs lora.dropout 0",
+    )
+    rms_norm: Literal["auto", "on", "off"] = opt("auto", "liger-kernel's fused RMSNorm (GPU)")
+    swiglu: Literal["auto", "on", "off"] = opt("auto", "liger-kernel's fused SwiGLU MLP (GPU)")
+    rope: Literal["auto", "on", "off"] = opt("auto", "liger-kernel's fused rotary embedding (GPU)")
+    compile: Literal["auto", "on", "off"] = opt(
+        "auto", "regional torch.compile of each decoder block (GPU); auto: where bench/ measured it to pay"
+    )
+
+
+@dataclass
 class GuardConfig:
     """Stops a run whose loss diverged without becoming NaN (a collapse to uniform guessing, gradients
     that vanished, a spike), before more checkpoints of a broken model are written. A NaN/inf loss or
@@ -129,7 +151,18 @@ class TrainingRun:
         "learning rate for the input embeddings and lm_head when they train (always in full mode; with "
         "lora.train_embeddings, where lora.embedding_lr takes precedence); default: the main lr",
     )
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool | Literal["auto"] = opt(
+        "auto",
+        "auto: the memory plan picks the fastest way that fits train.memory_budget (no recompute, recompute "
+        "of some blocks, of all, or all with their inputs offloaded to CPU memory); true: recompute every "
+        "block; false: none",
+    )
+    memory_budget: str | None = opt(
+        None,
+        "GPU memory the plan may use: a size (24GiB, 80GB, 20000MiB) or a fraction of the GPU's (0.8); "
+        "default: the GPU's memory less a margin (cptkit.train.memory.DEFAULT_MARGIN)",
+    )
+    kernels: KernelsConfig = opt(factory=KernelsConfig, help="fused kernels and compilation")
     fused_cross_entropy: Literal["auto", "on", "off"] = opt(
         "auto",
         "liger-kernel's fused linear cross-entropy (no full vocabulary logits); auto: on GPU when installed",

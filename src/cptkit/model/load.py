@@ -15,7 +15,9 @@ import torch
 from cptkit.config.model import ModelConfig
 from cptkit.config.train import TrainConfig
 from cptkit.errors import CptkitError, load_refusals
-from cptkit.model import attention
+from cptkit.model import attention, fast_lora, kernels
+from cptkit.train import checkpointing
+from cptkit.train.memory import RunShape
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class LoadedModel:
     attention: str
     fused_cross_entropy: bool
     dtype: torch.dtype
+    memory_plan: Any = None  # cptkit.train.memory.MemoryPlan, or None where no plan applies (CPU)
 
 
 def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
@@ -142,22 +145,6 @@ def use_fused_cross_entropy(train_cfg: TrainConfig) -> bool:
     return torch.cuda.is_available() or train_cfg.fused_cross_entropy == "on"
 
 
-def _apply_liger(model: Any) -> bool:
-    """Liger's kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) on this model instance."""
-    from liger_kernel.transformers.monkey_patch import (
-        MODEL_TYPE_TO_APPLY_LIGER_FN,
-        _apply_liger_kernel_to_instance,
-    )
-
-    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        log.warning(
-            "liger-kernel has no kernels for model type %s; using the stock loss", model.config.model_type
-        )
-        return False
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=True, cross_entropy=False)
-    return True
-
-
 def _recast_frozen(model: Any, dtype: torch.dtype) -> None:
     """prepare_model_for_kbit_training upcasts every non-quantised weight to fp32; for frozen ones
     (embeddings, lm_head, norms) that only makes the 128k-vocabulary projection run in fp32."""
@@ -194,12 +181,17 @@ def lora_config(train_cfg: TrainConfig, model: Any) -> Any:
 
 
 def load_model_and_tokenizer(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, model_path: str | None = None, tokenizer: Any = None
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    model_path: str | None = None,
+    tokenizer: Any = None,
+    run_shape: RunShape | None = None,
 ) -> LoadedModel:
     """Load `model_path` (default model.name_or_path) for training in train.mode.
 
-    Used by `cptkit train` and `cptkit sft`. Returns the model with gradient checkpointing, LoRA and
-    the loss kernel applied as configured, use_cache off (a packed forward with a cache lets documents
+    Used by `cptkit train` and `cptkit sft`. `run_shape` (sequence length and micro-batch) is what the
+    memory plan sizes activations for. Returns the model with the memory plan, LoRA and the kernels
+    applied as configured, use_cache off (a packed forward with a cache lets documents
     attend to each other), and what was chosen.
     """
     from transformers import AutoModelForCausalLM
@@ -227,22 +219,13 @@ def load_model_and_tokenizer(
     with _refusals(model_cfg, path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
-    fused = use_fused_cross_entropy(train_cfg) and _apply_liger(model)
-    gc_kwargs = {"use_reentrant": False}
+    fused = kernels.apply_liger(model, train_cfg, fused_cross_entropy=use_fused_cross_entropy(train_cfg))
     if train_cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=train_cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
+        # checkpointing is the memory plan's (below), not peft's
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _recast_frozen(model, dtype)
-    elif train_cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if train_cfg.mode in ("lora", "qlora"):
         from peft import get_peft_model
 
@@ -255,6 +238,9 @@ def load_model_and_tokenizer(
             f"{total:,}",
             100 * trainable / total,
         )
+        fast_lora.enable_fast_lora(model, train_cfg)
+    plan = checkpointing.apply_memory_plan(model, train_cfg, run_shape, fused_cross_entropy=fused)
+    kernels.compile_blocks(model, train_cfg)
     log.info(
         "loaded %s: mode %s, dtype %s, attention %s, fused cross-entropy %s",
         path,
@@ -264,7 +250,12 @@ def load_model_and_tokenizer(
         "on" if fused else "off",
     )
     return LoadedModel(
-        model=model, tokenizer=tokenizer, attention=impl, fused_cross_entropy=fused, dtype=dtype
+        model=model,
+        tokenizer=tokenizer,
+        attention=impl,
+        fused_cross_entropy=fused,
+        dtype=dtype,
+        memory_plan=plan,
     )
 
 
