@@ -38,7 +38,9 @@ _LIGER_SWITCHES = {
 _STOCK: dict[tuple[str, str], Any] = {}
 
 COMPILE_BACKEND_ENV = "CPTKIT_COMPILE_BACKEND"  # torch.compile backend for the blocks (default inductor)
-RECOMPILE_LIMIT = 8  # compiled versions of the block kept; past it, new shapes run the block eagerly
+# compiled versions of the block kept: training makes up to four (the first block apart, the first
+# shape change), held-out evaluation without gradients as many again; past it new shapes run eagerly
+RECOMPILE_LIMIT = 16
 
 
 @dataclass(frozen=True)
@@ -201,10 +203,12 @@ def compile_blocks(model: Any, train_cfg: Any) -> bool:
 
     Each block is compiled in place (`Module.compile`: the state dict keeps its names); the blocks
     share one code object and dynamo guards on their parameters as inputs, not on the block, so one
-    graph serves them all. Called last, after peft and the memory plan: a checkpointed block is
-    recomputed through its compiled graph. The first shape change (the last, shorter batch; another
-    document count) recompiles once with dynamic sizes; past RECOMPILE_LIMIT versions dynamo runs the
-    block eagerly for new shapes, with a warning, and the run goes on slower."""
+    graph serves them all (the first block has its own where its input needs no gradient: frozen
+    embeddings without checkpointing). Called last, after peft and the memory plan: a checkpointed
+    block is recomputed through its compiled graph. The first shape change (the last, shorter batch;
+    the varlen kernel's longest document) recompiles once with dynamic sizes; past RECOMPILE_LIMIT
+    versions dynamo runs the block eagerly for new shapes, with a warning, and the run goes on slower.
+    `CPTKIT_COMPILE_BACKEND` names another torch.compile backend (aot_eager: no code generation)."""
     setting = train_cfg.kernels.compile
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "off" or (setting == "auto" and not compile_pays(train_cfg.mode, device)):
