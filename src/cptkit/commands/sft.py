@@ -36,6 +36,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import set_seed
 
+    from cptkit.model.kernels import check_kernels
     from cptkit.model.load import load_model_and_tokenizer
     from cptkit.outputs import write_config, write_json
     from cptkit.sft.data import build_sft_data
@@ -51,6 +52,7 @@ def run(cfg: Config) -> dict[str, Any]:
     model_cfg = _model_config(cfg)
     check_optional_dependencies(sft_cfg, model_cfg, section="sft")
     check_mode(sft_cfg, section="sft")
+    check_kernels(sft_cfg, model_cfg, section="sft")
     identity = run_identity(sft_cfg, model_cfg, _data_hash(sft_cfg))
     fresh = check_output_dir(output_dir, identity, sft_cfg, section="sft")
     resume_from = None if fresh else resume_checkpoint(sft_cfg, output_dir)

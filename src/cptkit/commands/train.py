@@ -72,6 +72,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "dataset_manifest_hash": checked["manifest_hash"],
         "attention": describe(loaded.attention),
         "fused_cross_entropy": loaded.fused_cross_entropy,
+        "kernels": loaded.kernels,
         "flops_per_token": flops,
         "causal_halving": False,
         "world_size": trainer.args.world_size,

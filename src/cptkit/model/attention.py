@@ -15,6 +15,7 @@ choice below turns that into document isolation:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -22,19 +23,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+
 VARLEN = "cptkit_varlen"
 _registered = False
+# whether this torch's varlen_attn shares key/value heads itself (asked once here, not in every layer,
+# where torch.compile would trace the signature lookup)
+_ACCEPTS_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def varlen_available() -> bool:
     """True when torch has `varlen_attn` and a CUDA device to run it on."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return varlen_attn is not None and torch.cuda.is_available()
 
 
 def choose_attention(requested: str, on_gpu: bool) -> str:
@@ -62,28 +65,63 @@ def describe(implementation: str) -> str:
     )
 
 
+# Batch keys the collator adds for the varlen kernel (transformers' FlashAttentionKwargs names, which
+# the model passes through to the attention function): the document boundaries over the flattened
+# batch and the longest document, computed once per batch on the CPU.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32, over the flattened rows) and the longest document of packed position_ids
+    (rows, width): a document starts at every position id 0 and at every row start, whatever its
+    position id there; padding continues the row's last document. On a GPU tensor this syncs."""
+    rows, width = position_ids.shape
+    starts = position_ids == 0
+    starts[:, 0] = True
+    index = torch.nonzero(starts.reshape(-1)).flatten()
+    cu = torch.cat([index, index.new_tensor([rows * width])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def varlen_metadata(position_ids: torch.Tensor) -> dict[str, Any]:
+    """The VARLEN_KEYS of one batch from its position_ids (the collator calls this on the CPU)."""
+    cu, longest = document_boundaries(position_ids)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 class _SeqLens:
-    """cu_seqlens for one batch, computed once and reused by every layer (they share position_ids)."""
+    """cu_seqlens for a batch whose collator gave none (eval, generation without a cache), derived once
+    and reused by every layer: they share position_ids, or views of the same ones (an expanded
+    position_ids is a new tensor object per layer, with the same memory, shape and version)."""
 
     def __init__(self):
         self.key: torch.Tensor | None = None
+        self.version = -1  # the key's in-place version when it was cached (views share the counter)
         self.value: tuple[torch.Tensor, int] | None = None
 
     def get(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        if self.key is not position_ids or self.value is None:
-            flat = position_ids.reshape(-1)
-            starts = torch.nonzero(flat == 0).flatten()
-            if starts.numel() == 0 or int(starts[0]) != 0:  # a row that does not start a document
-                starts = torch.cat([starts.new_zeros(1), starts])
-            # every row begins a new sequence even if its position_ids do not start at 0
-            width = position_ids.shape[-1]
-            row_starts = torch.arange(0, flat.numel(), width, device=flat.device)
-            starts = torch.unique(torch.cat([starts, row_starts]))
-            ends = torch.cat([starts, starts.new_tensor([flat.numel()])])
-            cu = ends.to(torch.int32)
-            max_len = int((ends[1:] - ends[:-1]).max())
-            self.key, self.value = position_ids, (cu, max_len)
+        if self.value is None or not self._holds(position_ids):
+            # the cache holds its key, so no other tensor can take its memory while it is cached
+            self.key, self.version = position_ids, position_ids._version
+            self.value = document_boundaries(position_ids)
         return self.value
+
+    def _holds(self, position_ids: torch.Tensor) -> bool:
+        """Whether position_ids is the cached key or a view of the same memory, unchanged since."""
+        key = self.key
+        return (
+            key is not None
+            and position_ids._version == self.version
+            and (
+                key is position_ids
+                or (
+                    key.device == position_ids.device
+                    and key.data_ptr() == position_ids.data_ptr()
+                    and key.shape == position_ids.shape
+                    and key.stride() == position_ids.stride()
+                )
+            )
+        )
 
 
 _seqlens = _SeqLens()
@@ -99,41 +137,36 @@ def varlen_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: (B, H, S, D) in, (B, S, H, D) out, causal within each document."""
-    from torch.nn.attention.varlen import varlen_attn
+    """transformers attention function: (B, H, S, D) in, (B, S, H, D) out, causal within each document.
 
+    The document boundaries come from the batch (`VARLEN_KEYS`, set by the collator: no host sync, one
+    graph under torch.compile), else from position_ids, derived once per batch (a sync)."""
     position_ids = kwargs.get("position_ids")
+    given = kwargs.get("cu_seq_lens_q") is not None
     batch, heads, seq, dim = query.shape
-    if position_ids is None or query.shape[2] != key.shape[2]:
+    if (position_ids is None and not given) or query.shape[2] != key.shape[2]:
         # no packing information (or generation with a cache): plain causal attention
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        kwargs = {k: v for k, v in kwargs.items() if k not in VARLEN_KEYS}
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    if position_ids.shape[0] != batch:
-        position_ids = position_ids.expand(batch, -1)
-    cu, max_len = _seqlens.get(position_ids)
+    if given:
+        cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+        max_q, max_k = kwargs["max_length_q"], kwargs["max_length_k"]
+    else:
+        if position_ids.shape[0] != batch:
+            position_ids = position_ids.expand(batch, -1)
+        cu_q, max_q = _seqlens.get(position_ids)
+        cu_k, max_k = cu_q, max_q
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
-    if key.shape[1] != heads and not _accepts_gqa():  # older torch: repeat the shared key/value heads
+    if key.shape[1] != heads and not _ACCEPTS_GQA:  # older torch: repeat the shared key/value heads
         k = k.repeat_interleave(heads // key.shape[1], dim=1)
         v = v.repeat_interleave(heads // value.shape[1], dim=1)
-    extra = {"enable_gqa": True} if key.shape[1] != heads and _accepts_gqa() else {}
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), **extra)
+    extra = {"enable_gqa": True} if key.shape[1] != heads and _ACCEPTS_GQA else {}
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=(-1, 0), **extra)
     return out.reshape(batch, seq, heads, dim), None
-
-
-def _accepts_gqa() -> bool:
-    import inspect
-    from functools import cache
-
-    @cache
-    def check() -> bool:
-        from torch.nn.attention.varlen import varlen_attn
-
-        return "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-    return check()
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class LoadedModel:
     fused_cross_entropy: bool
     dtype: torch.dtype
     memory_plan: Any = None  # cptkit.train.memory.MemoryPlan, or None where no plan applies (CPU)
+    kernels: dict[str, bool] = field(default_factory=dict)  # kernel -> on (rms_norm, swiglu, rope, compile)
 
 
 def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
@@ -219,7 +220,8 @@ def load_model_and_tokenizer(
     with _refusals(model_cfg, path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
-    fused = kernels.apply_liger(model, train_cfg, fused_cross_entropy=use_fused_cross_entropy(train_cfg))
+    applied: dict[str, bool] = {}  # which kernels are on, for run_meta.json
+    fused = kernels.apply_liger(model, train_cfg, use_fused_cross_entropy(train_cfg), record=applied)
     if train_cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -256,6 +258,7 @@ def load_model_and_tokenizer(
         fused_cross_entropy=fused,
         dtype=dtype,
         memory_plan=plan,
+        kernels={**applied, "compile": kernels.blocks_compiled(model)},
     )
 
 

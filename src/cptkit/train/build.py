@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from cptkit.config.train import TrainConfig
 from cptkit.data.prepared import Prepared
+from cptkit.model.attention import VARLEN
 from cptkit.model.load import LoadedModel
 from cptkit.paths import METRICS
 from cptkit.train.arguments import training_arguments
@@ -248,7 +249,9 @@ def build_trainer(
     save_total_limit, args.save_total_limit = args.save_total_limit, None
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     collator = data_collator or PackedCollator(
-        pad, pad_to_multiple_of=8 if torch.cuda.is_available() else None
+        pad,
+        pad_to_multiple_of=8 if torch.cuda.is_available() else None,
+        varlen_metadata=loaded.attention == VARLEN,
     )
     counting = CountingCollator(collator)
     if loss_terms is None:

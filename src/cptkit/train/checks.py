@@ -21,6 +21,7 @@ from cptkit.data.manifest import tokenizer_fingerprint
 from cptkit.data.prepared import Prepared
 from cptkit.errors import CptkitError
 from cptkit.locks import is_main_process
+from cptkit.model.kernels import check_kernels
 from cptkit.paths import CONFIG, EWC_FISHER, METRICS, REGULARIZE_DIR, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
 from cptkit.train.budget import check_budget_sets
 from cptkit.train.ewc import check_ewc
@@ -226,6 +227,7 @@ def preflight(
     prepared = Prepared.load(dataset_dir)
     check_base_model(model_cfg)
     check_mode(train_cfg)
+    check_kernels(train_cfg, model_cfg)
     try:
         tokenizer = load_tokenizer(model_cfg)
     except OSError as e:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from cptkit.model.attention import varlen_metadata
+
 IGNORE_INDEX = -100
 
 
@@ -83,16 +85,23 @@ class PackedCollator:
     are still -100, so no loss crosses an example boundary.
 
     `pad_to_multiple_of` rounds the batch length up (tensor cores like multiples of 8 or 64).
+    `varlen_metadata` (for cptkit's varlen attention) adds the batch's document boundaries
+    (`cptkit.model.attention.VARLEN_KEYS`), computed here on the CPU so no layer syncs to derive them.
     """
 
     def __init__(
-        self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_length: int | None = None
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        varlen_metadata: bool = False,
     ):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_length = max_length
+        self.varlen_metadata = varlen_metadata
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         longest = max(len(r["input_ids"]) for r in rows)
         width = longest
         if self.pad_to_multiple_of:
@@ -100,4 +109,7 @@ class PackedCollator:
             width = (width + m - 1) // m * m
             if self.max_length:
                 width = min(width, max(self.max_length, longest))
-        return padded_batch(rows, self.pad_token_id, width)
+        batch = padded_batch(rows, self.pad_token_id, width)
+        if self.varlen_metadata:
+            batch.update(varlen_metadata(batch["position_ids"]))
+        return batch

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cptkit.config.forgetting import KlToBaseConfig
+from cptkit.model.attention import VARLEN_KEYS
 from cptkit.train.heads import chunks, last_hidden, next_token_positions, output_head
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,8 @@ class KlToBase:
             if len(rows) == 0:  # nothing selected: no forward needed
                 return weight.new_zeros((0, weight.shape[1])), weight, bias
             body = _body(base)
-            forward = {k: inputs[k] for k in ("input_ids", "position_ids", "attention_mask") if k in inputs}
+            keys = ("input_ids", "position_ids", "attention_mask", *VARLEN_KEYS)
+            forward = {k: inputs[k] for k in keys if k in inputs}
             hidden = body(**forward).last_hidden_state
         return hidden[rows, cols], weight, bias
 

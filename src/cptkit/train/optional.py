@@ -40,6 +40,9 @@ def optional_needs(
         needs["deepspeed"] = "the accelerate config (DeepSpeed)"
     if train_cfg.fused_cross_entropy == "on":  # auto uses it only where it is installed
         needs["liger-kernel"] = f"{section}.fused_cross_entropy: on"
+    for kernel in ("rms_norm", "swiglu", "rope"):  # liger's; auto uses each only where it applies
+        if getattr(train_cfg.kernels, kernel) == "on":
+            needs.setdefault("liger-kernel", f"{section}.kernels.{kernel}: on")
     if model_cfg is not None and model_cfg.attention == "flash_attention_2":
         needs["flash-attn"] = "model.attention: flash_attention_2"
     for tracker in ("wandb", "mlflow", "tensorboard"):
