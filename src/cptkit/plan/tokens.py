@@ -3,10 +3,14 @@ estimated from the corpus before it is prepared (`cptkit.plan.estimate`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from cptkit.config import Config
+from cptkit.config.data import DataConfig
 from cptkit.data.prepared import Prepared
+from cptkit.errors import CptkitError
+from cptkit.paths import MANIFEST, resolve
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,47 @@ def from_manifest(prepared: Prepared) -> DataTokens:
         origin=f"from the prepared manifest ({prepared.folder})",
         exact=True,
     )
+
+
+def data_tokens(cfg: Config, sample_bytes: int) -> DataTokens:
+    """The counts of the prepared folder the run trains on when it holds this config's data; else
+    estimated from the corpus (`cptkit.plan.estimate`), with a note of why."""
+    from cptkit.plan.estimate import estimate_tokens
+
+    folder = resolve(cfg).prepared
+    why = None
+    if folder is not None and (folder / MANIFEST).is_file():
+        try:
+            prepared = Prepared.load(folder)
+        except CptkitError as e:
+            why = f"the prepared folder cannot be used ({e})"
+        else:
+            why = _other_settings(prepared, cfg.data)
+            if why is None:
+                return from_manifest(prepared)
+    if cfg.data is None:
+        raise CptkitError(
+            f"train.dataset: {folder} is not a finished prepared dataset and the config has no data section to "
+            "estimate from; run `cptkit prepare` or add the data section"
+        )
+    estimate = estimate_tokens(cfg.data, sample_bytes)
+    return replace(estimate, notes=(*estimate.notes, why)) if why else estimate
+
+
+def _other_settings(prepared: Prepared, data: DataConfig | None) -> str | None:
+    """Why the prepared folder is not what `data` would prepare now (None: it is, as far as the
+    manifest tells: sources, weights and sequence length)."""
+    if data is None:
+        return None
+    now = {s.name: float(s.weight) for s in data.sources}
+    then = {n: float(s.get("weight", 1.0)) for n, s in prepared.sources.items()}
+    if now != then:
+        return (
+            f"{prepared.folder} was prepared from other sources or weights: estimated for this config instead"
+        )
+    if prepared.seq_length != data.seq_length:
+        return (
+            f"{prepared.folder} was prepared at seq_length {prepared.seq_length}, the config says "
+            f"{data.seq_length}: estimated for this config instead"
+        )
+    return None
