@@ -12,21 +12,8 @@ import yaml
 from cptkit import cli, presets
 from cptkit.config import Config, load_config
 from cptkit.data.prepare import prepare
+from cptkit.testing.shapes import LLAMA3_8B
 from cptkit.testing.tiny import sample_texts
-
-LLAMA3_8B = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 8192,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-}
 
 
 @pytest.fixture(scope="module")

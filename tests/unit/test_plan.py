@@ -15,17 +15,10 @@ from cptkit.plan.gpus import CATALOG, gpu_named
 from cptkit.plan.speed import predict_speed
 from cptkit.plan.steps import plan_steps
 from cptkit.plan.tokens import DataTokens, SourceTokens
+from cptkit.testing.shapes import LLAMA3_8B as LLAMA3_8B_SHAPE
 from cptkit.train.memory import MemorySetup, RunShape, plan_memory
 
-LLAMA3_8B = LlamaConfig(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B = LlamaConfig(**LLAMA3_8B_SHAPE)
 
 
 @pytest.mark.parametrize(
