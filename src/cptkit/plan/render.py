@@ -72,7 +72,7 @@ def render(report: PlanReport) -> str:
 def _data_lines(data: DataTokens) -> list[str]:
     lines = [f"Data ({data.origin}):"]
     width = max(len(n) for n in data.sources) if data.sources else 6
-    lines.append(f"  {'source':<{width}}  role     documents        tokens   held out   in the mix  share  x")
+    lines.append(f"  {'source':<{width}}  role     documents        tokens   held out   in the mix  share  factor")
     for name, s in data.sources.items():
         lines.append(
             f"  {name:<{width}}  {s.role:<7} {s.documents:>10,} {s.tokens:>13,} {s.heldout_tokens:>10,} "
@@ -90,7 +90,7 @@ def _step_lines(steps: StepPlan) -> list[str]:
     passes = ", ".join(f"{n} {e:.2f}" for n, e in steps.source_epochs.items())
     return [
         f"Steps: {steps.optimizer_steps:,} optimizer steps ({how}); {steps.rows_per_step} rows a step "
-        f"({steps.micro_batch} x {steps.accumulation} accumulation x {steps.world_size} processes), "
+        f"({steps.micro_batch} a micro-batch x {steps.accumulation} accumulated x {steps.world_size} GPU(s)), "
         f"{steps.tokens_per_step:,} tokens a step, warmup {steps.warmup_steps:,}",
         f"  tokens seen: {steps.total_tokens:,} ({steps.epochs:.2f} epochs over the rows; passes over each "
         f"source: {passes or 'none'})",
