@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cptkit.commands import load_for
 from cptkit.config import Config
+from cptkit.errors import CptkitError
 from cptkit.model.flops import flops_per_token_of_shape
 from cptkit.plan.calibration import Calibration
 from cptkit.plan.estimate import SAMPLE_BYTES
@@ -26,11 +27,14 @@ DEFAULT_GPU = "h200"  # planned for when none is named and none is present: the 
 
 
 def main(args) -> int:
-    gpu = gpu_named(args.gpu) if args.gpu else None  # an unknown name is refused before any work
+    if args.gpu:
+        gpu_named(args.gpu)  # an unknown name is refused before any work
+    if args.num_gpus < 1 or not args.sample_mb > 0:
+        raise CptkitError("--num-gpus must be at least 1 and --sample-mb above 0")
     cfg = load_for(args, "model", "train")
     report = run(
         cfg,
-        gpu_name=gpu and gpu.name,
+        gpu_name=args.gpu,
         model_config=args.model_config,
         world_size=args.num_gpus,
         sample_bytes=int(args.sample_mb * 1e6),
