@@ -9,6 +9,7 @@ its blocks a function that keeps their inputs in pinned CPU memory."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +17,15 @@ import torch
 
 from cptkit.errors import CptkitError
 from cptkit.model.shape import decoder_blocks, shape_of_model
-from cptkit.train.memory import MemoryPlan, MemorySetup, RunShape, parse_budget, plan_memory
+from cptkit.train.memory import (
+    MemoryPlan,
+    MemorySetup,
+    RunShape,
+    estimate_memory,
+    gib,
+    parse_budget,
+    plan_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,7 @@ def apply_memory_plan(
         fused_mlp=kernels["fused_mlp"] if fused_mlp is None else fused_mlp,
         dtype_bytes=_compute_bytes(model),
         fused_norm=kernels["fused_norm"],
+        shards=weight_shards(),
     )
     plan = plan_memory(shape_of_model(model), setup, budget, forced=forced)
     checkpoint_blocks(model, plan.checkpointed_layers, offload=plan.checkpointing == "offload")
@@ -55,6 +65,53 @@ def apply_memory_plan(
     for warning in plan.warnings:
         log.warning(warning)
     return plan
+
+
+def check_plan_fits(model_cfg: Any, train_cfg: Any, run_shape: RunShape) -> None:
+    """Before the model loads, on a GPU: refuse a run that does not fit the GPU's whole memory even
+    with every block checkpointed and offloaded (from the model's shape on the meta device, with the
+    fused kernels the config allows, so only a run that cannot fit is refused)."""
+    if not torch.cuda.is_available():
+        return
+    from cptkit.model.load import load_model_config, use_fused_cross_entropy
+    from cptkit.model.shape import shape_from_config
+
+    fused = use_fused_cross_entropy(train_cfg)
+    kernels = train_cfg.kernels
+    setup = MemorySetup.from_config(
+        train_cfg,
+        run_shape,
+        fused_cross_entropy=fused,
+        fast_lora=train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
+        fused_mlp=fused and kernels.swiglu != "off",
+        fused_norm=fused and kernels.rms_norm != "off",
+        shards=weight_shards(),
+    )
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    problem = unfittable(shape_from_config(load_model_config(model_cfg)), setup, total)
+    if problem:
+        raise CptkitError(problem)
+
+
+def unfittable(shape: Any, setup: MemorySetup, gpu_total_bytes: int) -> str | None:
+    """Why a run of `setup` cannot train on a GPU of `gpu_total_bytes` whatever the plan, or None."""
+    least = estimate_memory(shape, setup, shape.layers, offload=True).total
+    if least <= gpu_total_bytes:
+        return None
+    return (
+        f"train: needs at least {gib(least)} of GPU memory with every block checkpointed and offloaded "
+        f"({setup.micro_batch} x {setup.seq_length} tokens a micro-batch, mode {setup.mode}), and the GPU "
+        f"holds {gib(gpu_total_bytes)}: lower train.hf.per_device_train_batch_size (and raise "
+        "gradient_accumulation_steps), the sequence length, or use mode: qlora; train.memory_budget "
+        "cannot raise what the GPU holds"
+    )
+
+
+def weight_shards() -> int:
+    """How many processes share each weight: the world size under FSDP or DeepSpeed ZeRO-3, else 1."""
+    from cptkit.model.load import _weights_sharded
+
+    return int(os.environ.get("WORLD_SIZE", "1")) if _weights_sharded() else 1
 
 
 def budget_bytes(memory_budget: str | None, device: torch.device | None) -> int | None:

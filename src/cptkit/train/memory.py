@@ -44,6 +44,17 @@ class RunShape:
     def tokens(self) -> int:
         return self.seq_length * self.micro_batch
 
+    @classmethod
+    def of(cls, train_cfg: Any, seq_length: int) -> RunShape:
+        """The shape a `train`/`sft` section trains at: rows of `seq_length` tokens,
+        `per_device_train_batch_size` of them (cptkit's default under `train.hf`)."""
+        import torch
+
+        from cptkit.train.arguments import hf_settings
+
+        micro_batch = hf_settings(train_cfg, False, torch.float32)["per_device_train_batch_size"]
+        return cls(seq_length=seq_length, micro_batch=int(micro_batch))
+
 
 @dataclass(frozen=True)
 class MemorySetup:
@@ -63,6 +74,7 @@ class MemorySetup:
     extra_model_copies: int = 0  # frozen copies of the weights the regularizers keep (full mode)
     fused_norm: bool = False  # liger's RMSNorm: keeps its input in the compute dtype, not in fp32
     lora_dropout: float = 0.0
+    shards: int = 1  # processes the weights, gradients and optimizer states are split over (FSDP, ZeRO-3)
 
     @property
     def tokens(self) -> int:
@@ -82,6 +94,7 @@ class MemorySetup:
         fused_mlp: bool,
         dtype_bytes: int = 2,
         fused_norm: bool = False,
+        shards: int = 1,
     ) -> MemorySetup:
         """The setup of a `train`/`sft` section run at `run_shape` with the kernels named."""
         copies = 0
@@ -103,6 +116,7 @@ class MemorySetup:
             extra_model_copies=copies,
             fused_norm=fused_norm,
             lora_dropout=train_cfg.lora.dropout if train_cfg.mode != "full" else 0.0,
+            shards=shards,
         )
 
 
@@ -256,16 +270,17 @@ def estimate_memory(
     checkpoints = 0 if offload else checkpointed * e * shape.hidden * tokens
     weights, trainable, trainable_params, trainable_bytes = _weights(shape, setup)
     states, step_scratch = _optimizer_bytes(setup, trainable_params, trainable_bytes)
+    n = setup.shards
     return MemoryEstimate(
-        weights=weights,
-        trainable=trainable,
-        gradients=trainable_params * trainable_bytes,
-        optimizer=states,
+        weights=weights // n,
+        trainable=trainable // n,
+        gradients=trainable_params * trainable_bytes // n,
+        optimizer=states // n,
         checkpoints=round(checkpoints * ACTIVATION_CALIBRATION),
         activations=round(activations * ACTIVATION_CALIBRATION),
         logits=_logits_bytes(shape, setup),
         workspace=_workspace_bytes(shape, setup) + FIXED_OVERHEAD_BYTES,
-        optimizer_step=step_scratch,
+        optimizer_step=step_scratch // n,
     )
 
 
@@ -316,13 +331,15 @@ def _logits_bytes(shape: Any, setup: MemorySetup) -> int:
 
 
 def _workspace_bytes(shape: Any, setup: MemorySetup) -> int:
-    """cuBLAS workspace, the largest linear output of a block and its gradient (transient), and in
-    qlora one block linear dequantised to the compute dtype for its matmul."""
+    """cuBLAS workspace, the largest linear output of a block and its gradient (transient), in qlora one
+    block linear dequantised to the compute dtype for its matmul, and with sharded weights two blocks
+    gathered whole (the one computing and the one prefetched)."""
     e = setup.dtype_bytes
     widest = max((o for _, o in shape.block_linears.values()), default=shape.hidden)
     largest = max((i * o for i, o in shape.block_linears.values()), default=0)
     dequantised = largest * e if setup.mode == "qlora" else 0
-    return CUBLAS_WORKSPACE_BYTES + 2 * setup.tokens * widest * e + dequantised
+    gathered = 2 * shape.block_params * e if setup.shards > 1 else 0
+    return CUBLAS_WORKSPACE_BYTES + 2 * setup.tokens * widest * e + dequantised + gathered
 
 
 def relative_step_time(mode: str, checkpointed: int, layers: int, offload: bool = False) -> float:
