@@ -70,6 +70,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-gpus", type=int, default=1, help="processes the run trains on (default 1)")
     p.add_argument(
+        "--sharded", action="store_true", help="weights split over the GPUs (FSDP, DeepSpeed ZeRO-3)"
+    )
+    p.add_argument(
         "--sample-mb", type=float, default=4.0, help="MB read per source to estimate unprepared data"
     )
     p.add_argument("--json", help="also write the plan as JSON to this file")

@@ -151,3 +151,11 @@ def test_each_warning_fires_on_a_config_made_to_trigger_it(
     assert where in warned(plan), plan["warnings"]
     line = next(w for w in plan["warnings"] if w["where"] == where)
     assert line["what"] and line["todo"]
+
+
+def test_sharded_weights_split_the_weights_over_the_gpus(tmp_path, capsys, corpora, llama3_8b_config):
+    paths = [f"data.sources[{i}].path={corpora / 'domain'}" for i in range(2)]
+    args = ["full-zero3-8b", f"run_dir={tmp_path}", *paths, "--model-config", str(llama3_8b_config)]
+    one = plan_json(tmp_path, capsys, *args)["gpus"][0]["auto"]["estimate"]
+    eight = plan_json(tmp_path, capsys, *args, "--num-gpus", "8", "--sharded")["gpus"][0]["auto"]["estimate"]
+    assert eight["weights"] == one["weights"] // 8 and eight["optimizer"] == one["optimizer"] // 8

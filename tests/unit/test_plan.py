@@ -12,7 +12,7 @@ from cptkit.model.flops import flops_per_token, flops_per_token_of_shape
 from cptkit.model.shape import shape_from_config, shape_of_model
 from cptkit.plan.calibration import Calibration
 from cptkit.plan.gpus import CATALOG, gpu_named
-from cptkit.plan.speed import predict_speed
+from cptkit.plan.speed import predict_speed, run_flops_per_token
 from cptkit.plan.steps import plan_steps
 from cptkit.plan.tokens import DataTokens, SourceTokens
 from cptkit.testing.shapes import LLAMA3_8B as LLAMA3_8B_SHAPE
@@ -68,15 +68,14 @@ def test_the_shipped_table_predicts_its_own_measured_row_back():
     train = TrainConfig(mode="lora")
     setup = MemorySetup.from_config(train, RunShape(2048, 8), True, True, True)
     plan = plan_memory(shape, setup, budget_bytes=200 * 2**30, forced=False)
-    flops = flops_per_token_of_shape(shape, 2048, "lora", 16, "all-linear")
-    speed = predict_speed(calibration, CATALOG["h200"], plan, "lora", shape.total_params(), 0.0, flops, 10**9)
+    flops = run_flops_per_token(train, shape, 2048)
+    assert flops == flops_per_token_of_shape(shape, 2048, "lora", 16, "all-linear")
+    speed = predict_speed(calibration, CATALOG["h200"], plan, train, shape, flops, 10**9)
     assert speed.row.variant == "cptkit-lora"
     assert speed.tokens_per_second == pytest.approx(13_062, rel=0.01)
     assert speed.hours == pytest.approx(10**9 / speed.tokens_per_second / 3600)
     assert "another GPU" not in speed.how
-    on_a100 = predict_speed(
-        calibration, CATALOG["a100-80gb"], plan, "lora", shape.total_params(), 0, flops, 1
-    )
+    on_a100 = predict_speed(calibration, CATALOG["a100-80gb"], plan, train, shape, flops, 1)
     assert on_a100.tokens_per_second == pytest.approx(speed.tokens_per_second * 312 / 989)
     assert "a prediction from another GPU" in on_a100.how
 
@@ -89,8 +88,8 @@ def test_a_checkpointing_kind_not_measured_scales_the_unchecked_row_by_the_plans
     budget = (full.estimate.total + plan_memory(shape, setup, 200 * 2**30, forced=True).estimate.total) // 2
     some = plan_memory(shape, setup, budget_bytes=budget)
     assert some.checkpointing == "some"
-    speed = predict_speed(calibration, CATALOG["h200"], some, "lora", shape.total_params(), 0.0, 1e10, 1)
+    speed = predict_speed(calibration, CATALOG["h200"], some, TrainConfig(mode="lora"), shape, 1e10, 1)
     assert speed.row.variant == "cptkit-lora" and speed.mfu == pytest.approx(0.442 / some.relative_time)
     assert "over the plan's step time" in speed.how
-    none = predict_speed(calibration, CATALOG["h200"], some, "full", shape.total_params(), 0.0, 1e10, 1)
+    none = predict_speed(calibration, CATALOG["h200"], some, TrainConfig(mode="full"), shape, 1e10, 1)
     assert none.tokens_per_second is None and "no full row" in none.how

@@ -81,3 +81,15 @@ def present_gpu() -> Gpu | None:
 
     props = torch.cuda.get_device_properties(0)
     return Gpu("present", props.name, int(props.total_memory), peak_tflops(props.name) or 0.0)
+
+
+def gpus_to_plan(name: str | None, default: str = "h200") -> tuple[list[Gpu], list[str]]:
+    """The GPU named and the one present; `default` (and a note saying so) when there is neither."""
+    gpus = [gpu_named(name)] if name else []
+    if (present := present_gpu()) is not None:
+        gpus.append(present)
+    if gpus:
+        return gpus, []
+    return [CATALOG[default]], [
+        f"no --gpu named and no GPU here: planned for {default} (the calibration table's GPU)"
+    ]

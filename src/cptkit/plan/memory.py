@@ -95,8 +95,9 @@ def model_shape(model: ModelConfig, model_config: str | Path | None = None) -> M
     return shape_from_config(config)
 
 
-def setup_for(cfg: Config, seq_length: int, micro_batch: int) -> MemorySetup:
-    """The memory setup of a GPU run of `cfg.train` (kernels as `auto` takes them where liger is there)."""
+def setup_for(cfg: Config, seq_length: int, micro_batch: int, shards: int = 1) -> MemorySetup:
+    """The memory setup of a GPU run of `cfg.train` (kernels as `auto` takes them where liger is there),
+    its weights split over `shards` processes (FSDP, ZeRO-3)."""
     train = cfg.train
     kernels = train.kernels
     lora_fast = train.mode in ("lora", "qlora") and train.lora.dropout == 0 and kernels.fast_lora != "off"
@@ -108,6 +109,7 @@ def setup_for(cfg: Config, seq_length: int, micro_batch: int) -> MemorySetup:
         fused_mlp=kernels.swiglu != "off",
         dtype_bytes=4 if cfg.model.dtype == "float32" else 2,
         fused_norm=kernels.rms_norm != "off",
+        shards=shards,
     )
 
 

@@ -72,7 +72,9 @@ def render(report: PlanReport) -> str:
 def _data_lines(data: DataTokens) -> list[str]:
     lines = [f"Data ({data.origin}):"]
     width = max(len(n) for n in data.sources) if data.sources else 6
-    lines.append(f"  {'source':<{width}}  role     documents        tokens   held out   in the mix  share  factor")
+    lines.append(
+        f"  {'source':<{width}}  role     documents        tokens   held out   in the mix  share  factor"
+    )
     for name, s in data.sources.items():
         lines.append(
             f"  {name:<{width}}  {s.role:<7} {s.documents:>10,} {s.tokens:>13,} {s.heldout_tokens:>10,} "

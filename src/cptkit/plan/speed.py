@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cptkit.config.train import TrainingRun
+from cptkit.model.flops import flops_per_token_of_shape
+from cptkit.model.shape import ModelShape
 from cptkit.plan.calibration import Calibration, CalibrationRow
 from cptkit.plan.gpus import Gpu
 from cptkit.train.memory import MemoryPlan
@@ -31,19 +34,27 @@ class SpeedPrediction:
         }
 
 
+def run_flops_per_token(train: TrainingRun, shape: ModelShape, seq_length: int) -> float:
+    """Training FLOPs per token of `train` on a model of `shape` (`cptkit.model.flops`)."""
+    lora = train.lora
+    return flops_per_token_of_shape(
+        shape, seq_length, train.mode, lora.r, lora.target_modules, lora.train_embeddings
+    )
+
+
 def predict_speed(
     calibration: Calibration,
     gpu: Gpu,
     plan: MemoryPlan,
-    mode: str,
-    params: int,
-    dropout: float,
+    train: TrainingRun,
+    shape: ModelShape,
     flops_per_token: float,
     total_tokens: int,
     world_size: int = 1,
 ) -> SpeedPrediction:
-    """The prediction for a run of `total_tokens` under `plan` on `world_size` of `gpu`. A table without
-    a row of the plan's checkpointing takes its no-checkpointing row over the plan's step time."""
+    """The prediction for a run of `train` (`total_tokens` under `plan`) on `world_size` of `gpu`. A table
+    without a row of the plan's checkpointing takes its no-checkpointing row over the plan's step time."""
+    mode, params, dropout = train.mode, shape.total_params(), train.lora.dropout
     row = calibration.closest(mode, plan.checkpointing, params, dropout)
     mfu, how = (row.mfu, f"MFU of {row.describe()}") if row else (None, "")
     if row is None and (none := calibration.closest(mode, "none", params, dropout)) is not None:
