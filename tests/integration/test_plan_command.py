@@ -108,14 +108,16 @@ def test_a_prepared_dataset_gives_the_manifest_counts(tmp_path, capsys, corpora,
         assert data["sources"][name]["mixed_tokens"] == source["mixed_tokens"]
 
 
+@pytest.mark.parametrize("chunking", ["packing", "chars", "sentences"])
 def test_an_unprepared_corpus_is_estimated_within_a_fifth_of_what_prepare_counts(
-    tmp_path, capsys, corpora, tiny_model_dir
+    chunking, tmp_path, capsys, corpora, tiny_model_dir
 ):
     config = plain_config(tmp_path, corpora, tiny_model_dir)
-    plan = plan_json(tmp_path, capsys, config, "--sample-mb", "0.15")  # about a third of the corpus
+    chunked = f"data.chunking={chunking}"
+    plan = plan_json(tmp_path, capsys, config, chunked, "--sample-mb", "0.15")  # about a third of the corpus
     data = plan["data"]
     assert not data["exact"] and data["origin"].startswith("estimated from 0.")
-    prepared = prepare(load_config(Config, config).data, tmp_path / "run" / "data")
+    prepared = prepare(load_config(Config, config, [chunked]).data, tmp_path / "run" / "data")
     assert data["trained_tokens"] == pytest.approx(prepared.totals["trained_tokens"], rel=0.2)
     assert data["rows"] == pytest.approx(prepared.totals["rows"], rel=0.2)
     for name, source in prepared.sources.items():
