@@ -385,7 +385,8 @@ def plan_memory(shape: Any, setup: MemorySetup, budget_bytes: int, forced: bool 
     for count in range(layers + 1):  # memory falls as count grows: the first that fits is the fastest
         if estimate_memory(shape, setup, count).total <= budget_bytes:
             return make("none" if count == 0 else "some" if count < layers else "all", count)
-    return _over_budget(make("offload", layers))
+    offload = make("offload", layers)
+    return offload if offload.fits else _over_budget(offload)
 
 
 def _over_budget(plan: MemoryPlan) -> MemoryPlan:
