@@ -162,6 +162,9 @@ def checkpoint_blocks(model: Any, layers: Iterable[int], offload: bool = False) 
     their inputs kept in pinned CPU memory when `offload`; every other block keeps its activations."""
     chosen = set(layers)
     if not chosen:
+        for block in decoder_blocks(model):
+            if getattr(block, "gradient_checkpointing", False):
+                block.gradient_checkpointing = False
         return
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
