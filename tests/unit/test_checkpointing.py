@@ -145,3 +145,13 @@ def test_cpu_without_a_budget_plans_nothing_and_true_and_false_still_force(four_
     plan = apply_memory_plan(model, cfg, SHAPE, False)
     assert plan.forced and plan.checkpointing == "none" and not any(flags(model))
     assert plan.warnings  # estimated and over budget all the same
+
+
+def test_a_plan_of_no_blocks_switches_checkpointing_off_again(four_blocks):
+    model = load(four_blocks, "lora")
+    checkpoint_blocks(model, range(LAYERS), offload=True)
+    checkpoint_blocks(model, ())
+    assert not any(flags(model))
+    counts = count_block_forwards(model)
+    loss_and_grads(model)
+    assert counts == [1] * LAYERS

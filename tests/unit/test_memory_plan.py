@@ -23,6 +23,7 @@ from cptkit.train.memory import (
     RunShape,
     block_saved_bytes,
     estimate_memory,
+    expected_setup,
     liger_chunk_tokens,
     parse_budget,
     plan_memory,
@@ -332,3 +333,13 @@ def test_cptkit_train_records_the_plan_in_run_meta(tmp_path, tiny_model_dir, tin
     assert meta["memory_plan"]["checkpointing"] == "none"  # a tiny model fits 1 GiB without recompute
     assert meta["memory_plan"]["budget_bytes"] == GiB and meta["memory_plan"]["predicted_peak_bytes"] > 0
     assert "measured_peak_bytes" not in meta["memory_plan"]  # measured on a GPU only
+
+
+def test_the_setup_expected_before_loading_follows_train_kernels():
+    cfg = TrainConfig(mode="lora")
+    s = expected_setup(cfg, RunShape(2048, 8), fused_cross_entropy=True)
+    assert (s.fast_lora, s.fused_mlp, s.fused_norm) == (True, True, True)
+    cfg.kernels.swiglu, cfg.lora.dropout = "off", 0.05
+    s = expected_setup(cfg, RunShape(2048, 8), fused_cross_entropy=True)
+    assert (s.fast_lora, s.fused_mlp, s.fused_norm, s.lora_dropout) == (False, False, True, 0.05)
+    assert not expected_setup(cfg, RunShape(2048, 8), fused_cross_entropy=False).fused_norm

@@ -120,6 +120,25 @@ class MemorySetup:
         )
 
 
+def expected_setup(
+    train_cfg: Any, run_shape: RunShape, fused_cross_entropy: bool, dtype_bytes: int = 2, shards: int = 1
+) -> MemorySetup:
+    """The setup a run of `train_cfg` will have on a GPU, known before its model loads (for the check
+    before loading and `cptkit plan`): liger's RMSNorm and SwiGLU come with its fused loss unless
+    train.kernels turns them off, cptkit's fused LoRA path with lora.dropout 0."""
+    kernels = train_cfg.kernels
+    return MemorySetup.from_config(
+        train_cfg,
+        run_shape,
+        fused_cross_entropy=fused_cross_entropy,
+        fast_lora=train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
+        fused_mlp=fused_cross_entropy and kernels.swiglu != "off",
+        fused_norm=fused_cross_entropy and kernels.rms_norm != "off",
+        dtype_bytes=dtype_bytes,
+        shards=shards,
+    )
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Predicted peak GPU memory of one training step, in bytes, by part.
