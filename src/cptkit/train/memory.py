@@ -334,19 +334,21 @@ def _optimizer_bytes(setup: MemorySetup, params: int, param_bytes: int) -> tuple
 
 def liger_chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
     """Tokens whose logits liger's fused linear cross-entropy computes at once: it sizes a chunk so its
-    logits hold about as many values as the hidden states (next power of two of tokens / ceil(V / h))."""
+    logits hold about as many values as the hidden states (next power of two of tokens / ceil(V / h),
+    liger 0.8.5 with its default chunk_mem_const of 1)."""
     return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden))))))
 
 
 def _logits_bytes(shape: Any, setup: MemorySetup) -> int:
     """Without the fused loss: bf16 logits, their fp32 upcast's log-softmax kept for the backward and
-    its fp32 gradient (e + 4 + 4 bytes per token and vocabulary entry). With liger's fused loss: one
-    chunk's logits in e and fp32, and the input gradient it computes in the forward (e x h a token)."""
+    its fp32 gradient (e + 4 + 4 bytes per token and vocabulary entry). With liger's fused loss (0.8.5):
+    one chunk's logits in e (its kernel writes their gradient in place), and the input gradient it
+    computes in the forward and keeps for the backward (e x h a token)."""
     tokens, e, vocab = setup.tokens, setup.dtype_bytes, shape.vocab
     if not setup.fused_cross_entropy:
         return tokens * vocab * (e + 4 + 4)
     chunk = liger_chunk_tokens(tokens, shape.hidden, vocab)
-    return chunk * vocab * (e + 4) + tokens * shape.hidden * e
+    return chunk * vocab * e + tokens * shape.hidden * e
 
 
 def _workspace_bytes(shape: Any, setup: MemorySetup) -> int:
