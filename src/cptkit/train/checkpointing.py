@@ -22,6 +22,7 @@ from cptkit.train.memory import (
     MemorySetup,
     RunShape,
     estimate_memory,
+    expected_setup,
     gib,
     parse_budget,
     plan_memory,
@@ -44,7 +45,7 @@ def apply_memory_plan(
     `fast_lora`/`fused_mlp` say which fused paths the model runs (default: read from the model and the
     config, `kernels_in_use`)."""
     forced = None if train_cfg.gradient_checkpointing == "auto" else bool(train_cfg.gradient_checkpointing)
-    budget = budget_bytes(train_cfg.memory_budget, _device_of(model))
+    budget = budget_bytes(train_cfg.memory_budget, training_gpu())
     if budget is None or run_shape is None:
         checkpoint_blocks(model, range(len(decoder_blocks(model))) if forced else ())
         return None
@@ -76,18 +77,8 @@ def check_plan_fits(model_cfg: Any, train_cfg: Any, run_shape: RunShape) -> None
     from cptkit.model.load import load_model_config, use_fused_cross_entropy
     from cptkit.model.shape import shape_from_config
 
-    fused = use_fused_cross_entropy(train_cfg)
-    kernels = train_cfg.kernels
-    setup = MemorySetup.from_config(
-        train_cfg,
-        run_shape,
-        fused_cross_entropy=fused,
-        fast_lora=train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
-        fused_mlp=fused and kernels.swiglu != "off",
-        fused_norm=fused and kernels.rms_norm != "off",
-        shards=weight_shards(),
-    )
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    setup = expected_setup(train_cfg, run_shape, use_fused_cross_entropy(train_cfg), shards=weight_shards())
+    total = torch.cuda.get_device_properties(training_gpu()).total_memory
     problem = unfittable(shape_from_config(load_model_config(model_cfg)), setup, total)
     if problem:
         raise CptkitError(problem)
@@ -162,6 +153,9 @@ def checkpoint_blocks(model: Any, layers: Iterable[int], offload: bool = False) 
     their inputs kept in pinned CPU memory when `offload`; every other block keeps its activations."""
     chosen = set(layers)
     if not chosen:
+        for block in decoder_blocks(model):
+            if getattr(block, "gradient_checkpointing", False):
+                block.gradient_checkpointing = False
         return
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
@@ -217,9 +211,13 @@ def _from_cpu(packed: Any) -> torch.Tensor:
     return cpu.to(device, non_blocking=True)
 
 
-def _device_of(model: Any) -> torch.device | None:
-    param = next(iter(model.parameters()), None)
-    return None if param is None else param.device
+def training_gpu() -> torch.device | None:
+    """The GPU this process trains on (the local rank's), or None on CPU. The model may still be in CPU
+    memory here (FSDP and DeepSpeed place it themselves), so it is not read from the weights."""
+    from cptkit.model.load import local_device
+
+    index = local_device()
+    return None if index is None else torch.device("cuda", index)
 
 
 def _compute_bytes(model: Any) -> int:

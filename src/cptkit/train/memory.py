@@ -120,6 +120,25 @@ class MemorySetup:
         )
 
 
+def expected_setup(
+    train_cfg: Any, run_shape: RunShape, fused_cross_entropy: bool, dtype_bytes: int = 2, shards: int = 1
+) -> MemorySetup:
+    """The setup a run of `train_cfg` will have on a GPU, known before its model loads (for the check
+    before loading and `cptkit plan`): liger's RMSNorm and SwiGLU come with its fused loss unless
+    train.kernels turns them off, cptkit's fused LoRA path with lora.dropout 0."""
+    kernels = train_cfg.kernels
+    return MemorySetup.from_config(
+        train_cfg,
+        run_shape,
+        fused_cross_entropy=fused_cross_entropy,
+        fast_lora=train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
+        fused_mlp=fused_cross_entropy and kernels.swiglu != "off",
+        fused_norm=fused_cross_entropy and kernels.rms_norm != "off",
+        dtype_bytes=dtype_bytes,
+        shards=shards,
+    )
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Predicted peak GPU memory of one training step, in bytes, by part.
@@ -315,19 +334,21 @@ def _optimizer_bytes(setup: MemorySetup, params: int, param_bytes: int) -> tuple
 
 def liger_chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
     """Tokens whose logits liger's fused linear cross-entropy computes at once: it sizes a chunk so its
-    logits hold about as many values as the hidden states (next power of two of tokens / ceil(V / h))."""
+    logits hold about as many values as the hidden states (next power of two of tokens / ceil(V / h),
+    liger 0.8.5 with its default chunk_mem_const of 1)."""
     return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden))))))
 
 
 def _logits_bytes(shape: Any, setup: MemorySetup) -> int:
     """Without the fused loss: bf16 logits, their fp32 upcast's log-softmax kept for the backward and
-    its fp32 gradient (e + 4 + 4 bytes per token and vocabulary entry). With liger's fused loss: one
-    chunk's logits in e and fp32, and the input gradient it computes in the forward (e x h a token)."""
+    its fp32 gradient (e + 4 + 4 bytes per token and vocabulary entry). With liger's fused loss (0.8.5):
+    one chunk's logits in e (its kernel writes their gradient in place), and the input gradient it
+    computes in the forward and keeps for the backward (e x h a token)."""
     tokens, e, vocab = setup.tokens, setup.dtype_bytes, shape.vocab
     if not setup.fused_cross_entropy:
         return tokens * vocab * (e + 4 + 4)
     chunk = liger_chunk_tokens(tokens, shape.hidden, vocab)
-    return chunk * vocab * (e + 4) + tokens * shape.hidden * e
+    return chunk * vocab * e + tokens * shape.hidden * e
 
 
 def _workspace_bytes(shape: Any, setup: MemorySetup) -> int:
@@ -385,7 +406,8 @@ def plan_memory(shape: Any, setup: MemorySetup, budget_bytes: int, forced: bool 
     for count in range(layers + 1):  # memory falls as count grows: the first that fits is the fastest
         if estimate_memory(shape, setup, count).total <= budget_bytes:
             return make("none" if count == 0 else "some" if count < layers else "all", count)
-    return _over_budget(make("offload", layers))
+    offload = make("offload", layers)
+    return offload if offload.fits else _over_budget(offload)
 
 
 def _over_budget(plan: MemoryPlan) -> MemoryPlan:
