@@ -1,7 +1,7 @@
 """The memory plan of a config on one GPU, without the model: its shape read on the meta device (from
 the model's config.json only) and the memory part's planner (`cptkit.train.memory`), with the kernels a
-GPU run would use: liger's fused loss, RMSNorm and SwiGLU unless turned off, the fused LoRA path when
-lora.dropout is 0."""
+GPU run would use (`expected_setup`): liger's fused loss, RMSNorm and SwiGLU unless turned off, the
+fused LoRA path when lora.dropout is 0."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ from cptkit.errors import CptkitError
 from cptkit.model.shape import ModelShape, shape_from_config
 from cptkit.plan.gpus import Gpu
 from cptkit.plan.warnings import PlanWarning
-from cptkit.train.memory import MemoryPlan, MemorySetup, RunShape, parse_budget, plan_memory
+from cptkit.train.memory import (
+    MemoryPlan,
+    MemorySetup,
+    RunShape,
+    expected_setup,
+    parse_budget,
+    plan_memory,
+)
 
 
 @dataclass(frozen=True)
@@ -96,19 +103,14 @@ def model_shape(model: ModelConfig, model_config: str | Path | None = None) -> M
 
 
 def setup_for(cfg: Config, seq_length: int, micro_batch: int, shards: int = 1) -> MemorySetup:
-    """The memory setup of a GPU run of `cfg.train` (kernels as `auto` takes them where liger is there),
-    its weights split over `shards` processes (FSDP, ZeRO-3)."""
-    train = cfg.train
-    kernels = train.kernels
-    lora_fast = train.mode in ("lora", "qlora") and train.lora.dropout == 0 and kernels.fast_lora != "off"
-    return MemorySetup.from_config(
-        train,
+    """The memory setup of a GPU run of `cfg.train` (`expected_setup`: the kernels it will run where
+    liger-kernel is installed, unless the config turns them off), its weights split over `shards`
+    processes (FSDP, ZeRO-3)."""
+    return expected_setup(
+        cfg.train,
         RunShape(seq_length, micro_batch),
-        fused_cross_entropy=train.fused_cross_entropy != "off",
-        fast_lora=lora_fast,
-        fused_mlp=kernels.swiglu != "off",
+        fused_cross_entropy=cfg.train.fused_cross_entropy != "off",
         dtype_bytes=4 if cfg.model.dtype == "float32" else 2,
-        fused_norm=kernels.rms_norm != "off",
         shards=shards,
     )
 
