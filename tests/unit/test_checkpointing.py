@@ -25,11 +25,19 @@ PLANS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _global_rng_as_it_was():
+    """These tests seed torch's global generator; the tests after them find it as they left it."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 @pytest.fixture(scope="module")
 def four_blocks(tmp_path_factory, tiny_tokenizer):
     # hidden 64: bitsandbytes' CPU 4-bit kernels need input features of at least one block (64)
     folder = tmp_path_factory.mktemp("four-blocks")
-    return make_tiny_llama(folder, tokenizer=tiny_tokenizer, hidden_size=64, num_layers=LAYERS)
+    with torch.random.fork_rng(devices=[]):
+        return make_tiny_llama(folder, tokenizer=tiny_tokenizer, hidden_size=64, num_layers=LAYERS)
 
 
 def load(folder, mode: str, **train):

@@ -21,16 +21,15 @@ from cptkit.train.memory import (
     NF4_BYTES_PER_PARAM,
     MemorySetup,
     RunShape,
-    block_saved_bytes,
     estimate_memory,
     expected_setup,
-    liger_chunk_tokens,
     parse_budget,
     plan_memory,
     relative_step_time,
     spread_layers,
 )
 from cptkit.train.memory_report import peak_record
+from cptkit.train.saved_tensors import block_saved_bytes, liger_chunk_tokens
 
 GiB = 2**30
 H, KV, F, V = 4096, 1024, 14336, 128256
@@ -60,7 +59,17 @@ LLAMA3_8B = ModelShape(
 )
 
 
-def setup(mode="lora", fast=False, fused=False, **kw) -> MemorySetup:
+@pytest.fixture(autouse=True)
+def _global_rng_as_it_was():
+    """Loading LoRA models and training draw from torch's global generator (cptkit train seeds it):
+    the tests after these find it as they left it."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+def run_setup(mode="lora", fast=False, fused=False, **kw) -> MemorySetup:
     values = dict(
         mode=mode,
         seq_length=2048,
@@ -118,31 +127,32 @@ def test_the_stock_lora_block_keeps_what_was_counted_by_hand():
     adapters = e * 16 * 7  # x A^T in each of the seven adapted linears
     copies = e * (3 * H + H + 2 * H + F)  # peft's cast: one copy of each adapted input
     assert (
-        sum(block_saved_bytes(LLAMA3_8B, setup()).values()) == 2 * norm + attention + mlp + adapters + copies
+        sum(block_saved_bytes(LLAMA3_8B, run_setup()).values())
+        == 2 * norm + attention + mlp + adapters + copies
     )
     assert 2 * norm + attention + mlp + adapters + copies == 270_696
 
 
 def test_the_fused_paths_keep_no_input_copies_and_no_activation():
-    stock = block_saved_bytes(LLAMA3_8B, setup())
-    fast = block_saved_bytes(LLAMA3_8B, setup(fast=True, fused=True))
+    stock = block_saved_bytes(LLAMA3_8B, run_setup())
+    fast = block_saved_bytes(LLAMA3_8B, run_setup(fast=True, fused=True))
     assert "lora_input_copies" not in fast and "act_gate" not in fast
     assert sum(stock.values()) - sum(fast.values()) == 2 * (6 * H + F) + 2 * F + 2 * (2 * H)
     # a 4-bit base skips peft's cast on its own: QLoRA keeps no copies even on peft's path
-    assert "lora_input_copies" not in block_saved_bytes(LLAMA3_8B, setup("qlora"))
-    dropout = block_saved_bytes(LLAMA3_8B, setup("qlora", lora_dropout=0.05))
+    assert "lora_input_copies" not in block_saved_bytes(LLAMA3_8B, run_setup("qlora"))
+    dropout = block_saved_bytes(LLAMA3_8B, run_setup("qlora", lora_dropout=0.05))
     assert dropout["lora_dropout_masks"] == 6 * H + F and dropout["lora_dropped_inputs"] == 2 * (6 * H + F)
 
 
 def test_weights_optimizer_and_logits_by_hand():
     tokens = 2048 * 8
     linears = 32 * (2 * H * H + 2 * H * KV + 3 * H * F)
-    qlora = estimate_memory(LLAMA3_8B, setup("qlora"), 0)
+    qlora = estimate_memory(LLAMA3_8B, run_setup("qlora"), 0)
     assert qlora.weights == round(linears * NF4_BYTES_PER_PARAM) + (LLAMA3_8B.total_params() - linears) * 2
-    lora = estimate_memory(LLAMA3_8B, setup(), 0)
+    lora = estimate_memory(LLAMA3_8B, run_setup(), 0)
     adapters = 41_943_040
     assert (lora.trainable, lora.gradients, lora.optimizer) == (4 * adapters, 4 * adapters, 8 * adapters)
-    full = estimate_memory(LLAMA3_8B, setup("full", optimizer="adamw_torch_fused"), 0)
+    full = estimate_memory(LLAMA3_8B, run_setup("full", optimizer="adamw_torch_fused"), 0)
     params = LLAMA3_8B.total_params()  # bf16 parameters: bf16 gradients and AdamW states
     assert (full.weights, full.gradients, full.optimizer, full.optimizer_step) == (
         2 * params,
@@ -150,17 +160,21 @@ def test_weights_optimizer_and_logits_by_hand():
         4 * params,
         0,
     )
-    assert estimate_memory(LLAMA3_8B, setup("full", optimizer="adamw_torch"), 0).optimizer_step == 2 * params
-    assert estimate_memory(LLAMA3_8B, setup("full", optimizer="paged_adamw_8bit"), 0).optimizer == 2 * params
+    assert (
+        estimate_memory(LLAMA3_8B, run_setup("full", optimizer="adamw_torch"), 0).optimizer_step == 2 * params
+    )
+    assert (
+        estimate_memory(LLAMA3_8B, run_setup("full", optimizer="paged_adamw_8bit"), 0).optimizer == 2 * params
+    )
     # liger sizes a chunk so its logits hold about as many values as the hidden states
     assert liger_chunk_tokens(tokens, H, V) == 512
     assert lora.logits == 512 * V * 2 + tokens * H * 2  # a bf16 chunk, its gradient in place
-    unfused = estimate_memory(LLAMA3_8B, setup(fused_cross_entropy=False), 0)
+    unfused = estimate_memory(LLAMA3_8B, run_setup(fused_cross_entropy=False), 0)
     assert unfused.logits == tokens * V * (2 + 4 + 4)
 
 
 def test_a_checkpointed_block_keeps_its_input_and_one_block_is_recomputed_at_a_time():
-    s = setup()
+    s = run_setup()
     per_block = sum(block_saved_bytes(LLAMA3_8B, s).values()) * s.tokens
     none, one, every = (estimate_memory(LLAMA3_8B, s, k) for k in (0, 1, 32))
     assert none.checkpoints == 0 and one.checkpoints == s.tokens * H * 2 == every.checkpoints / 32
@@ -172,25 +186,28 @@ def test_a_checkpointed_block_keeps_its_input_and_one_block_is_recomputed_at_a_t
 
 def test_estimates_fall_as_blocks_recompute_and_grow_with_tokens():
     for mode in ("lora", "qlora", "full"):
-        totals = [estimate_memory(LLAMA3_8B, setup(mode), k).total for k in range(33)]
+        totals = [estimate_memory(LLAMA3_8B, run_setup(mode), k).total for k in range(33)]
         # one block recomputing frees nothing (its saved set comes back in the backward) and costs its
         # input; from there on each block more frees one block's worth
         assert totals[0] < totals[1] and totals[1:] == sorted(totals[1:], reverse=True), mode
         assert totals[0] > totals[-1]
-        longer = estimate_memory(LLAMA3_8B, setup(mode, seq_length=4096), 0).total
+        longer = estimate_memory(LLAMA3_8B, run_setup(mode, seq_length=4096), 0).total
         assert longer > totals[0]
-        offload = estimate_memory(LLAMA3_8B, setup(mode), 32, offload=True)
+        offload = estimate_memory(LLAMA3_8B, run_setup(mode), 32, offload=True)
         assert offload.checkpoints == 0
         # in full mode the gradients and AdamW's states, not the activations, set the peak
         assert offload.total < totals[-1] if mode != "full" else offload.total == totals[-1]
-    assert estimate_memory(LLAMA3_8B, setup("qlora"), 0).total < estimate_memory(LLAMA3_8B, setup(), 0).total
+    assert (
+        estimate_memory(LLAMA3_8B, run_setup("qlora"), 0).total
+        < estimate_memory(LLAMA3_8B, run_setup(), 0).total
+    )
     with pytest.raises(ValueError):
-        estimate_memory(LLAMA3_8B, setup(), 33)
+        estimate_memory(LLAMA3_8B, run_setup(), 33)
 
 
 def test_sharded_weights_are_planned_per_process():
-    one = estimate_memory(LLAMA3_8B, setup("full"), 32)
-    eight = estimate_memory(LLAMA3_8B, setup("full", shards=8), 32)
+    one = estimate_memory(LLAMA3_8B, run_setup("full"), 32)
+    eight = estimate_memory(LLAMA3_8B, run_setup("full", shards=8), 32)
     assert eight.weights == one.weights // 8 and eight.optimizer == one.optimizer // 8
     assert eight.activations == one.activations and eight.workspace > one.workspace
 
@@ -199,7 +216,7 @@ def test_sharded_weights_are_planned_per_process():
 
 
 def test_the_fastest_plan_that_fits():
-    s = setup()
+    s = run_setup()
     totals = [estimate_memory(LLAMA3_8B, s, k).total for k in range(33)]
     assert plan_memory(LLAMA3_8B, s, totals[0]).checkpointing == "none"
     some = plan_memory(LLAMA3_8B, s, totals[8])
@@ -214,7 +231,7 @@ def test_the_fastest_plan_that_fits():
 
 
 def test_a_budget_nothing_fits_plans_offload_and_says_by_how_much():
-    plan = plan_memory(LLAMA3_8B, setup("full"), 24 * GiB)
+    plan = plan_memory(LLAMA3_8B, run_setup("full"), 24 * GiB)
     assert plan.checkpointing == "offload" and not plan.fits
     (warning,) = plan.warnings
     over = (plan.estimate.total - 24 * GiB) / GiB
@@ -223,7 +240,7 @@ def test_a_budget_nothing_fits_plans_offload_and_says_by_how_much():
 
 
 def test_true_and_false_force_the_plan_and_are_estimated_all_the_same():
-    s = setup()
+    s = run_setup()
     forced_on = plan_memory(LLAMA3_8B, s, 1000 * GiB, forced=True)
     assert (forced_on.checkpointing, forced_on.forced, len(forced_on.checkpointed_layers)) == (
         "all",
@@ -238,7 +255,7 @@ def test_true_and_false_force_the_plan_and_are_estimated_all_the_same():
 
 def test_the_24gib_budget_plans_the_8b_qlora_run_at_8192_tokens():
     plan = plan_memory(
-        LLAMA3_8B, setup("qlora", fast=True, fused=True, seq_length=8192, micro_batch=1), 24 * GiB
+        LLAMA3_8B, run_setup("qlora", fast=True, fused=True, seq_length=8192, micro_batch=1), 24 * GiB
     )
     assert plan.fits and plan.checkpointing in ("none", "some", "all")
 
@@ -275,10 +292,10 @@ def test_a_budget_the_config_cannot_read_is_a_config_error():
 
 
 def test_a_run_no_plan_fits_on_the_gpu_is_refused_and_one_that_fits_is_not():
-    s = setup("full")
+    s = run_setup("full")
     message = unfittable(LLAMA3_8B, s, 24 * GiB)
     assert "per_device_train_batch_size" in message and "24.0 GiB" in message and "qlora" in message
-    assert unfittable(LLAMA3_8B, setup("qlora"), 24 * GiB) is None
+    assert unfittable(LLAMA3_8B, run_setup("qlora"), 24 * GiB) is None
 
 
 def test_the_setup_of_a_config():
@@ -309,7 +326,7 @@ def test_the_setup_of_a_config():
 
 
 def test_the_measured_peak_is_recorded_and_a_wrong_prediction_says_so():
-    plan = plan_memory(LLAMA3_8B, setup(), 140 * GiB)
+    plan = plan_memory(LLAMA3_8B, run_setup(), 140 * GiB)
     predicted = plan.estimate.total
     record, warning = peak_record(plan, int(predicted * 1.05))
     assert warning is None and record["measured_peak_bytes"] == int(predicted * 1.05)
