@@ -18,6 +18,7 @@ CONFIG_COMMANDS = {
     "sft": "supervised fine-tuning on instruction data (loss on responses only)",
     "run": "every configured stage in order: prepare -> train -> merge -> eval -> sft -> report",
     "config": "validate a config and print it as cptkit resolves it (defaults, presets, overrides, folders)",
+    "plan": "before a run: tokens, steps, the memory plan on a GPU, predicted speed and time, warnings",
 }
 
 
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--force", action="store_true", help="redo every step even if its outputs are current"
             )
+        if name == "plan":
+            add_plan_arguments(p)
     p = sub.add_parser("inspect", help="show a prepared dataset's manifest")
     p.add_argument("prepared_dir", help="folder written by cptkit prepare")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -56,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="a larger run for a GPU")
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes (default runs/demo)")
     return parser
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu", help="plan for this GPU too, e.g. h100-80gb, a100-40gb, rtx4090 (a wrong name lists them)"
+    )
+    p.add_argument(
+        "--model-config", help="the model's config.json (or its folder) when the model is not on disk"
+    )
+    p.add_argument("--num-gpus", type=int, default=1, help="processes the run trains on (default 1)")
+    p.add_argument(
+        "--sharded", action="store_true", help="weights split over the GPUs (FSDP, DeepSpeed ZeRO-3)"
+    )
+    p.add_argument(
+        "--sample-mb", type=float, default=4.0, help="MB read per source to estimate unprepared data"
+    )
+    p.add_argument("--json", help="also write the plan as JSON to this file")
 
 
 def main(argv: list[str] | None = None) -> int:

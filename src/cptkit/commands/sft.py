@@ -42,9 +42,11 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.sft.data import build_sft_data
     from cptkit.sft.formats import read_conversations
     from cptkit.train.build import build_trainer
+    from cptkit.train.checkpointing import check_plan_fits
     from cptkit.train.checks import check_mode, check_output_dir, resume_checkpoint, run_identity
     from cptkit.train.fit import fit
     from cptkit.train.heldout import HeldoutSet
+    from cptkit.train.memory import RunShape
     from cptkit.train.optional import check_optional_dependencies
 
     sft_cfg, output_dir = cfg.sft, resolve(cfg).folder("sft")
@@ -56,13 +58,16 @@ def run(cfg: Config) -> dict[str, Any]:
     identity = run_identity(sft_cfg, model_cfg, _data_hash(sft_cfg))
     fresh = check_output_dir(output_dir, identity, sft_cfg, section="sft")
     resume_from = None if fresh else resume_checkpoint(sft_cfg, output_dir)
+    shape = RunShape.of(sft_cfg, sft_cfg.seq_length)
+    check_plan_fits(model_cfg, sft_cfg, shape)
     set_seed(cfg.seed)
-    loaded = load_model_and_tokenizer(model_cfg, sft_cfg)
+    loaded = load_model_and_tokenizer(model_cfg, sft_cfg, run_shape=shape)
     data = build_sft_data(sft_cfg, loaded.tokenizer, cfg.seed, read=records)
     heldout = [HeldoutSet.from_rows("sft_heldout", "sft", data.heldout_rows)] if data.heldout_rows else []
     rows = Dataset.from_list(data.train_rows)
     trainer, callbacks = build_trainer(sft_cfg, loaded, rows, heldout, output_dir, seed=cfg.seed)
     meta = {"identity": identity, "mode": sft_cfg.mode, "base_model": model_cfg.name_or_path, "stage": "sft"}
+    meta["memory_plan"] = loaded.memory_plan.to_json() if loaded.memory_plan else None
     if trainer.args.process_index == 0:
         write_config(output_dir, cfg)
         write_json(output_dir / SFT_DATA, data.stats)

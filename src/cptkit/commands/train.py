@@ -37,17 +37,21 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.model.load import load_model_and_tokenizer
     from cptkit.outputs import write_config
     from cptkit.train.build import build_trainer
+    from cptkit.train.checkpointing import check_plan_fits
     from cptkit.train.checks import preflight
     from cptkit.train.fit import fit
     from cptkit.train.heldout import load_heldout_sets
+    from cptkit.train.memory import RunShape
 
     train_cfg, model_cfg, paths = cfg.train, cfg.model, resolve(cfg)
     dataset_dir, output_dir = paths.prepared or paths.folder("prepare"), paths.folder("train")
     checked = preflight(train_cfg, model_cfg, dataset_dir, output_dir)
     tasks = check_tasks(cfg.eval.tasks if cfg.eval else [], during_training=True)
     prepared, resume_from = checked["prepared"], checked["resume_from"]
+    shape = RunShape.of(train_cfg, prepared.seq_length)
+    check_plan_fits(model_cfg, train_cfg, shape)
     set_seed(cfg.seed)
-    loaded = load_model_and_tokenizer(model_cfg, train_cfg, tokenizer=checked["tokenizer"])
+    loaded = load_model_and_tokenizer(model_cfg, train_cfg, tokenizer=checked["tokenizer"], run_shape=shape)
     rows = prepared.train_rows()
     eval_sets = load_heldout_sets(prepared, prepared.seq_length, train_cfg.eval_max_tokens)
     flops = flops_per_token(loaded.model, prepared.seq_length)
@@ -76,6 +80,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "flops_per_token": flops,
         "causal_halving": False,
         "world_size": trainer.args.world_size,
+        "memory_plan": loaded.memory_plan.to_json() if loaded.memory_plan else None,
     }
     if trainer.args.process_index == 0:
         write_config(output_dir, cfg)

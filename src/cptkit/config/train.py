@@ -191,6 +191,12 @@ class TrainingRun:
                 )
         if self.embedding_lr is not None and self.embedding_lr <= 0:
             problems.append((f"{path}.embedding_lr", f"{self.embedding_lr} must be a positive learning rate"))
+        if self.memory_budget is not None:
+            from cptkit.train.memory import budget_problem
+
+            problem = budget_problem(self.memory_budget)
+            if problem:
+                problems.append((f"{path}.memory_budget", problem))
         if self.eval_steps is not None and self.eval_steps < 1:
             problems.append(
                 (f"{path}.eval_steps", f"{self.eval_steps} must be at least 1 (none: 10 times a run)")

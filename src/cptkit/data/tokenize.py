@@ -23,12 +23,15 @@ log = logging.getLogger(__name__)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n\s*\n")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """AutoTokenizer from a folder or hub name, with a message that says what to do when it fails."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, local_files_only: bool = False) -> Any:
+    """AutoTokenizer from a folder or hub name (`local_files_only`: the folder or the HF cache, never the
+    network), with a message that says what to do when it fails."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
     except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
         hint = (
             " (set data.trust_remote_code: true if you trust its code)"

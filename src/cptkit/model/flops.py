@@ -11,7 +11,12 @@ halves it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from cptkit.model.shape import ModelShape
 
 # Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), by a substring of the device name.
 PEAK_BF16_TFLOPS = {
@@ -77,7 +82,35 @@ def flops_per_token(model: torch.nn.Module, seq_length: int, causal: bool = Fals
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     frozen, trainable = count_matmul_params(model)
-    attention = 12 * layers * heads * head_dim * seq_length * (0.5 if causal else 1.0)
+    return _training_flops(frozen, trainable, layers * heads * head_dim, seq_length, causal)
+
+
+def flops_per_token_of_shape(
+    shape: ModelShape,
+    seq_length: int,
+    mode: str,
+    lora_r: int = 0,
+    lora_targets: list[str] | str = (),
+    train_embeddings: bool = False,
+    causal: bool = False,
+) -> float:
+    """`flops_per_token` of the model `shape` describes (no model needed), trained in `mode` (full, lora,
+    qlora) with LoRA of rank `lora_r` on `lora_targets`: the same count of the same matmuls."""
+    blocks = shape.layers * shape.block_linear_params
+    head = shape.vocab * shape.hidden  # lm_head is a matmul even when its weight is the embeddings'
+    if mode == "full":
+        frozen, trainable = 0, blocks + head
+    else:
+        lora = shape.lora_params(lora_r, lora_targets)
+        frozen, trainable = blocks + head * (not train_embeddings), lora + head * train_embeddings
+    return _training_flops(frozen, trainable, shape.layers * shape.heads * shape.head_dim, seq_length, causal)
+
+
+def _training_flops(
+    frozen: int, trainable: int, attention_width: int, seq_length: int, causal: bool
+) -> float:
+    """4 per frozen and 6 per trained matmul parameter, 12 L H Q T for attention (module docstring)."""
+    attention = 12 * attention_width * seq_length * (0.5 if causal else 1.0)
     return 4 * frozen + 6 * trainable + attention
 
 

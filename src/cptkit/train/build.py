@@ -26,6 +26,7 @@ from cptkit.train.collator import PackedCollator
 from cptkit.train.guard import DivergenceGuard
 from cptkit.train.heldout import HeldoutSet
 from cptkit.train.losses import LossContext, LossTerm, LossTerms, build_loss_terms
+from cptkit.train.memory_report import MemoryReportCallback
 from cptkit.train.schedules import make_scheduler
 from cptkit.train.task_callback import ReadyTask, add_task_callback
 
@@ -240,7 +241,7 @@ def build_trainer(
     `tasks` (checked downstream tasks) run at each held-out evaluation.
 
     Returns the trainer and its cptkit callbacks by name ("throughput", "guard", "heldout",
-    "checkpoints", and "tasks" with tasks) so the command can read what they measured.
+    "checkpoints", "memory" (the plan's predicted against the measured peak), and "tasks" with tasks) so the command can read what they measured.
     """
     args = training_arguments(train_cfg, output_dir, loaded.dtype, seed)
     settings = optimization_settings(args, train_cfg)
@@ -274,6 +275,7 @@ def build_trainer(
         "checkpoints": CheckpointCallback(
             settings, save_total_limit, keep=[guard.keep, *([budget.keep] if budget else [])]
         ),
+        "memory": MemoryReportCallback(loaded.memory_plan),
     }
     trainer = CptTrainer(
         model=loaded.model,
