@@ -3,6 +3,7 @@
     python bench/train.py data --out .bench             # here, on CPU: tokenizer, documents, prepared rows
     python bench/train.py list                          # the variants and groups (bench/variants.py)
     python bench/train.py all --group issue --out OUT   # on the GPU: checks, the variants, the table
+    python bench/train.py table OUT/train.json         # the table again, from a results JSON
     python bench/train.py calibration OUT/train.json --out src/cptkit/presets/calibration.json
 
 `all` runs, in order:
@@ -656,6 +657,8 @@ def main() -> None:
     d.add_argument("--vocab", type=int, default=32000)
     d.add_argument("--max-tokens", type=int, default=800_000)
     sub.add_parser("list", help="the variants and the groups")
+    t = sub.add_parser("table", help="print the table of a results JSON again")
+    t.add_argument("results")
     c = sub.add_parser("calibration", help="the calibration table `cptkit plan` ships, from a results JSON")
     c.add_argument("results")
     c.add_argument("--out", default="src/cptkit/presets/calibration.json")
@@ -701,6 +704,8 @@ def main() -> None:
         make_data(Path(args.out), Path(args.corpora), args.vocab, args.max_tokens)
     elif args.what == "list":
         sys.stdout.write(listing() + "\n")
+    elif args.what == "table":
+        print_table(json.loads(Path(args.results).read_text()))
     elif args.what == "calibration":
         write_calibration(Path(args.results), Path(args.out))
     elif args.what == "all":

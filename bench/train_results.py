@@ -82,9 +82,9 @@ def table(report: dict) -> str:
         predicted = predicted_peak_gib(r)
         lines.append(
             f"{r['variant']:30} {_num(r.get('tokens_per_second'), '9.0f')} "
-            f"{_num(100 * r['mfu'] if r.get('mfu') else None, '5.1f')}% "
+            f"{_num(100 * r['mfu'] if r.get('mfu') else None, '5.1f', '%')} "
             f"{_num(r.get('peak_memory_gib'), '8.1f')} {_num(predicted, '8.1f')} {checkpointing_kind(r):>7} "
-            f"{_num(vs_unsloth, '8.2f')}x {_num(vs_seed, '6.2f')}x  "
+            f"{_num(vs_unsloth, '8.2f', 'x')} {_num(vs_seed, '6.2f', 'x')}  "
             + (f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-")
         )
     lines += [f"{f['variant']:30} failed: {f['rc']}" for f in report.get("failures", [])]
@@ -92,9 +92,10 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _num(value: float | None, spec: str) -> str:
-    width = int(spec.split(".")[0])
-    return f"{value:{spec}}" if value is not None else f"{'-':>{width}}"
+def _num(value: float | None, spec: str, unit: str = "") -> str:
+    """`value` formatted by `spec` and followed by `unit`, or a dash as wide where there is none."""
+    width = int(spec.split(".")[0]) + len(unit)
+    return f"{value:{spec}}{unit}" if value is not None else f"{'-':>{width}}"
 
 
 def print_table(report: dict) -> None:

@@ -1,0 +1,260 @@
+"""bench/train.py on a CPU: the data it prepares, the variant matrix, a tiny `all` (a failure recorded and
+the next variant run, unsloth skipped where it cannot run, the JSON written), the table's ratios and the
+calibration table `cptkit plan` reads."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "train.py"
+WORDS = "the of and to in data model train token query table index select where join value row page".split()
+
+
+def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    (root / "corpora").mkdir()
+    rng = random.Random(0)
+    with gzip.open(root / "corpora" / "a.jsonl.gz", "wt") as f:
+        for _ in range(60):
+            f.write(
+                json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(50, 400)))}) + "\n"
+            )
+    done = bench("data", f"--out={root / 'data'}", f"--corpora={root / 'corpora'}", "--vocab=400")
+    assert done.returncode == 0, done.stderr
+    return root / "data"
+
+
+def test_data_prepares_rows_that_restart_positions_at_each_document(data):
+    import datasets
+
+    manifest = json.loads((data / "prepared" / "manifest.json").read_text())
+    rows = datasets.load_from_disk(str(data / "prepared" / "train"))
+    docs = datasets.load_from_disk(str(data / "docs"))
+    assert manifest["seq_length"] == 2048 and manifest["totals"]["rows"] == len(rows)
+    assert sum(len(r) for r in rows["input_ids"]) == sum(len(d) for d in docs["input_ids"])
+    starts = sum(p.count(0) for p in rows["position_ids"])
+    assert starts == len(docs)  # no document is longer than a row here: one start each
+
+
+def test_list_names_every_variant_and_group():
+    done = bench("list")
+    assert done.returncode == 0, done.stderr
+    for name in ("cptkit-lora-d05-ckpt", "unsloth-qlora-offload", "seed-lora", "cptkit-seed-preset"):
+        assert name in done.stdout
+    for group in ("issue", "default", "budget24", "long", "full1b", "seed-preset", "kernels"):
+        assert f"  {group} " in done.stdout
+    assert "512x4 r32/a8" in done.stdout  # the seed preset's settings, read from the shipped file
+
+
+def test_unknown_variant_is_refused_with_where_to_look(data, tmp_path):
+    done = bench("all", "--tiny", "--variants=cptkit-lora-fast", f"--data={data}", f"--out={tmp_path}")
+    assert done.returncode != 0 and "bench/train.py list" in done.stderr
+
+
+def test_all_tiny_trains_cptkit_and_skips_unsloth_where_it_cannot_run(data, tmp_path):
+    out = tmp_path / "out"
+    done = bench(
+        "all",
+        "--tiny",
+        "--no-checks",
+        "--variants=cptkit-lora-default,unsloth-lora-nockpt",
+        f"--data={data}",
+        f"--models={tmp_path / 'models'}",
+        f"--out={out}",
+        "--steps=3",
+        "--skip=1",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "train.json").read_text())
+    (run,) = report["runs"]
+    assert run["variant"] == "cptkit-lora-default" and run["runner"] == "cptkit"
+    assert run["tokens_per_second"] > 0 and run["timed_steps"] == 2 and len(run["losses"]) == 3
+    assert (run["seq_length"], run["micro_batch"], run["lora"]["dropout"]) == (256, 2, 0.0)
+    assert run["params"] > 0 and run["checkpointing"] == "auto"
+    assert {"memory_plan", "kernels", "attention", "overrides"} <= set(run)
+    assert "train.gradient_checkpointing=auto" in run["overrides"]
+    assert [s["variant"] for s in report["skipped"]] == ["unsloth-lora-nockpt"]
+    assert "unsloth" in report["skipped"][0]["reason"]
+    assert "cptkit-lora-default" in done.stdout and "skipped" in done.stdout  # the table
+
+
+def test_a_failed_variant_is_recorded_and_the_next_one_runs(data, tmp_path):
+    out = tmp_path / "out"
+    done = bench(
+        "all",
+        "--tiny",
+        "--no-checks",
+        "--variants=cptkit-lora-default,seed-lora",
+        "--set=train.lora.r=0",  # breaks every cptkit run, not the seed's recipe
+        f"--data={data}",
+        f"--models={tmp_path / 'models'}",
+        f"--out={out}",
+        "--steps=2",
+        "--skip=1",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "train.json").read_text())
+    (failure,) = report["failures"]
+    assert failure["variant"] == "cptkit-lora-default" and failure["rc"] != 0
+    assert any("lora.r" in line for line in failure["log_tail"])
+    assert [r["variant"] for r in report["runs"]] == ["seed-lora"]
+
+
+def test_a_variant_past_its_time_limit_is_stopped_and_recorded(data, tmp_path):
+    out = tmp_path / "out"
+    done = bench(
+        "all",
+        "--tiny",
+        "--no-checks",
+        "--variants=cptkit-lora-default",
+        "--variant-timeout=1",
+        f"--data={data}",
+        f"--models={tmp_path / 'models'}",
+        f"--out={out}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (failure,) = json.loads((out / "train.json").read_text())["failures"]
+    assert str(failure["rc"]).startswith("stopped after 1 s")
+
+
+@pytest.mark.slow
+def test_all_tiny_with_the_checks_qlora_and_the_seed_preset_pair(data, tmp_path):
+    out = tmp_path / "out"
+    done = bench(
+        "all",
+        "--tiny",
+        "--variants=cptkit-qlora-d0-nockpt",
+        "--group=seed-preset",
+        f"--data={data}",
+        f"--models={tmp_path / 'models'}",
+        f"--out={out}",
+        "--steps=3",
+        "--skip=1",
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "train.json").read_text())
+    assert {i["attention"] for i in report["isolation"]} >= {"sdpa", "eager"}
+    assert all(
+        i["max_abs_diff_packed_vs_alone"] < 1e-4 for i in report["isolation"] if i["dtype"] == "float32"
+    )
+    names = [r["variant"] for r in report["runs"]]
+    assert names == ["cptkit-qlora-d0-nockpt", "cptkit-seed-preset", "seed-at-preset"], report["failures"]
+    assert (data / "prepared-256" / "manifest.json").exists()  # rows packed again at the tiny length
+    preset = next(r for r in report["runs"] if r["variant"] == "cptkit-seed-preset")
+    assert preset["lora"]["target_modules"] == ["q_proj", "v_proj"] and preset["lora"]["r"] == 32
+    line = next(x for x in done.stdout.splitlines() if x.startswith("cptkit-seed-preset"))
+    assert line.split()[-4].endswith("x")  # the ratio to the seed's recipe at the same settings
+
+
+def run(variant, runner, mode, tps, mfu=0.3, seq=2048, batch=8, r=16, plan=None, kernels=None, ckpt="auto"):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return {
+        "variant": variant,
+        "runner": runner,
+        "mode": mode,
+        "params": 8030261248,
+        "seq_length": seq,
+        "micro_batch": batch,
+        "lora": {"r": r, "alpha": 32, "dropout": 0.0, "target_modules": targets},
+        "checkpointing": ckpt,
+        "tokens_per_second": tps,
+        "mfu": mfu,
+        "peak_memory_gib": 70.0,
+        "losses": {"1": 12.5, "2": 12.4},
+        "memory_plan": plan,
+        "kernels": kernels,
+    }
+
+
+REPORT = {
+    "date": "2026-12-02",
+    "device": "NVIDIA H200",
+    "versions": {"torch": "2.11.0"},
+    "runs": [
+        run(
+            "cptkit-lora-default",
+            "cptkit",
+            "lora",
+            17136.0,
+            0.58,
+            plan={"checkpointing": "none", "estimate": {"total": 80 * 2**30}},
+            kernels={"fast_lora": True},
+        ),
+        run("cptkit-qlora-d0-ckpt", "cptkit", "qlora", 10000.0, ckpt="true"),
+        run("unsloth-lora-offload", "unsloth", "lora", 10929.0, ckpt="unsloth"),
+        run("unsloth-lora-nockpt", "unsloth", "lora", 15580.0, ckpt="false"),
+        run("seed-lora", "seed", "lora", 3348.0, ckpt="true"),
+    ],
+    "failures": [{"variant": "cptkit-full-1b-default", "rc": 1}],
+    "skipped": [],
+}
+
+
+def test_table_states_each_run_against_unsloths_fastest_and_the_seed(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(REPORT))
+    done = bench("table", str(path))
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("cptkit-lora-default"))
+    assert "1.10x" in line and "5.12x" in line and "80.0" in line and "58.0%" in line
+    qlora = next(x for x in done.stdout.splitlines() if x.startswith("cptkit-qlora-d0-ckpt"))
+    assert qlora.split()[4:8] == ["-", "all", "-", "-"]  # no prediction, no qlora unsloth or seed run
+    assert "cptkit-full-1b-default" in done.stdout and "failed: 1" in done.stdout
+
+
+def test_calibration_table_has_the_agreed_format(tmp_path):
+    path, out = tmp_path / "train.json", tmp_path / "calibration.json"
+    path.write_text(json.dumps(REPORT))
+    done = bench("calibration", str(path), f"--out={out}")
+    assert done.returncode == 0, done.stderr
+    table = json.loads(out.read_text())
+    assert table["measured"] == "2026-12-02" and table["device"] == "NVIDIA H200"
+    assert table["peak_bf16_tflops"] == 989 and table["versions"] == {"torch": "2.11.0"}
+    assert table["source"] == str(path)
+    assert [r["variant"] for r in table["rows"]] == ["cptkit-lora-default", "cptkit-qlora-d0-ckpt"]
+    first, second = table["rows"]
+    assert set(first) == {
+        "variant",
+        "mode",
+        "params",
+        "seq_length",
+        "micro_batch",
+        "checkpointing",
+        "fast_lora",
+        "tokens_per_second",
+        "mfu",
+        "peak_gib",
+        "predicted_peak_gib",
+    }
+    assert (first["checkpointing"], first["fast_lora"], first["predicted_peak_gib"]) == ("none", True, 80.0)
+    assert (second["checkpointing"], second["fast_lora"], second["predicted_peak_gib"]) == (
+        "all",
+        False,
+        None,
+    )
+
+
+def test_calibration_refuses_results_without_a_measured_cptkit_run(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({**REPORT, "runs": REPORT["runs"][2:]}))
+    done = bench("calibration", str(path), f"--out={tmp_path / 'c.json'}")
+    assert done.returncode != 0 and "no cptkit run" in done.stderr
+    assert not (tmp_path / "c.json").exists()
