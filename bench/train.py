@@ -257,7 +257,7 @@ def _seed(variant: Variant, model_dir: str, data: Path, steps: int, out: Path, m
         packing=True,
         max_length=variant.seq,
         save_strategy="no",
-        dataset_num_proc=4,
+        dataset_num_proc=4 if gpu else None,  # worker processes cost more than they save on a CPU check
         seed=1234,
         use_cpu=not gpu,
     )

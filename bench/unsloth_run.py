@@ -41,10 +41,13 @@ def unsloth_missing() -> str | None:
 
 
 def import_unsloth():
-    """unsloth, imported offline (no hub, no statistics ping, its compiled modules in a writable
-    folder) and first: it patches transformers, peft and TRL on import."""
+    """unsloth, imported offline (no hub, no statistics ping) and first: it patches transformers, peft
+    and TRL on import. Its compiled modules go to one writable folder that every variant of the call
+    reuses (compiling them again would count in each variant's time limit, not in its tokens/s)."""
     os.environ.update(OFFLINE_ENV)
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", tempfile.mkdtemp(prefix="unsloth_compiled_"))
+    os.environ.setdefault(
+        "UNSLOTH_COMPILE_LOCATION", os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache")
+    )
     import unsloth
 
     return unsloth
