@@ -440,12 +440,11 @@ def kernel_timing(data: Path) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-def run_all(args) -> None:
+def run_all(args, chosen: list[Variant]) -> None:
     """The checks, then each chosen variant in its own process under a time limit; the JSON is written
     after every variant (a stopped call keeps what it measured) and the table printed at the end."""
     import torch
 
-    chosen = select(args.variants, args.group)
     if args.tiny:
         chosen = [v.for_tiny() for v in chosen]
     out, data, models = Path(args.out), Path(args.data), Path(args.models)
@@ -711,7 +710,11 @@ def main() -> None:
     elif args.what == "all":
         if not (args.variants or args.group):
             p.error("all: name --variants or --group (`list` shows them)")
-        run_all(args)
+        try:
+            chosen = select(args.variants, args.group)
+        except ValueError as e:
+            p.error(str(e))
+        run_all(args, chosen)
     elif args.what == "scale":
         run_scale(args)
     else:

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,24 @@ def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+def tiny_all(data: Path, tmp_path: Path, *args: str, timeout: float = 300) -> dict:
+    """`all --tiny` into tmp_path/out; the results JSON (the call must succeed)."""
+    out = tmp_path / "out"
+    done = bench(
+        "all",
+        "--tiny",
+        *args,
+        f"--data={data}",
+        f"--models={tmp_path / 'models'}",
+        f"--out={out}",
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "train.json").read_text())
+    report["stdout"] = done.stdout
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -68,99 +87,54 @@ def test_unknown_variant_is_refused_with_where_to_look(data, tmp_path):
     assert done.returncode != 0 and "bench/train.py list" in done.stderr
 
 
-def test_all_tiny_trains_cptkit_and_skips_unsloth_where_it_cannot_run(data, tmp_path):
-    out = tmp_path / "out"
-    done = bench(
-        "all",
-        "--tiny",
-        "--no-checks",
-        "--variants=cptkit-lora-default,unsloth-lora-nockpt",
-        f"--data={data}",
-        f"--models={tmp_path / 'models'}",
-        f"--out={out}",
-        "--steps=3",
-        "--skip=1",
+def test_all_tiny_records_a_failure_skips_unsloth_and_trains_the_next(data, tmp_path):
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    (own / "prepared-64").mkdir()  # the seed preset's rows (512 / 8 under --tiny): a broken folder
+    (own / "prepared-64" / "manifest.json").write_text("{}")
+    variants = "--variants=cptkit-seed-preset,unsloth-lora-nockpt,cptkit-lora-default"
+    report = tiny_all(
+        own, tmp_path, "--no-checks", variants, "--set=train.hf.max_grad_norm=0.5", "--steps=3", "--skip=1"
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((out / "train.json").read_text())
+    (failure,) = report["failures"]
+    assert failure["variant"] == "cptkit-seed-preset" and failure["rc"] != 0
+    assert any("prepared-64" in line for line in failure["log_tail"])
+    assert [s["variant"] for s in report["skipped"]] == ["unsloth-lora-nockpt"]
+    assert "unsloth" in report["skipped"][0]["reason"]
     (run,) = report["runs"]
     assert run["variant"] == "cptkit-lora-default" and run["runner"] == "cptkit"
     assert run["tokens_per_second"] > 0 and run["timed_steps"] == 2 and len(run["losses"]) == 3
     assert (run["seq_length"], run["micro_batch"], run["lora"]["dropout"]) == (256, 2, 0.0)
     assert run["params"] > 0 and run["checkpointing"] == "auto"
     assert {"memory_plan", "kernels", "attention", "overrides"} <= set(run)
-    assert "train.gradient_checkpointing=auto" in run["overrides"]
-    assert [s["variant"] for s in report["skipped"]] == ["unsloth-lora-nockpt"]
-    assert "unsloth" in report["skipped"][0]["reason"]
-    assert "cptkit-lora-default" in done.stdout and "skipped" in done.stdout  # the table
-
-
-def test_a_failed_variant_is_recorded_and_the_next_one_runs(data, tmp_path):
-    out = tmp_path / "out"
-    done = bench(
-        "all",
-        "--tiny",
-        "--no-checks",
-        "--variants=cptkit-lora-default,seed-lora",
-        "--set=train.lora.r=0",  # breaks every cptkit run, not the seed's recipe
-        f"--data={data}",
-        f"--models={tmp_path / 'models'}",
-        f"--out={out}",
-        "--steps=2",
-        "--skip=1",
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((out / "train.json").read_text())
-    (failure,) = report["failures"]
-    assert failure["variant"] == "cptkit-lora-default" and failure["rc"] != 0
-    assert any("lora.r" in line for line in failure["log_tail"])
-    assert [r["variant"] for r in report["runs"]] == ["seed-lora"]
+    assert {"train.gradient_checkpointing=auto", "train.hf.max_grad_norm=0.5"} <= set(run["overrides"])
+    table = {
+        line.split()[0]: line for line in report["stdout"].splitlines() if line.startswith(("cptkit", "uns"))
+    }
+    assert "failed" in table["cptkit-seed-preset"] and "skipped" in table["unsloth-lora-nockpt"]
+    assert table["cptkit-lora-default"].split()[1].isdigit()  # its tokens/s
 
 
 def test_a_variant_past_its_time_limit_is_stopped_and_recorded(data, tmp_path):
-    out = tmp_path / "out"
-    done = bench(
-        "all",
-        "--tiny",
-        "--no-checks",
-        "--variants=cptkit-lora-default",
-        "--variant-timeout=1",
-        f"--data={data}",
-        f"--models={tmp_path / 'models'}",
-        f"--out={out}",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (failure,) = json.loads((out / "train.json").read_text())["failures"]
+    report = tiny_all(data, tmp_path, "--no-checks", "--variants=cptkit-lora-default", "--variant-timeout=1")
+    (failure,) = report["failures"]
     assert str(failure["rc"]).startswith("stopped after 1 s")
 
 
 @pytest.mark.slow
 def test_all_tiny_with_the_checks_qlora_and_the_seed_preset_pair(data, tmp_path):
-    out = tmp_path / "out"
-    done = bench(
-        "all",
-        "--tiny",
-        "--variants=cptkit-qlora-d0-nockpt",
-        "--group=seed-preset",
-        f"--data={data}",
-        f"--models={tmp_path / 'models'}",
-        f"--out={out}",
-        "--steps=3",
-        "--skip=1",
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((out / "train.json").read_text())
+    chosen = ("--variants=cptkit-qlora-d0-nockpt", "--group=seed-preset")
+    report = tiny_all(data, tmp_path, *chosen, "--steps=3", "--skip=1", timeout=900)
     assert {i["attention"] for i in report["isolation"]} >= {"sdpa", "eager"}
     assert all(
         i["max_abs_diff_packed_vs_alone"] < 1e-4 for i in report["isolation"] if i["dtype"] == "float32"
     )
     names = [r["variant"] for r in report["runs"]]
     assert names == ["cptkit-qlora-d0-nockpt", "cptkit-seed-preset", "seed-at-preset"], report["failures"]
-    assert (data / "prepared-256" / "manifest.json").exists()  # rows packed again at the tiny length
+    assert (data / "prepared-64" / "manifest.json").exists()  # the preset's rows, packed at their length
     preset = next(r for r in report["runs"] if r["variant"] == "cptkit-seed-preset")
     assert preset["lora"]["target_modules"] == ["q_proj", "v_proj"] and preset["lora"]["r"] == 32
-    line = next(x for x in done.stdout.splitlines() if x.startswith("cptkit-seed-preset"))
+    line = next(x for x in report["stdout"].splitlines() if x.startswith("cptkit-seed-preset"))
     assert line.split()[-4].endswith("x")  # the ratio to the seed's recipe at the same settings
 
 
