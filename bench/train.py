@@ -508,7 +508,7 @@ def _run_in_process(variant: Variant, args, out: Path) -> dict:
         f"--steps={args.steps}",
         f"--skip={args.skip}",
         f"--json={path}",
-        f"--work={out / 'work'}",
+        f"--work={args.work}",
         *[f"--set={e}" for e in args.set],
     ]
     t0 = time.perf_counter()
@@ -686,6 +686,11 @@ def main() -> None:
             )
             a.add_argument(
                 "--no-checks", action="store_true", help="skip the isolation check and kernel timing"
+            )
+            a.add_argument(
+                "--work",
+                default="/tmp/bench-work",
+                help="the runs' output folders (adapters, a full model): kept out of --out, which comes back",
             )
         if name != "scale":
             a.add_argument(

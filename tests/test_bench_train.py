@@ -37,6 +37,7 @@ def tiny_all(data: Path, tmp_path: Path, *args: str, timeout: float = 300) -> di
         f"--data={data}",
         f"--models={tmp_path / 'models'}",
         f"--out={out}",
+        f"--work={tmp_path / 'work'}",
         timeout=timeout,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
