@@ -210,6 +210,7 @@ def _cptkit(
         fused_cross_entropy=meta["fused_cross_entropy"],
         memory_plan=meta.get("memory_plan"),
         kernels=meta.get("kernels"),
+        fast_lora=meta.get("fast_lora"),
         cptkit_summary={k: summary.get(k) for k in ("tokens_per_second", "mfu", "peak_memory_gb")},
         overrides=[*variant.cptkit_overrides(), *extra],
     )

@@ -35,8 +35,11 @@ def predicted_peak_gib(run: dict) -> float | None:
 
 
 def fast_lora_on(run: dict) -> bool:
-    """Whether cptkit's fused LoRA path ran (run_meta.json `kernels`), in whichever form it was recorded."""
-    value = (run.get("kernels") or {}).get("fast_lora")
+    """Whether cptkit's fused LoRA path ran: run_meta.json's `fast_lora` (`fast_lora_status`: layers
+    routed, MLPs fused) or `kernels.fast_lora`, in whichever form it was recorded."""
+    value = run.get("fast_lora")
+    if value is None:
+        value = (run.get("kernels") or {}).get("fast_lora")
     if isinstance(value, dict):
         return any(bool(v) for k, v in value.items() if k in ("layers", "routed", "enabled", "on"))
     return bool(value) and value not in ("off", "auto")

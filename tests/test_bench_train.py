@@ -174,6 +174,11 @@ REPORT = {
             kernels={"fast_lora": True},
         ),
         run("cptkit-qlora-d0-ckpt", "cptkit", "qlora", 10000.0, ckpt="true"),
+        {
+            **run("cptkit-lora-offload", "cptkit", "lora", 9000.0),
+            "fast_lora": {"layers": 224, "mlps": 32},
+            "memory_plan": {"checkpointing": "offload", "predicted_peak_bytes": 3 * 2**29},
+        },
         run("unsloth-lora-offload", "unsloth", "lora", 10929.0, ckpt="unsloth"),
         run("unsloth-lora-nockpt", "unsloth", "lora", 15580.0, ckpt="false"),
         run("seed-lora", "seed", "lora", 3348.0, ckpt="true"),
@@ -204,8 +209,12 @@ def test_calibration_table_has_the_agreed_format(tmp_path):
     assert table["measured"] == "2026-12-02" and table["device"] == "NVIDIA H200"
     assert table["peak_bf16_tflops"] == 989 and table["versions"] == {"torch": "2.11.0"}
     assert table["source"] == str(path)
-    assert [r["variant"] for r in table["rows"]] == ["cptkit-lora-default", "cptkit-qlora-d0-ckpt"]
-    first, second = table["rows"]
+    assert [r["variant"] for r in table["rows"]] == [
+        "cptkit-lora-default",
+        "cptkit-qlora-d0-ckpt",
+        "cptkit-lora-offload",
+    ]
+    first, second, third = table["rows"]
     assert set(first) == {
         "variant",
         "mode",
@@ -229,7 +238,7 @@ def test_calibration_table_has_the_agreed_format(tmp_path):
 
 def test_calibration_refuses_results_without_a_measured_cptkit_run(tmp_path):
     path = tmp_path / "train.json"
-    path.write_text(json.dumps({**REPORT, "runs": REPORT["runs"][2:]}))
+    path.write_text(json.dumps({**REPORT, "runs": [r for r in REPORT["runs"] if r["runner"] != "cptkit"]}))
     done = bench("calibration", str(path), f"--out={tmp_path / 'c.json'}")
     assert done.returncode != 0 and "no cptkit run" in done.stderr
     assert not (tmp_path / "c.json").exists()
