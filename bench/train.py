@@ -4,7 +4,7 @@
     python bench/train.py list                          # the variants and groups (bench/variants.py)
     python bench/train.py all --group issue --out OUT   # on the GPU: checks, the variants, the table
     python bench/train.py table OUT/train.json         # the table again, from a results JSON
-    python bench/train.py calibration OUT/train.json --out src/cptkit/presets/calibration.json
+    python bench/train.py calibration OUT1/train.json OUT2/train.json --out src/cptkit/presets/calibration.json
 
 `all` runs, in order:
   1. the isolation check on this GPU's transformers/torch: a packed batch gives the same per-token losses
@@ -659,8 +659,8 @@ def main() -> None:
     sub.add_parser("list", help="the variants and the groups")
     t = sub.add_parser("table", help="print the table of a results JSON again")
     t.add_argument("results")
-    c = sub.add_parser("calibration", help="the calibration table `cptkit plan` ships, from a results JSON")
-    c.add_argument("results")
+    c = sub.add_parser("calibration", help="the calibration table `cptkit plan` ships, from results JSONs")
+    c.add_argument("results", nargs="+", help="train.json of one or more calls on the same device")
     c.add_argument("--out", default="src/cptkit/presets/calibration.json")
     for name in ("all", "variant", "scale"):
         a = sub.add_parser(name)
@@ -712,7 +712,7 @@ def main() -> None:
     elif args.what == "table":
         print_table(json.loads(Path(args.results).read_text()))
     elif args.what == "calibration":
-        write_calibration(Path(args.results), Path(args.out))
+        write_calibration([Path(p) for p in args.results], Path(args.out))
     elif args.what == "all":
         if not (args.variants or args.group):
             p.error("all: name --variants or --group (`list` shows them)")

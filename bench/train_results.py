@@ -105,10 +105,16 @@ def print_table(report: dict) -> None:
     sys.stdout.write(table(report) + "\n")
 
 
-def calibration(report: dict, source: str) -> dict:
-    """The calibration table of `cptkit plan`: cptkit's measured runs, one row each."""
+def calibration(reports: list[dict], sources: list[str]) -> dict:
+    """The calibration table of `cptkit plan`: the measured cptkit runs of one or more calls (on one
+    device), one row each; the date, device and versions are the first call's."""
     from cptkit.model.flops import peak_tflops
 
+    devices = {r.get("device") for r in reports}
+    if len(devices) > 1:
+        raise SystemExit(
+            f"{', '.join(sources)}: measured on different devices ({', '.join(map(str, devices))})"
+        )
     rows = [
         {
             "variant": r["variant"],
@@ -123,17 +129,19 @@ def calibration(report: dict, source: str) -> dict:
             "peak_gib": round(r["peak_memory_gib"], 2) if r.get("peak_memory_gib") else None,
             "predicted_peak_gib": _rounded(predicted_peak_gib(r)),
         }
+        for report in reports
         for r in report["runs"]
         if r.get("runner") == "cptkit" and r.get("tokens_per_second") and r.get("mfu")
     ]
     if not rows:
-        raise SystemExit(f"{source}: no cptkit run with a measured speed to calibrate from")
+        raise SystemExit(f"{', '.join(sources)}: no cptkit run with a measured speed to calibrate from")
+    first = reports[0]
     return {
-        "measured": report.get("date"),
-        "device": report.get("device"),
-        "peak_bf16_tflops": peak_tflops(report.get("device") or "") or PEAK_BF16_TFLOPS_FALLBACK,
-        "versions": report.get("versions", {}),
-        "source": source,
+        "measured": first.get("date"),
+        "device": first.get("device"),
+        "peak_bf16_tflops": peak_tflops(first.get("device") or "") or PEAK_BF16_TFLOPS_FALLBACK,
+        "versions": first.get("versions", {}),
+        "source": ", ".join(sources),
         "rows": rows,
     }
 
@@ -142,7 +150,7 @@ def _rounded(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
 
-def write_calibration(results: Path, out: Path) -> None:
-    table = calibration(json.loads(results.read_text()), str(results))
+def write_calibration(results: list[Path], out: Path) -> None:
+    table = calibration([json.loads(p.read_text()) for p in results], [str(p) for p in results])
     out.write_text(json.dumps(table, indent=2) + "\n")
-    sys.stdout.write(f"{out}: {len(table['rows'])} rows from {results}\n")
+    sys.stdout.write(f"{out}: {len(table['rows'])} rows from {table['source']}\n")

@@ -236,6 +236,21 @@ def test_calibration_table_has_the_agreed_format(tmp_path):
     )
 
 
+def test_calibration_joins_the_calls_of_one_device_and_refuses_two_devices(tmp_path):
+    first, second, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    first.write_text(json.dumps(REPORT))
+    second.write_text(
+        json.dumps({**REPORT, "date": "2026-12-03", "runs": [run("cptkit-full-1b", "cptkit", "full", 5e4)]})
+    )
+    assert bench("calibration", str(first), str(second), f"--out={out}").returncode == 0
+    table = json.loads(out.read_text())
+    assert table["rows"][-1]["variant"] == "cptkit-full-1b" and len(table["rows"]) == 4
+    assert table["measured"] == "2026-12-02" and table["source"] == f"{first}, {second}"
+    second.write_text(json.dumps({**REPORT, "device": "NVIDIA A100-SXM4-80GB"}))
+    done = bench("calibration", str(first), str(second), f"--out={tmp_path / 'd.json'}")
+    assert done.returncode != 0 and "different devices" in done.stderr
+
+
 def test_calibration_refuses_results_without_a_measured_cptkit_run(tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps({**REPORT, "runs": [r for r in REPORT["runs"] if r["runner"] != "cptkit"]}))
