@@ -1,17 +1,21 @@
-"""Benchmark `cptkit train` against the seed's recipe, side by side in one run on one GPU.
+"""The speed bench: `cptkit train`, the seed's recipe and unsloth side by side, in one call on one GPU.
 
-    python bench/train.py data --out .bench           # here: tokenizer + documents + prepared dataset
-    python bench/train.py all --data .bench --out OUT # on the GPU: checks, kernels, 4 training runs, table
+    python bench/train.py data --out .bench             # here, on CPU: tokenizer, documents, prepared rows
+    python bench/train.py list                          # the variants and groups (bench/variants.py)
+    python bench/train.py all --group issue --out OUT   # on the GPU: checks, the variants, the table
+    python bench/train.py table OUT/train.json         # the table again, from a results JSON
+    python bench/train.py calibration OUT1/train.json OUT2/train.json --out src/cptkit/presets/calibration.json
 
-`all` does, in order:
-  1. isolation check on this GPU's transformers/torch: a packed batch gives the same per-token losses as
-     its documents one at a time, for sdpa, eager and cptkit's varlen kernel (and plain causal leaks);
+`all` runs, in order:
+  1. the isolation check on this GPU's transformers/torch: a packed batch gives the same per-token losses
+     as its documents one at a time, for sdpa, eager and cptkit's varlen kernel (plain causal leaks);
   2. one attention call (8 x 2048, 32 heads x 128, real document lengths), forward + backward, per kernel;
-  3. a Llama-3-8B-shaped model (hidden 4096, 32 layers, 32/8 heads, ffn 14336, vocab 128256), random
-     init in bf16 on the GPU, saved once, then four runs of `--steps` steps, each in its own process
-     (clean peak memory): cptkit qlora, cptkit lora, and the seed's way (TRL SFTTrainer(packing=True) +
-     peft + bitsandbytes) qlora and lora. Same documents, LoRA all-linear r=16 alpha=32 dropout 0.05,
-     seq 2048 x batch 8, lr 2e-5 cosine with 10% warmup, gradient checkpointing, bf16.
+  3. each chosen variant in its own process (clean peak memory), under `--variant-timeout`: random-init
+     Llama shapes built once per shape in bf16 on the GPU and saved under `--models`; the same documents
+     packed into the same rows for cptkit and unsloth (the seed's recipe packs them with TRL itself);
+     lr 2e-5 cosine with 10% warmup, bf16. A failed variant is recorded with the end of its log and
+     the next one runs; unsloth variants are skipped (with the reason) where unsloth cannot be imported.
+     OUT/train.json is written after every variant.
 Throughput is measured the same way for every run: tokens of the batch that are not padding over the
 time of the optimizer steps (CUDA synchronised), steps after the first `--skip` only. MFU follows
 `cptkit.model.flops` (6N / 4N+6N_lora + 12 L H Q T, no causal halving) against 989 TFLOP/s.
@@ -20,7 +24,6 @@ time of the optimizer steps (CUDA synchronised), steps after the first `--skip` 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
@@ -32,109 +35,14 @@ import time
 from collections import deque
 from pathlib import Path
 
+from train_data import SEQ, make_data, prepared_at
+from train_results import print_table, write_calibration
+from unsloth_run import unsloth_missing
+from variants import GROUPS, SHAPES, VARIANTS, Variant, listing, select
+
 log = logging.getLogger("bench.train")
-SEQ, BATCH = 2048, 8
-VARIANTS = ("cptkit-qlora", "cptkit-lora", "seed-qlora", "seed-lora")
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
-
-
-# ---------------------------------------------------------------- data (runs here, on CPU)
-def make_data(out: Path, corpora: Path, vocab: int, max_tokens: int) -> None:
-    """A BPE tokenizer trained on the corpora, their documents tokenized, and a cptkit-format prepared
-    folder (train rows packed best-fit-decreasing to SEQ, position_ids restarting per document)."""
-    import datasets
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from cptkit.data.manifest import tokenizer_fingerprint
-
-    texts = []
-    for path in sorted(corpora.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for line in f]
-    import random
-
-    random.Random(0).shuffle(texts)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=vocab,
-            special_tokens=["<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
-    tokenizer.save_pretrained(out / "tokenizer")
-    docs, total = [], 0
-    for text in texts:
-        ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        ids = [tokenizer.bos_token_id] + ids if ids[0] != tokenizer.bos_token_id else ids
-        docs.append(ids)
-        total += len(ids)
-        if total >= max_tokens:
-            break
-    ids32 = datasets.Sequence(datasets.Value("int32"))
-    datasets.Dataset.from_dict(
-        {"input_ids": docs}, features=datasets.Features({"input_ids": ids32})
-    ).save_to_disk(str(out / "docs"))
-    rows = _best_fit(docs, SEQ)
-    prepared = out / "prepared"
-    datasets.Dataset.from_dict(
-        {"input_ids": [r[0] for r in rows], "position_ids": [r[1] for r in rows]},
-        features=datasets.Features({"input_ids": ids32, "position_ids": ids32}),
-    ).save_to_disk(str(prepared / "train"))
-    lengths = [len(d) for d in docs]
-    manifest = {
-        "status": "complete",
-        "format_version": 1,
-        "seq_length": SEQ,
-        "chunking": "packing",
-        "train_dir": "train",
-        "tokenizer": {
-            "name_or_path": "bench-bpe",
-            "fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        "heldout": {},
-        "sources": {},
-        "totals": {
-            "rows": len(rows),
-            "trained_tokens": total,
-            "padding_tokens": len(rows) * SEQ - total,
-            "packing_efficiency": total / (len(rows) * SEQ),
-            "documents": len(docs),
-            "median_document_tokens": statistics.median(lengths),
-        },
-        "inputs": [{"path": str(p)} for p in sorted(corpora.glob("*.jsonl.gz"))],
-    }
-    (prepared / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    log.info(
-        "%d documents, %d tokens, %d rows (packing %.3f)",
-        len(docs),
-        total,
-        len(rows),
-        manifest["totals"]["packing_efficiency"],
-    )
-
-
-def _best_fit(docs: list[list[int]], capacity: int) -> list[tuple[list[int], list[int]]]:
-    """Documents split into pieces of at most `capacity` (no token lost), packed best-fit decreasing."""
-    import random
-
-    from cptkit.data.pack import best_fit_pack
-
-    pieces = [d[i : i + capacity] for d in docs for i in range(0, len(d), capacity)]
-    rows = [[pieces[i] for i in group] for group in best_fit_pack([len(p) for p in pieces], capacity)]
-    random.Random(0).shuffle(rows)
-    return [([t for p in r for t in p], [i for p in r for i in range(len(p))]) for r in rows]
+BATCH = 8  # rows of the kernel timing
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}  # `scale`'s runs
 
 
 # ---------------------------------------------------------------- measuring
@@ -189,28 +97,54 @@ class Meter:
 
 
 def run_variant(
-    name: str, model_dir: str, data: Path, steps: int, skip: int, out: Path, extra: list[str]
+    variant: Variant, models: Path, data: Path, steps: int, skip: int, out: Path, extra: list[str]
 ) -> dict:
-    """One training run; returns throughput, MFU, memory and per-step losses."""
+    """One training run of `variant`; returns throughput, MFU, memory, the plan and per-step losses."""
+    if variant.runner == "unsloth":
+        from unsloth_run import import_unsloth
+
+        import_unsloth()  # before anything imports transformers (the meter does)
+    meter = Meter(skip)
+    holder: dict = {}
+    model_dir = str(models / variant.shape)
+    train_dir = prepared_at(data, variant.seq) / "train"
+    if variant.runner == "unsloth":
+        from unsloth_run import train_unsloth
+
+        trainer = train_unsloth(variant, model_dir, train_dir, steps, out, meter, holder)
+    elif variant.runner == "cptkit":
+        trainer = _cptkit(variant, model_dir, train_dir.parent, steps, out, meter, holder, extra)
+    else:
+        trainer = _seed(variant, model_dir, data, steps, out, meter, holder)
     import torch
 
     from cptkit.model.flops import flops_per_token, mfu
 
-    meter = Meter(skip)
-    holder: dict = {}
-    if name.startswith("cptkit"):
-        trainer = _cptkit(name.split("-")[1], model_dir, data, steps, out, meter, holder, extra)
-    else:
-        trainer = _seed(name.split("-")[1], model_dir, data, steps, out, meter, holder)
     result = meter.summary()
-    fpt = flops_per_token(trainer.model, SEQ)
+    fpt = flops_per_token(trainer.model, variant.seq)
+    gpu = torch.cuda.is_available()
     result.update(
-        variant=name,
+        variant=variant.name,
+        runner=variant.runner,
+        mode=variant.mode,
+        shape=variant.shape,
+        params=count_params(model_dir),
+        seq_length=variant.seq,
+        micro_batch=variant.batch,
+        lora=None
+        if variant.mode == "full"
+        else {
+            "r": variant.lora_r,
+            "alpha": variant.lora_alpha,
+            "dropout": variant.lora_dropout,
+            "target_modules": list(variant.lora_targets),
+        },
+        checkpointing=variant.checkpointing,
         steps=steps,
         flops_per_token=fpt,
         mfu=mfu(result["tokens_per_second"], fpt) if result["tokens_per_second"] else None,
-        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
         losses={h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h},
         step_times=[round(s["seconds"], 4) for s in meter.steps],
         **holder,
@@ -218,14 +152,46 @@ def run_variant(
     return result
 
 
+def count_params(model_dir: str) -> int:
+    """Parameters of the model at `model_dir`, counted on the meta device (4-bit weights at full size)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def cptkit_config(variant: Variant, model_dir: str, prepared: Path, steps: int, out: Path, extra: list[str]):
+    """The `cptkit train` config of `variant`: bench settings, then the variant's overrides, then `extra`."""
+    from cptkit.config import Config, build_config
+    from cptkit.config.load import apply_overrides
+
+    raw = {
+        "seed": 1234,
+        "model": {"name_or_path": model_dir},
+        "train": {
+            "dataset": str(prepared),
+            "output_dir": str(out / variant.name),
+            "overwrite_output_dir": True,
+            "report_to": ["none"],
+            "eval_steps": 10**9,
+            "schedule": {"type": "cosine", "warmup": 0.1},
+            "hf": {"max_steps": steps, "learning_rate": 2e-5, "logging_steps": 1, "save_strategy": "no"},
+        },
+    }
+    problems = apply_overrides(raw, [*variant.cptkit_overrides(), *extra])
+    if problems:
+        raise ValueError("; ".join(problems))
+    return build_config(Config, raw)
+
+
 def _cptkit(
-    mode: str, model_dir: str, data: Path, steps: int, out: Path, meter: Meter, holder: dict, extra: list[str]
+    variant: Variant, model_dir: str, prepared: Path, steps: int, out: Path, meter: Meter, holder: dict, extra
 ):
     """`cptkit train` as a user runs it (cptkit.commands.train.run), with the meter attached."""
     import cptkit.train.build as build
     from cptkit.commands.train import run
-    from cptkit.config import Config, build_config
-    from cptkit.config.load import apply_overrides
 
     original = build.build_trainer
 
@@ -235,44 +201,26 @@ def _cptkit(
         holder["trainer"] = trainer
         return trainer, callbacks
 
-    build.build_trainer = build_trainer
-    raw = {
-        "seed": 1234,
-        "model": {"name_or_path": model_dir},
-        "train": {
-            "mode": mode,
-            "dataset": str(data / "prepared"),
-            "output_dir": str(out / f"cptkit-{mode}"),
-            "overwrite_output_dir": True,
-            "report_to": ["none"],
-            "lora": dict(LORA),
-            "eval_steps": 10**9,
-            "schedule": {"type": "cosine", "warmup": 0.1},
-            "hf": {
-                "max_steps": steps,
-                "per_device_train_batch_size": BATCH,
-                "learning_rate": 2e-5,
-                "logging_steps": 1,
-                "save_strategy": "no",
-            },
-        },
-    }
-    apply_overrides(raw, extra)
-    summary = run(build_config(Config, raw))
+    build.build_trainer = build_trainer  # the bench's one hook into the command: the meter
+    summary = run(cptkit_config(variant, model_dir, prepared, steps, out, extra))
     trainer = holder.pop("trainer")
-    meta = json.loads((out / f"cptkit-{mode}" / "run_meta.json").read_text())
+    meta = json.loads((out / variant.name / "run_meta.json").read_text())
     holder.update(
         attention=meta["attention"],
         fused_cross_entropy=meta["fused_cross_entropy"],
+        memory_plan=meta.get("memory_plan"),
+        kernels=meta.get("kernels"),
+        fast_lora=meta.get("fast_lora"),
         cptkit_summary={k: summary.get(k) for k in ("tokens_per_second", "mfu", "peak_memory_gb")},
-        overrides=extra,
+        overrides=[*variant.cptkit_overrides(), *extra],
     )
     return trainer
 
 
-def _seed(mode: str, model_dir: str, data: Path, steps: int, out: Path, meter: Meter, holder: dict):
-    """The seed's pretrained.py: SFTTrainer(packing=True) + peft + bitsandbytes NF4/bf16 compute.
-    Its flash_attention_2 is not installable on this image, so it runs on sdpa, transformers' default."""
+def _seed(variant: Variant, model_dir: str, data: Path, steps: int, out: Path, meter: Meter, holder: dict):
+    """The seed's pretrained.py: SFTTrainer(packing=True) + peft + bitsandbytes NF4/bf16 compute, at the
+    variant's LoRA settings and rows. Its flash_attention_2 is not installable on the GPU image, so it
+    runs on sdpa, transformers' default."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -285,37 +233,40 @@ def _seed(mode: str, model_dir: str, data: Path, steps: int, out: Path, meter: M
         "attn_implementation": "sdpa",
         "device_map": {"": 0 if gpu else "cpu"},
     }
-    if mode == "qlora":
+    if variant.mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=variant.double_quant,
         )
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
     args = SFTConfig(
-        output_dir=str(out / f"seed-{mode}"),
+        output_dir=str(out / variant.name),
         logging_steps=1,
         max_steps=steps,
-        gradient_checkpointing=True,
+        gradient_checkpointing=variant.checkpointing == "true",
         bf16=gpu,
         learning_rate=2e-5,
         warmup_steps=0.1,
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=variant.batch,
         gradient_accumulation_steps=1,
         report_to="none",
         lr_scheduler_type="cosine",
         packing=True,
-        max_length=SEQ,
+        max_length=variant.seq,
         save_strategy="no",
-        dataset_num_proc=4,
+        dataset_num_proc=4 if gpu else None,  # worker processes cost more than they save on a CPU check
         seed=1234,
         use_cpu=not gpu,
     )
     peft_config = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=LORA["target_modules"],
+        r=variant.lora_r,
+        lora_alpha=variant.lora_alpha,
+        lora_dropout=variant.lora_dropout,
+        target_modules=list(variant.lora_targets),
         task_type="CAUSAL_LM",
     )
     docs = datasets.load_from_disk(str(data / "docs"))
@@ -329,32 +280,16 @@ def _seed(mode: str, model_dir: str, data: Path, steps: int, out: Path, meter: M
 
 
 # ---------------------------------------------------------------- the model and the GPU checks
-def build_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> float:
-    """Random-init Llama-3-8B-shaped model in bf16, built directly on the GPU, saved with the tokenizer."""
+def build_model(folder: Path, tokenizer_dir: Path, shape: str) -> float:
+    """A random-init Llama model of `shape` (bench.variants.SHAPES) in bf16, built directly on the GPU
+    (fp32 on a CPU), saved with the tokenizer; returns the seconds it took."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-    )
-    if tiny:
-        shape = dict(
-            hidden_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=256,
-            vocab_size=len(tokenizer),
-        )
     config = LlamaConfig(
-        **shape,
+        **{"vocab_size": len(tokenizer), **SHAPES[shape]},
         max_position_embeddings=8192,
         rope_theta=500000.0,
         tie_word_embeddings=False,
@@ -369,6 +304,8 @@ def build_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> float:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return time.perf_counter() - t0
 
 
@@ -504,79 +441,108 @@ def kernel_timing(data: Path) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-def run_all(args) -> None:
+def run_all(args, chosen: list[Variant]) -> None:
+    """The checks, then each chosen variant in its own process under a time limit; the JSON is written
+    after every variant (a stopped call keeps what it measured) and the table printed at the end."""
     import torch
 
-    out = Path(args.out)
+    if args.tiny:
+        chosen = [v.for_tiny() for v in chosen]
+    out, data, models = Path(args.out), Path(args.data), Path(args.models)
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
-    report: dict = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "seq_length": SEQ,
-        "batch_size": BATCH,
-        "lora": LORA,
-        "steps": args.steps,
-        "skip": args.skip,
-    }
+    results = out / "train.json"
     from cptkit.outputs import versions
 
-    report["versions"] = versions()
-    report["isolation"] = isolation_check(data)
-    if torch.cuda.is_available():
-        report["attention_ms_fwd_bwd_8x2048"] = kernel_timing(data)
-        log.info("attention kernels: %s", report["attention_ms_fwd_bwd_8x2048"])
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").exists():  # a warm machine keeps it between calls
-        report["model_build_seconds"] = round(build_model(model_dir, data / "tokenizer", args.tiny), 1)
-    report["runs"] = []
-    for name in args.variants.split(","):
-        attempts = (
-            [[]]
-            if name.startswith("seed")
-            else [
-                [],
-                ["train.fused_cross_entropy=off"],
-                ["train.fused_cross_entropy=off", "model.attention=sdpa"],
-            ]
-        )
-        for extra in attempts:
-            path = out / f"{name}.json"
-            cmd = [
-                sys.executable,
-                __file__,
-                "variant",
-                name,
-                "--data",
-                str(data),
-                "--model-dir",
-                str(model_dir),
-                "--steps",
-                str(args.steps),
-                "--skip",
-                str(args.skip),
-                "--json",
-                str(path),
-                "--work",
-                str(out / "work"),
-                *[f"--override={e}" for e in extra],
-            ]
-            t0 = time.perf_counter()
-            rc = subprocess.call(cmd)
-            if rc == 0 and path.exists():
-                result = json.loads(path.read_text())
-                result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-                report["runs"].append(result)
-                break
-            report.setdefault("failures", []).append({"variant": name, "overrides": extra, "rc": rc})
-        (out / "train.json").write_text(json.dumps(report, indent=2))
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "steps": args.steps,
+        "skip": args.skip,
+        "variants": [v.name for v in chosen],
+        "overrides_for_cptkit": args.set,
+        "versions": {**versions(), "unsloth": _version("unsloth"), "unsloth_zoo": _version("unsloth_zoo")},
+        "runs": [],
+        "failures": [],
+        "skipped": [],
+    }
+    if not args.no_checks:
+        report["isolation"] = isolation_check(data)
+        if torch.cuda.is_available():
+            report["attention_ms_fwd_bwd_8x2048"] = kernel_timing(data)
+            log.info("attention kernels: %s", report["attention_ms_fwd_bwd_8x2048"])
+    results.write_text(json.dumps(report, indent=2))
+    for variant in chosen:
+        reason = unsloth_missing() if variant.runner == "unsloth" else None
+        if reason:
+            report["skipped"].append({"variant": variant.name, "reason": reason})
+            log.warning("%s skipped: %s", variant.name, reason)
+        else:
+            _ensure_model(models / variant.shape, data, variant.shape, report)
+            prepared_at(data, variant.seq)
+            record = _run_in_process(variant, args, out)
+            report["runs" if "tokens_per_second" in record else "failures"].append(record)
+        results.write_text(json.dumps(report, indent=2))
     print_table(report)
-    (out / "train.json").write_text(json.dumps(report, indent=2))
 
 
-def _call_with_limit(command: list[str], env: dict, seconds: float) -> int | str:
+def _ensure_model(folder: Path, data: Path, shape: str, report: dict) -> None:
+    """Each shape is built once and reused by every variant (a warm machine keeps it between calls)."""
+    if not (folder / "config.json").exists():
+        seconds = build_model(folder, data / "tokenizer", shape)
+        report.setdefault("model_build_seconds", {})[shape] = round(seconds, 1)
+
+
+def _run_in_process(variant: Variant, args, out: Path) -> dict:
+    """One variant in a fresh process (clean peak memory; a crash or a hang costs only that variant):
+    its result, or a failure record with the return code and the end of its log."""
+    path, logs = out / f"{variant.name}.json", out / "logs"
+    logs.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        __file__,
+        "variant",
+        variant.name,
+        *(["--tiny"] if args.tiny else []),
+        f"--data={args.data}",
+        f"--models={args.models}",
+        f"--steps={args.steps}",
+        f"--skip={args.skip}",
+        f"--json={path}",
+        f"--work={args.work}",
+        *[f"--set={e}" for e in args.set],
+    ]
+    t0 = time.perf_counter()
+    log.info("%s: %s", variant.name, variant.describe())
+    with open(logs / f"{variant.name}.log", "w") as log_file:
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+        rc = _call_with_limit(command, env, args.variant_timeout, stdout=log_file)
+    wall = round(time.perf_counter() - t0, 1)
+    if rc == 0 and path.exists():
+        record = json.loads(path.read_text())
+        record["wall_seconds"] = wall
+        log.info("%s: %.0f tokens/s in %.0f s", variant.name, record["tokens_per_second"] or 0, wall)
+        return record
+    tail = (logs / f"{variant.name}.log").read_text(errors="replace").splitlines()[-40:]
+    log.error("%s failed (%s) after %.0f s; the end of its log:\n%s", variant.name, rc, wall, "\n".join(tail))
+    return {"variant": variant.name, "rc": rc, "wall_seconds": wall, "log_tail": tail}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return None
+
+
+def _call_with_limit(command: list[str], env: dict, seconds: float, stdout=None) -> int | str:
     """Runs `command`; past `seconds`, every process it started gets SIGABRT (with PYTHONFAULTHANDLER
     set, each prints the Python stack of every thread: where a stalled rank waits), then SIGKILL."""
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=stdout, stderr=subprocess.STDOUT if stdout else None
+    )
     try:
         return proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -596,9 +562,10 @@ def run_scale(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data, model_dir, gpus = Path(args.data), Path(args.model_dir), torch.cuda.device_count()
+    shape = "tiny" if args.tiny else "llama3-8b"
+    data, model_dir, gpus = Path(args.data), Path(args.models) / shape, torch.cuda.device_count()
     if not (model_dir / "config.json").exists():
-        build_model(model_dir, data / "tokenizer", args.tiny)
+        build_model(model_dir, data / "tokenizer", shape)
     device = torch.cuda.get_device_name() if gpus else "cpu"
     report: dict = {"device": device, "gpus": gpus, "mode": args.mode, "steps": args.steps, "runs": []}
     from cptkit.presets.accelerate import path as preset
@@ -680,36 +647,21 @@ def run_scale(args) -> None:
         sys.stdout.write(f"{r['launch']:18} {tps:>10} tokens/s  {speedup}\n")
 
 
-def print_table(report: dict) -> None:
-    lines = [
-        f"{'run':14} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>9} {'s/step':>7}  attention / loss at steps 1, 5, last"
-    ]
-    for r in report["runs"]:
-        losses = r["losses"]
-        keys = sorted(losses, key=int)
-        shown = (
-            ", ".join(f"{losses[k]:.4f}" for k in (keys[0], keys[min(4, len(keys) - 1)], keys[-1]))
-            if keys
-            else "-"
-        )
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "-"
-        lines.append(
-            f"{r['variant']:14} {r['tokens_per_second']:9.0f} {mfu:>6} {mem:>9} {r['seconds_per_step']:7.2f}  "
-            f"{r.get('attention')} / {shown}"
-        )
-    sys.stdout.write("\n".join(lines) + "\n")
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    d = sub.add_parser("data")
+    d = sub.add_parser("data", help="tokenizer, documents and a prepared folder (CPU)")
     d.add_argument("--out", default=".bench")
     d.add_argument("--corpora", default="../shared/corpora")
     d.add_argument("--vocab", type=int, default=32000)
     d.add_argument("--max-tokens", type=int, default=800_000)
+    sub.add_parser("list", help="the variants and the groups")
+    t = sub.add_parser("table", help="print the table of a results JSON again")
+    t.add_argument("results")
+    c = sub.add_parser("calibration", help="the calibration table `cptkit plan` ships, from results JSONs")
+    c.add_argument("results", nargs="+", help="train.json of one or more calls on the same device")
+    c.add_argument("--out", default="src/cptkit/presets/calibration.json")
     for name in ("all", "variant", "scale"):
         a = sub.add_parser(name)
         if name == "scale":
@@ -718,7 +670,6 @@ def main() -> None:
             a.add_argument(
                 "--launchers", default="ddp,fsdp2,zero1", help="accelerate presets to launch on all GPUs"
             )
-            a.add_argument("--tiny", action="store_true")
             a.add_argument(
                 "--launch-timeout", type=float, default=300, help="seconds before a launch is stopped"
             )
@@ -727,33 +678,55 @@ def main() -> None:
             a.add_argument("variant", choices=VARIANTS)
             a.add_argument("--json", required=True)
             a.add_argument("--work", required=True)
-            a.add_argument("--override", action="append", default=[])
         else:
             a.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-            a.add_argument("--variants", default=",".join(VARIANTS))
-            a.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script on a CPU")
+            a.add_argument("--variants", help="comma-separated names (`list` shows them)")
+            a.add_argument("--group", help="comma-separated groups: " + ", ".join(GROUPS))
+            a.add_argument(
+                "--variant-timeout", type=float, default=240, help="seconds before a variant is stopped"
+            )
+            a.add_argument(
+                "--no-checks", action="store_true", help="skip the isolation check and kernel timing"
+            )
+            a.add_argument(
+                "--work",
+                default="/tmp/bench-work",
+                help="the runs' output folders (adapters, a full model): kept out of --out, which comes back",
+            )
+        if name != "scale":
+            a.add_argument(
+                "--set", action="append", default=[], help="a cptkit override for every cptkit run"
+            )
+        a.add_argument("--tiny", action="store_true", help="a 2-layer model and short rows: check on a CPU")
         a.add_argument("--data", default=".bench")
-        a.add_argument("--model-dir", default="/tmp/bench-llama-8b")
-        a.add_argument("--steps", type=int, default=16)
+        a.add_argument("--models", default="/tmp/bench-models", help="one folder per model shape, built once")
+        a.add_argument("--steps", type=int, default=12)
         a.add_argument(
             "--skip", type=int, default=3, help="untimed first steps (allocator and kernel warm-up)"
         )
     args = p.parse_args()
     if args.what == "data":
         make_data(Path(args.out), Path(args.corpora), args.vocab, args.max_tokens)
+    elif args.what == "list":
+        sys.stdout.write(listing() + "\n")
+    elif args.what == "table":
+        print_table(json.loads(Path(args.results).read_text()))
+    elif args.what == "calibration":
+        write_calibration([Path(p) for p in args.results], Path(args.out))
     elif args.what == "all":
-        run_all(args)
+        if not (args.variants or args.group):
+            p.error("all: name --variants or --group (`list` shows them)")
+        try:
+            chosen = select(args.variants, args.group)
+        except ValueError as e:
+            p.error(str(e))
+        run_all(args, chosen)
     elif args.what == "scale":
         run_scale(args)
     else:
+        variant = VARIANTS[args.variant].for_tiny() if args.tiny else VARIANTS[args.variant]
         result = run_variant(
-            args.variant,
-            args.model_dir,
-            Path(args.data),
-            args.steps,
-            args.skip,
-            Path(args.work),
-            args.override,
+            variant, Path(args.models), Path(args.data), args.steps, args.skip, Path(args.work), args.set
         )
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
