@@ -26,7 +26,7 @@ def config(model_dir, fast="auto", mode="lora", dtype="float32", **train):
         mode=mode,
         output_dir="unused",
         report_to=["none"],
-        gradient_checkpointing=False,
+        gradient_checkpointing=train.pop("gradient_checkpointing", False),
         lora=lora,
         kernels={"fast_lora": fast},
     )
@@ -74,8 +74,10 @@ def assert_same(fast, stock, atol, rtol=0.0):
         torch.testing.assert_close(grads_f[name], grads_s[name], atol=atol, rtol=rtol, msg=name)
 
 
-def test_lora_fast_path_equals_peft_path(tiny_model_dir):
-    fast, stock = load(tiny_model_dir, "on"), load(tiny_model_dir, "off")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_fast_path_equals_peft_path(tiny_model_dir, checkpointing):
+    fast = load(tiny_model_dir, "on", gradient_checkpointing=checkpointing)
+    stock = load(tiny_model_dir, "off", gradient_checkpointing=checkpointing)
     assert fast_lora_status(fast) == {"layers": 2 * 7, "mlps": 2}
     assert fast_lora_status(stock) == {"layers": 0, "mlps": 0}
     inputs = batch()
