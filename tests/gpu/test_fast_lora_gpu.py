@@ -63,8 +63,11 @@ def step(model):
     return loss.detach().float(), grads, peak
 
 
-@pytest.mark.parametrize("mode", ["lora", "qlora"])
-def test_fast_path_equals_peft_path_in_bf16_with_a_lower_peak(model_dir, mode):
+# activation peak fused / peft at most; predicted about 0.67 for LoRA (per block 4 x tokens x hidden +
+# 2 x tokens x intermediate fewer bf16 values kept, of about 22 MB) and 0.8 for QLoRA (2 x tokens x
+# intermediate fewer, of about 18 MB)
+@pytest.mark.parametrize(("mode", "most"), [("lora", 0.8), ("qlora", 0.9)])
+def test_fast_path_equals_peft_path_in_bf16_with_a_lower_peak(model_dir, mode, most):
     from cptkit.model.fast_lora import fast_lora_status
 
     if mode == "qlora":
@@ -81,4 +84,4 @@ def test_fast_path_equals_peft_path_in_bf16_with_a_lower_peak(model_dir, mode):
         scale = grads_s[name].abs().max()
         assert (grads_f[name] - grads_s[name]).abs().max() <= 5e-2 * scale, name
     print(f"{mode}: activation peak fused {peak_f / 2**20:.1f} MiB, peft {peak_s / 2**20:.1f} MiB")
-    assert peak_f < 0.85 * peak_s, (peak_f, peak_s)
+    assert peak_f < most * peak_s, (peak_f, peak_s)
