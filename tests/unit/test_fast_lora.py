@@ -252,3 +252,23 @@ def test_fast_lora_on_is_refused_for_layers_it_cannot_route(tiny_model_dir):
     auto = config(tiny_model_dir, "auto", lora={"target_modules": ["q_proj", "embed_tokens"]})
     model = load_model_and_tokenizer(auto.model, auto.train).model
     assert fast_lora_status(model) == {"layers": 2, "mlps": 0}
+
+
+def test_hooks_on_lora_layers_and_their_parts_still_run(tiny_model_dir):
+    """A hook on a LoRA layer (cptkit's EWC Fisher hooks them) or on its lora_A runs once per forward:
+    the fused MLP and the fused linear step aside for the modules they would skip."""
+    from cptkit.model.fast_lora import lora_layers
+
+    fast, inputs = load(tiny_model_dir, "on"), batch()
+    with torch.no_grad():
+        want = fast(input_ids=inputs["input_ids"]).logits
+    calls = []
+    layers = lora_layers(fast)
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: calls.append(n)) for n, m in layers]
+    handles += [m.lora_A["default"].register_forward_hook(lambda *a: calls.append("A")) for _, m in layers]
+    with torch.no_grad():
+        got = fast(input_ids=inputs["input_ids"]).logits
+    for handle in handles:
+        handle.remove()
+    assert sorted(calls) == sorted([n for n, _ in layers] + ["A"] * len(layers))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

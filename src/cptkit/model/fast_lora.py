@@ -11,7 +11,8 @@ by q/k/v or gate/up) and the rank-sized `x A^T`. A 4-bit weight is dequantised i
 backward, as bitsandbytes does, and never kept.
 
 Routing is per call: whenever the layer is not plain single-adapter LoRA (adapters disabled, merged,
-several active, DoRA and other variants, lora_bias, dropout, extra arguments, hooks on the base layer)
+several active, DoRA and other variants, lora_bias, dropout, extra arguments, hooks on the modules
+it would skip)
 peft's own forward runs, so `disable_adapter()`, merging and saving behave exactly as peft's.
 """
 
@@ -71,10 +72,16 @@ def _is_4bit(base: nn.Module) -> bool:
     return isinstance(base, bnb.nn.Linear4bit)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Forward hooks (DeepSpeed ZeRO-3 gathering, accelerate offload) run only through module.__call__,
-    which the fused path skips."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+def hooked(module: nn.Module) -> bool:
+    """Whether `module` has hooks (DeepSpeed ZeRO-3 gathering, accelerate offload, cptkit's EWC Fisher):
+    they run only through module.__call__, which the fused path skips for the modules it computes."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or hasattr(module, "_hf_hook")
+    )
 
 
 def layer_problem(layer: nn.Module) -> str | None:
@@ -90,7 +97,7 @@ def layer_problem(layer: nn.Module) -> str | None:
         return "a LoRA variant (DoRA, ...) or lora_bias"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "the base weight trains"
-    if _hooked(base):
+    if hooked(base):
         return "hooks on the base layer"
     return None
 
@@ -113,14 +120,15 @@ def route(layer: nn.Module) -> Route | None:
             return None
     elif base.weight.shape != (layer.out_features, layer.in_features):  # e.g. a ZeRO-3 placeholder
         return None
-    if base.weight.requires_grad or _hooked(base):
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if base.weight.requires_grad or hooked(base) or hooked(lora_a) or hooked(lora_b):
         return None
     return Route(
         weight=base.weight,
         quant_state=quant_state,
         bias=base.bias,
-        lora_a=layer.lora_A[name].weight,
-        lora_b=layer.lora_B[name].weight,
+        lora_a=lora_a.weight,
+        lora_b=lora_b.weight,
         scaling=float(layer.scaling[name]),
     )
 

@@ -71,7 +71,9 @@ class SwiGLUDownFunction(torch.autograd.Function):
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The MLP on the fused path where all three projections take it at this call, else its own forward."""
-    routes = None if args or kwargs else [fast_lora.route(getattr(self, p)) for p in PROJECTIONS]
+    projections = [getattr(self, p) for p in PROJECTIONS]
+    skip = args or kwargs or any(fast_lora.hooked(p) for p in projections)  # their hooks must run
+    routes = None if skip else [fast_lora.route(p) for p in projections]
     if routes is None or None in routes:
         return getattr(self, fast_lora.STOCK_FORWARD)(x, *args, **kwargs)
     gate_route, up_route, down = routes
