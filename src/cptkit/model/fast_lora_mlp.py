@@ -54,8 +54,8 @@ class SwiGLUDownFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         gate, up, lora_a, lora_b, ha = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
+        # recomputed in 2 elementwise passes; the gradients take 3 (silu_backward is one kernel)
+        silu = F.silu(gate)
         h2 = (silu * up).reshape(-1, gate.shape[-1])
         grad_h, grad_a, grad_b = ctx.backward_state.grads(g, h2, ha, lora_a, lora_b)
         del h2
@@ -64,8 +64,7 @@ class SwiGLUDownFunction(torch.autograd.Function):
             grad_h = grad_h.view(gate.shape)
             grad_up = grad_h * silu
             del silu
-            # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
-            grad_gate = grad_h.mul_(up).mul_((1 - sig).mul_(gate).add_(1).mul_(sig))
+            grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up), gate)
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
 
 
