@@ -201,6 +201,14 @@ class TrainingRun:
             problems.append(
                 (f"{path}.eval_steps", f"{self.eval_steps} must be at least 1 (none: 10 times a run)")
             )
+        if self.kernels.fast_lora == "on" and (self.mode == "full" or self.lora.dropout > 0):
+            problems.append(
+                (
+                    f"{path}.kernels.fast_lora",
+                    f"on needs mode lora or qlora and lora.dropout 0 (mode {self.mode}, dropout "
+                    f"{self.lora.dropout}): set {path}.lora.dropout: 0, or fast_lora: auto",
+                )
+            )
         # TrainingArguments as the run will build them (imported here: transformers is slow to import
         # and only configs that train need it)
         from cptkit.train.arguments import hf_problems
