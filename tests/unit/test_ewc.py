@@ -289,11 +289,15 @@ def test_negative_weights_and_no_fisher_rows_are_refused_in_the_config(tmp_path,
     assert "train.regularize.ewc.fisher_rows: 0 is too small" in str(info.value)
 
 
-def test_qlora_fisher_is_taken_on_the_4bit_base_weights_through_the_hooks(tmp_path, tiny_model_dir):
+def test_qlora_fisher_is_taken_on_the_4bit_base_weights_through_the_hooks(tmp_path, tiny_tokenizer):
     pytest.importorskip("bitsandbytes")
     from peft.tuners.lora import LoraLayer
 
-    cfg = _config(tmp_path, tiny_model_dir, "qlora")
+    from cptkit.testing.tiny import make_tiny_llama
+
+    # bitsandbytes' CPU 4-bit kernels need input features of at least one quantisation block (64)
+    wider = make_tiny_llama(tmp_path / "wider", tokenizer=tiny_tokenizer, hidden_size=64)
+    cfg = _config(tmp_path, wider, "qlora")
     model = _model(cfg)
     term = _ewc(cfg, source_rows(VOCAB, 2), model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}

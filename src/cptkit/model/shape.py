@@ -64,14 +64,14 @@ class ModelShape:
         return self.layers * sum(r * (i + o) for i, o in self.adapted(targets).values())
 
 
-def shape_from_config(config: Any) -> ModelShape:
+def shape_from_config(config: Any, trust_remote_code: bool = False) -> ModelShape:
     """The shape of the model `config` (a transformers config) describes, built on the meta device so
     no weights are allocated (seconds on a CPU for an 8B model)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return shape_of_model(model)
 
 

@@ -79,7 +79,8 @@ def check_plan_fits(model_cfg: Any, train_cfg: Any, run_shape: RunShape) -> None
 
     setup = expected_setup(train_cfg, run_shape, use_fused_cross_entropy(train_cfg), shards=weight_shards())
     total = torch.cuda.get_device_properties(training_gpu()).total_memory
-    problem = unfittable(shape_from_config(load_model_config(model_cfg)), setup, total)
+    shape = shape_from_config(load_model_config(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
+    problem = unfittable(shape, setup, total)
     if problem:
         raise CptkitError(problem)
 
