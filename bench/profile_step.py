@@ -78,7 +78,9 @@ def batch(vocab: int):
     return {"input_ids": ids.to(DEVICE), "position_ids": pos.to(DEVICE), "labels": ids.clone().to(DEVICE)}
 
 
-def one_run(name: str, overrides: list[str], model_dir: Path, steps: int, out: Path) -> dict:
+def one_run(
+    name: str, overrides: list[str], model_dir: Path, steps: int, out: Path, with_profile: bool = True
+) -> dict:
     import torch
 
     cuda = torch.cuda if DEVICE == "cuda" else _NoCuda()
@@ -137,10 +139,10 @@ def one_run(name: str, overrides: list[str], model_dir: Path, steps: int, out: P
     peak = cuda.max_memory_allocated()
 
     # what the forward keeps for backward, by dtype and shape (unique storages)
-    seen, by_kind = set(), Counter()
+    seen, by_kind = {p.untyped_storage().data_ptr() for p in model.parameters()}, Counter()  # weights aside
 
     def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
+        key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
             by_kind[f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}"] += t.untyped_storage().nbytes()
@@ -154,19 +156,21 @@ def one_run(name: str, overrides: list[str], model_dir: Path, steps: int, out: P
     opt.zero_grad(set_to_none=True)
     del loss
 
-    with profile(
-        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else []),
-        profile_memory=True,
-    ) as prof:
-        for _ in range(2):
-            step()
-        cuda.synchronize()
-    table = prof.key_averages().table(
-        sort_by="self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total",
-        row_limit=30,
-        max_name_column_width=60,
-    )
-    (out / f"profile-{name}.txt").write_text(table)
+    table = ""
+    if with_profile:
+        with profile(
+            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else []),
+            profile_memory=True,
+        ) as prof:
+            for _ in range(2):
+                step()
+            cuda.synchronize()
+        table = prof.key_averages().table(
+            sort_by="self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total",
+            row_limit=30,
+            max_name_column_width=60,
+        )
+        (out / f"profile-{name}.txt").write_text(table)
     layers = model.config.num_hidden_layers
     result = {
         "run": name,
@@ -184,6 +188,9 @@ def one_run(name: str, overrides: list[str], model_dir: Path, steps: int, out: P
     }
     sys.stdout.write(json.dumps(result, indent=1) + "\n" + table[:6000] + "\n")
     model = opt = loaded = params = None
+    import gc
+
+    gc.collect()
     cuda.empty_cache()
     return result
 
@@ -195,6 +202,7 @@ def main() -> None:
     p.add_argument("--model-dir", default=None)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", required=True)
+    p.add_argument("--no-profile", action="store_true", help="time and memory only, no profiler table")
     p.add_argument("--run", action="append", required=True, help="NAME:key=value,key=value")
     args = p.parse_args()
     global DEVICE
@@ -208,7 +216,9 @@ def main() -> None:
     results = []
     for spec in args.run:
         name, _, rest = spec.partition(":")
-        results.append(one_run(name, [o for o in rest.split(",") if o], model_dir, args.steps, out))
+        results.append(
+            one_run(name, [o for o in rest.split(",") if o], model_dir, args.steps, out, not args.no_profile)
+        )
         (out / "profile.json").write_text(json.dumps(results, indent=1))
     for r in results:
         sys.stdout.write(

@@ -132,3 +132,22 @@ sft:
     assert "sft.eval_max_tokens (line 6): unknown key" in message
     path.write_text(path.read_text().replace(f"  dataset: {tmp_path}/prepared\n  eval_max_tokens: 100\n", ""))
     assert load_config(Config, path).sft.mode == "full"
+
+
+def test_bare_on_and_off_are_the_choices_they_name_not_booleans(tmp_path):
+    """YAML 1.1 reads a bare `off` as false: an auto/on/off choice takes it as the word it is, in a file
+    and on the command line alike."""
+    from cptkit.config import Config, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "run_dir: r\nmodel: {name_or_path: m}\n"
+        "train: {fused_cross_entropy: off, kernels: {fast_lora: off, rms_norm: on}}\n"
+    )
+    cfg = load_config(Config, path, ["train.kernels.swiglu=off"])
+    assert cfg.train.fused_cross_entropy == "off"
+    assert (cfg.train.kernels.fast_lora, cfg.train.kernels.rms_norm, cfg.train.kernels.swiglu) == (
+        "off",
+        "on",
+        "off",
+    )

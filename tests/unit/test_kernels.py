@@ -79,7 +79,13 @@ def test_a_kernel_on_needs_liger_installed():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU auto turns them on")
 def test_the_loaded_model_records_its_kernels(tiny_model_dir):
     loaded = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)), TrainConfig())
-    assert loaded.kernels == {"rms_norm": False, "swiglu": False, "rope": False, "compile": False}
+    assert loaded.kernels == {
+        "rms_norm": False,
+        "swiglu": False,
+        "rope": False,
+        "compile": False,
+        "fast_lora": {"layers": 2 * 7, "mlps": 2},  # LoRA all-linear on both blocks, dropout 0
+    }
 
 
 def test_compile_auto_waits_for_a_measurement():

@@ -187,6 +187,8 @@ class _Builder:
             return value
         if origin is Literal:
             choices = get_args(tp)
+            if isinstance(value, bool) and {"on", "off"} <= set(choices):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
             if value not in choices:
                 hint = nearest_hint(str(value), [str(c) for c in choices])
                 self.problem(path, f"{value!r} is not one of {', '.join(map(str, choices))}{hint}")

@@ -34,7 +34,7 @@ class LoadedModel:
     fused_cross_entropy: bool
     dtype: torch.dtype
     memory_plan: Any = None  # cptkit.train.memory.MemoryPlan, or None where no plan applies (CPU)
-    kernels: dict[str, bool] = field(default_factory=dict)  # kernel -> on (rms_norm, swiglu, rope, compile)
+    kernels: dict[str, Any] = field(default_factory=dict)  # kernel -> on (rms_norm, swiglu, rope, compile, fast_lora)
 
 
 def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
@@ -220,7 +220,7 @@ def load_model_and_tokenizer(
     with _refusals(model_cfg, path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
-    applied: dict[str, bool] = {}  # which kernels are on, for run_meta.json
+    applied: dict[str, Any] = {}  # which kernels are on (fast_lora: layers and MLPs routed), for run_meta.json
     fused = kernels.apply_liger(model, train_cfg, use_fused_cross_entropy(train_cfg), record=applied)
     if train_cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -241,7 +241,16 @@ def load_model_and_tokenizer(
             100 * trainable / total,
         )
         fast_lora.enable_fast_lora(model, train_cfg)
-    plan = checkpointing.apply_memory_plan(model, train_cfg, run_shape, fused_cross_entropy=fused)
+        applied["fast_lora"] = fast_lora.fast_lora_status(model)
+    routed = applied.get("fast_lora") or {}
+    plan = checkpointing.apply_memory_plan(
+        model,
+        train_cfg,
+        run_shape,
+        fused_cross_entropy=fused,
+        fast_lora=bool(routed.get("layers")),
+        fused_mlp=bool(routed.get("mlps")),
+    )
     kernels.compile_blocks(model, train_cfg)
     log.info(
         "loaded %s: mode %s, dtype %s, attention %s, fused cross-entropy %s",

@@ -19,7 +19,8 @@ def block_saved_bytes(shape: Any, setup: Any) -> dict[str, float]:
     width. The stock RMSNorm upcasts its input to fp32 and keeps that (4h); liger's keeps it as is (eh);
     both keep one fp32 rstd per token. Attention (flash/SDPA) keeps q, k, v after RoPE, its output and
     a logsumexp per head (fp32). The stock SwiGLU keeps gate, act(gate) and up for the product and the
-    product for down_proj (4f); a fused one (liger's SwiGLU) recomputes act(gate) (3f).
+    product for down_proj (4f); liger's SwiGLU recomputes act(gate) (3f); cptkit's fused LoRA MLP keeps
+    only gate and up (2f).
     Stock peft under autocast casts each adapted linear's input to fp32 and lora_A casts it back: one
     copy in e of every adapted input is kept (q, k, v each their own); a 4-bit base skips that cast, and
     the fused LoRA path (fast_lora) keeps none. Each adapter keeps x A^T (r values). Dropout > 0 keeps
@@ -40,9 +41,9 @@ def block_saved_bytes(shape: Any, setup: Any) -> dict[str, float]:
         "mlp_norm_output": e * h,  # gate/up input, shared
         "gate": e * f,
         "up": e * f,
-        "down_proj_input": e * f,  # act(gate) * up
     }
-    if not setup.fused_mlp:
+    if not setup.fused_mlp:  # the fused MLP recomputes act(gate) * up in its backward
+        terms["down_proj_input"] = e * f  # act(gate) * up
         terms["act_gate"] = e * f
     if setup.mode == "full":
         terms["norm_weight_grad_inputs"] = 2 * e * h  # normed inputs kept for the norms' weight gradients
