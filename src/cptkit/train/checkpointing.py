@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cptkit.errors import CptkitError
+from cptkit.model.fast_lora import fast_lora_status
 from cptkit.model.shape import decoder_blocks, shape_of_model
 from cptkit.train.memory import (
     MemoryPlan,
@@ -58,6 +59,7 @@ def apply_memory_plan(
         fused_mlp=kernels["fused_mlp"] if fused_mlp is None else fused_mlp,
         dtype_bytes=_compute_bytes(model),
         fused_norm=kernels["fused_norm"],
+        fused_swiglu=kernels["fused_swiglu"],
         shards=weight_shards(),
     )
     plan = plan_memory(shape_of_model(model), setup, budget, forced=forced)
@@ -140,7 +142,8 @@ def kernels_in_use(model: Any, train_cfg: Any) -> dict[str, bool]:
 
     return {
         "fused_norm": liger("input_layernorm"),
-        "fused_mlp": liger("mlp"),
+        "fused_swiglu": liger("mlp"),
+        "fused_mlp": bool(fast_lora_status(model)["mlps"]) if train_cfg.mode != "full" else False,
         "fast_lora": (
             train_cfg.mode in ("lora", "qlora")
             and train_cfg.kernels.fast_lora != "off"

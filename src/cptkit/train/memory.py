@@ -74,6 +74,7 @@ class MemorySetup:
     optimizer: str = "adamw_torch"
     extra_model_copies: int = 0  # frozen copies of the weights the regularizers keep (full mode)
     fused_norm: bool = False  # liger's RMSNorm: keeps its input in the compute dtype, not in fp32
+    fused_swiglu: bool = False  # liger's SwiGLU: recomputes act(gate) (fused_mlp, cptkit's, keeps less)
     lora_dropout: float = 0.0
     shards: int = 1  # processes the weights, gradients and optimizer states are split over (FSDP, ZeRO-3)
 
@@ -96,6 +97,7 @@ class MemorySetup:
         dtype_bytes: int = 2,
         fused_norm: bool = False,
         shards: int = 1,
+        fused_swiglu: bool = False,
     ) -> MemorySetup:
         """The setup of a `train`/`sft` section run at `run_shape` with the kernels named."""
         copies = 0
@@ -116,6 +118,7 @@ class MemorySetup:
             optimizer=str(train_cfg.hf.get("optim", "adamw_torch_fused")),
             extra_model_copies=copies,
             fused_norm=fused_norm,
+            fused_swiglu=fused_swiglu,
             lora_dropout=train_cfg.lora.dropout if train_cfg.mode != "full" else 0.0,
             shards=shards,
         )
@@ -126,14 +129,15 @@ def expected_setup(
 ) -> MemorySetup:
     """The setup a run of `train_cfg` will have on a GPU, known before its model loads (for the check
     before loading and `cptkit plan`): liger's RMSNorm and SwiGLU come with its fused loss unless
-    train.kernels turns them off, cptkit's fused LoRA path with lora.dropout 0."""
+    train.kernels turns them off, cptkit's fused LoRA path and MLP with lora.dropout 0."""
     kernels = train_cfg.kernels
     return MemorySetup.from_config(
         train_cfg,
         run_shape,
         fused_cross_entropy=fused_cross_entropy,
         fast_lora=train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
-        fused_mlp=fused_cross_entropy and kernels.swiglu != "off",
+        fused_mlp=train_cfg.mode != "full" and train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
+        fused_swiglu=fused_cross_entropy and kernels.swiglu != "off",
         fused_norm=fused_cross_entropy and kernels.rms_norm != "off",
         dtype_bytes=dtype_bytes,
         shards=shards,

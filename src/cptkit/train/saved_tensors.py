@@ -42,9 +42,10 @@ def block_saved_bytes(shape: Any, setup: Any) -> dict[str, float]:
         "gate": e * f,
         "up": e * f,
     }
-    if not setup.fused_mlp:  # the fused MLP recomputes act(gate) * up in its backward
+    if not setup.fused_mlp:  # cptkit's fused LoRA MLP recomputes act(gate) * up in its backward
         terms["down_proj_input"] = e * f  # act(gate) * up
-        terms["act_gate"] = e * f
+        if not setup.fused_swiglu:  # liger's SwiGLU recomputes act(gate)
+            terms["act_gate"] = e * f
     if setup.mode == "full":
         terms["norm_weight_grad_inputs"] = 2 * e * h  # normed inputs kept for the norms' weight gradients
     if setup.lora:
