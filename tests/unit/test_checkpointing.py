@@ -4,6 +4,8 @@ blocks the plan names recompute."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from cptkit.model.load import load_model_and_tokenizer
 from cptkit.model.shape import decoder_blocks, shape_of_model
 from cptkit.testing.tiny import make_tiny_llama
 from cptkit.train.checkpointing import apply_memory_plan, checkpoint_blocks
-from cptkit.train.memory import MemorySetup, RunShape, estimate_memory
+from cptkit.train.memory import PREDICTION_HEADROOM, MemorySetup, RunShape, estimate_memory
 
 LAYERS = 4
 SHAPE = RunShape(seq_length=24, micro_batch=2)
@@ -107,11 +109,14 @@ def test_a_forward_without_gradients_runs_each_block_once_under_any_plan(four_bl
 
 
 def budget_for(model, train_cfg, checkpointed: int) -> int:
-    """A budget that the estimate with `checkpointed` blocks fits and the one with one fewer does not."""
+    """A budget that the estimate with `checkpointed` blocks fits and the one with one fewer does not
+    (auto keeps PREDICTION_HEADROOM of it free)."""
     setup = MemorySetup.from_config(
-        train_cfg, SHAPE, fused_cross_entropy=False, fast_lora=True, fused_mlp=False, dtype_bytes=4
+        train_cfg, SHAPE, fused_cross_entropy=False, fast_lora=True, fused_mlp=True, dtype_bytes=4
     )
-    return estimate_memory(shape_of_model(model), setup, checkpointed).total
+    return math.ceil(
+        estimate_memory(shape_of_model(model), setup, checkpointed).total / (1 - PREDICTION_HEADROOM)
+    )
 
 
 def flags(model) -> list[bool]:

@@ -23,6 +23,9 @@ DEFAULT_MARGIN = 0.08  # the fraction of the GPU's memory the default budget lea
 ACTIVATION_CALIBRATION = 1.0
 FIXED_OVERHEAD_BYTES = 0
 
+# auto keeps this fraction of the budget free for the estimate's error (within 3% on the H200's 8B
+# runs, bench/README.md "speed"), so a plan chosen to fit does not end a few percent over
+PREDICTION_HEADROOM = 0.04
 OFFLOAD_OVERHEAD = 0.03  # step time the pinned-memory copies of offloaded block inputs add (to be measured)
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8  # 4-bit values + double-quantised absmax constants
 # Optimizer states per trainable parameter, by `train.hf.optim` (a prefix matches), each in the
@@ -328,8 +331,9 @@ def plan_memory(shape: Any, setup: MemorySetup, budget_bytes: int, forced: bool 
     if forced is not None:
         plan = make("all", layers) if forced else make("none", 0)
         return plan if plan.fits else _over_budget(plan)
+    aim = budget_bytes * (1 - PREDICTION_HEADROOM)
     for count in range(layers + 1):  # memory falls as count grows: the first that fits is the fastest
-        if estimate_memory(shape, setup, count).total <= budget_bytes:
+        if estimate_memory(shape, setup, count).total <= aim:
             return make("none" if count == 0 else "some" if count < layers else "all", count)
     offload = make("offload", layers)
     return offload if offload.fits else _over_budget(offload)
