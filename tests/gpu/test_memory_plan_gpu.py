@@ -5,6 +5,8 @@ pytest -m gpu tests/gpu/test_memory_plan_gpu.py -s (the -s output is the calibra
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -98,6 +100,14 @@ def test_offload_keeps_the_block_inputs_off_the_gpu(mid_model_dir):
 
 @pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
 def test_each_plan_predicts_its_peak_within_ten_percent(mid_model_dir, mode):
+    # What this process already holds on the GPU is not this model's and not in its estimate: models of
+    # the earlier tests that `del` does not free (liger's and the fused LoRA path's forwards are bound
+    # to their modules, a reference cycle that only the cycle collector breaks) and the previous
+    # parametrization's model, kept by its failure's traceback (sys.last_traceback). So collect, and
+    # measure from what is left.
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated()
     loaded = load(mid_model_dir, mode, gradient_checkpointing=False)
     model, fused = loaded.model, loaded.fused_cross_entropy
 
@@ -115,13 +125,14 @@ def test_each_plan_predicts_its_peak_within_ten_percent(mid_model_dir, mode):
         ("auto", "1B"),
     ):
         applied = plan(gradient_checkpointing, budget)
-        measured = measured_peak(model)
+        measured = measured_peak(model) - held
         error = (measured - applied.estimate.total) / applied.estimate.total
         rows.append(
             (applied.checkpointing, len(applied.checkpointed_layers), applied.estimate, measured, error)
         )
     print(
-        f"\n{mode} ({SHAPE.micro_batch} x {SHAPE.seq_length}, fused loss {fused}): plan, blocks, predicted, measured"
+        f"\n{mode} ({SHAPE.micro_batch} x {SHAPE.seq_length}, fused loss {fused}): plan, blocks, predicted, "
+        f"measured (less {gib(held)} held before loading)"
     )
     for kind, count, estimate, measured, error in rows:
         print(
