@@ -155,3 +155,12 @@ def test_packed_with_boundaries_equals_separate_documents(tiny_model_dir, cpu_va
         for doc, (row, start) in zip(docs, offset, strict=True):
             alone = model(input_ids=torch.tensor([doc]), use_cache=False).logits[0]
             torch.testing.assert_close(packed[row, start : start + len(doc)], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_boundaries_are_derived_under_inference_mode_too():
+    """Inference tensors have no version counter: the derived boundaries' cache must not ask for one."""
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    with torch.inference_mode():
+        inference_ids = position_ids.clone()
+        cu, longest = _SeqLens().get(inference_ids)
+    assert cu.tolist() == [0, 3, 5, 8] and longest == 3

@@ -5,6 +5,7 @@ against a measured one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -369,3 +370,22 @@ def test_the_setup_expected_before_loading_follows_train_kernels():
     s = expected_setup(cfg, RunShape(2048, 8), fused_cross_entropy=True)
     assert (s.fast_lora, s.fused_mlp, s.fused_norm, s.lora_dropout) == (False, False, True, 0.05)
     assert not expected_setup(cfg, RunShape(2048, 8), fused_cross_entropy=False).fused_norm
+
+
+def test_ewc_s_fisher_and_a_q_v_only_adapter_are_planned_as_they_run():
+    """LoRA's EWC keeps an fp32 Fisher of every adapted base weight on the GPU; an adapter on q/v only
+    leaves the MLP to its stock path (the fused MLP needs gate, up and down adapted)."""
+    from cptkit.config.forgetting import RegularizeConfig
+    from cptkit.train.memory import expected_setup
+
+    plain = TrainConfig(mode="lora")
+    ewc = dataclasses.replace(
+        plain, regularize=RegularizeConfig(ewc=dataclasses.replace(RegularizeConfig().ewc, weight=1.0))
+    )
+    shape = RunShape(2048, 8)
+    with_fisher = estimate_memory(LLAMA3_8B, expected_setup(ewc, shape, True), 0).weights
+    without = estimate_memory(LLAMA3_8B, expected_setup(plain, shape, True), 0).weights
+    assert with_fisher - without == 4 * LLAMA3_8B.layers * LLAMA3_8B.block_linear_params
+    qv = dataclasses.replace(plain, lora=dataclasses.replace(plain.lora, target_modules=["q_proj", "v_proj"]))
+    assert expected_setup(qv, shape, True).fused_mlp is False
+    assert expected_setup(plain, shape, True).fused_mlp is True

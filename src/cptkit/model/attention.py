@@ -102,7 +102,7 @@ class _SeqLens:
     def get(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.value is None or not self._holds(position_ids):
             # the cache holds its key, so no other tensor can take its memory while it is cached
-            self.key, self.version = position_ids, position_ids._version
+            self.key, self.version = position_ids, _version(position_ids)
             self.value = document_boundaries(position_ids)
         return self.value
 
@@ -111,7 +111,7 @@ class _SeqLens:
         key = self.key
         return (
             key is not None
-            and position_ids._version == self.version
+            and _version(position_ids) == self.version
             and (
                 key is position_ids
                 or (
@@ -122,6 +122,11 @@ class _SeqLens:
                 )
             )
         )
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version; inference tensors (torch.inference_mode) have no counter."""
+    return -1 if torch.is_inference(tensor) else tensor._version
 
 
 _seqlens = _SeqLens()

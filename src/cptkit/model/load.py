@@ -34,7 +34,9 @@ class LoadedModel:
     fused_cross_entropy: bool
     dtype: torch.dtype
     memory_plan: Any = None  # cptkit.train.memory.MemoryPlan, or None where no plan applies (CPU)
-    kernels: dict[str, Any] = field(default_factory=dict)  # kernel -> on (rms_norm, swiglu, rope, compile, fast_lora)
+    kernels: dict[str, Any] = field(
+        default_factory=dict
+    )  # kernel -> on (rms_norm, swiglu, rope, compile, fast_lora)
 
 
 def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
@@ -220,7 +222,9 @@ def load_model_and_tokenizer(
     with _refusals(model_cfg, path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
-    applied: dict[str, Any] = {}  # which kernels are on (fast_lora: layers and MLPs routed), for run_meta.json
+    applied: dict[
+        str, Any
+    ] = {}  # which kernels are on (fast_lora: layers and MLPs routed), for run_meta.json
     fused = kernels.apply_liger(model, train_cfg, use_fused_cross_entropy(train_cfg), record=applied)
     if train_cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -243,12 +247,15 @@ def load_model_and_tokenizer(
         fast_lora.enable_fast_lora(model, train_cfg)
         applied["fast_lora"] = fast_lora.fast_lora_status(model)
     routed = applied.get("fast_lora") or {}
+    if routed and _weights_sharded() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # ZeRO-3 hooks every module once it wraps the model: the fused layers step aside for them
+        routed = applied["fast_lora"] = {"layers": 0, "mlps": 0}
     plan = checkpointing.apply_memory_plan(
         model,
         train_cfg,
         run_shape,
         fused_cross_entropy=fused,
-        fast_lora=bool(routed.get("layers")),
+        fast_lora=bool(routed.get("layers")) and routed["layers"] == len(fast_lora.lora_layers(model)),
         fused_mlp=bool(routed.get("mlps")),
     )
     kernels.compile_blocks(model, train_cfg)

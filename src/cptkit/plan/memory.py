@@ -109,7 +109,9 @@ def setup_for(cfg: Config, seq_length: int, micro_batch: int, shards: int = 1) -
     return expected_setup(
         cfg.train,
         RunShape(seq_length, micro_batch),
-        fused_cross_entropy=cfg.train.fused_cross_entropy != "off",
+        # auto turns liger's fused loss off where the lm_head is sharded (model/load.py)
+        fused_cross_entropy=cfg.train.fused_cross_entropy == "on"
+        or (cfg.train.fused_cross_entropy == "auto" and shards == 1),
         dtype_bytes=4 if cfg.model.dtype == "float32" else 2,
         shards=shards,
     )

@@ -74,9 +74,12 @@ def check_plan_fits(model_cfg: Any, train_cfg: Any, run_shape: RunShape) -> None
     """Before the model loads, on a GPU: refuse a run that does not fit the GPU's whole memory even
     with every block checkpointed and offloaded (from the model's shape on the meta device, with the
     fused kernels the config allows, so only a run that cannot fit is refused)."""
-    if not torch.cuda.is_available():
+    from cptkit.model.load import _sharded, load_model_config, use_fused_cross_entropy
+
+    if not torch.cuda.is_available() or _sharded() or train_cfg.hf.get("deepspeed"):
+        # DeepSpeed and FSDP place, shard and may offload the weights and states themselves (their
+        # settings are not all known here): the plan made after loading still applies and warns
         return
-    from cptkit.model.load import load_model_config, use_fused_cross_entropy
     from cptkit.model.shape import shape_from_config
 
     setup = expected_setup(train_cfg, run_shape, use_fused_cross_entropy(train_cfg), shards=weight_shards())
@@ -194,7 +197,9 @@ def _to_cpu(tensor: torch.Tensor) -> Any:
     the copy is done, and the event tells the backward when the copy may be read."""
     if tensor.device.type != "cuda":
         return tensor.detach().clone()
-    stream = _copy_streams.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
+    if tensor.device not in _copy_streams:
+        _copy_streams[tensor.device] = torch.cuda.Stream(tensor.device)
+    stream = _copy_streams[tensor.device]
     stream.wait_stream(torch.cuda.current_stream(tensor.device))
     packed = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
     with torch.cuda.stream(stream):

@@ -32,7 +32,11 @@ NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8  # 4-bit values + double-quantised absmax 
 # parameter's dtype (torch's AdamW keeps exp_avg/exp_avg_sq like the parameter), one byte in 8-bit ones.
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1, "adafactor": 0, "lion": 1}
 EIGHT_BIT_OPTIMIZER = re.compile(r"(8bit|_8bit)")
-FULL_MODE_COPIES = {"kl_to_base": 1, "l2_to_base": 1, "ewc": 2}  # frozen copies of the weights (full mode)
+FULL_MODE_COPIES = {
+    "kl_to_base": 1,
+    "l2_to_base": 1,
+    "ewc": 3,
+}  # frozen copies (full mode; ewc: e + fp32 Fisher)
 
 Checkpointing = Literal["none", "some", "all", "offload"]
 
@@ -76,6 +80,7 @@ class MemorySetup:
     dtype_bytes: int = 2
     optimizer: str = "adamw_torch"
     extra_model_copies: int = 0  # frozen copies of the weights the regularizers keep (full mode)
+    ewc_fisher: bool = False  # LoRA/QLoRA with regularize.ewc: an fp32 Fisher of every adapted base weight
     fused_norm: bool = False  # liger's RMSNorm: keeps its input in the compute dtype, not in fp32
     fused_swiglu: bool = False  # liger's SwiGLU: recomputes act(gate) (fused_mlp, cptkit's, keeps less)
     lora_dropout: float = 0.0
@@ -120,11 +125,20 @@ class MemorySetup:
             dtype_bytes=dtype_bytes,
             optimizer=str(train_cfg.hf.get("optim", "adamw_torch_fused")),
             extra_model_copies=copies,
+            ewc_fisher=train_cfg.mode != "full" and regularize is not None and regularize.ewc.weight > 0,
             fused_norm=fused_norm,
             fused_swiglu=fused_swiglu,
             lora_dropout=train_cfg.lora.dropout if train_cfg.mode != "full" else 0.0,
             shards=shards,
         )
+
+
+def _mlp_adapted(targets: list[str] | str) -> bool:
+    """Whether LoRA adapts all three projections of a SwiGLU MLP, which the fused MLP needs."""
+    if targets == "all-linear":
+        return True
+    names = {targets} if isinstance(targets, str) else set(targets)
+    return {"gate_proj", "up_proj", "down_proj"} <= {n.split(".")[-1] for n in names}
 
 
 def expected_setup(
@@ -139,7 +153,10 @@ def expected_setup(
         run_shape,
         fused_cross_entropy=fused_cross_entropy,
         fast_lora=train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
-        fused_mlp=train_cfg.mode != "full" and train_cfg.lora.dropout == 0 and kernels.fast_lora != "off",
+        fused_mlp=train_cfg.mode != "full"
+        and train_cfg.lora.dropout == 0
+        and kernels.fast_lora != "off"
+        and _mlp_adapted(train_cfg.lora.target_modules),
         fused_swiglu=fused_cross_entropy and kernels.swiglu != "off",
         fused_norm=fused_cross_entropy and kernels.rms_norm != "off",
         dtype_bytes=dtype_bytes,
@@ -273,6 +290,8 @@ def _weights(shape: Any, setup: MemorySetup) -> tuple[int, int, int, int]:
         base = total * e
     if setup.mode == "full":
         return base + setup.extra_model_copies * total * e, 0, total, e
+    if setup.ewc_fisher:  # train/ewc.py keeps it on the GPU beside the weights
+        base += 4 * shape.layers * sum(i * o for i, o in shape.adapted(setup.lora_targets).values())
     adapters = shape.lora_params(setup.lora_r, setup.lora_targets)
     embeddings = shape.embedding_params + shape.head_params if setup.train_embeddings else 0
     trainable = adapters * 4 + embeddings * e  # peft keeps adapters in fp32, modules_to_save as the base
