@@ -151,3 +151,13 @@ def test_bare_on_and_off_are_the_choices_they_name_not_booleans(tmp_path):
         "on",
         "off",
     )
+
+
+def test_a_wrong_checkpointing_value_names_the_choices(tmp_path):
+    from cptkit.config import Config, load_config
+    from cptkit.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: r\nmodel: {name_or_path: m}\ntrain: {gradient_checkpointing: sometimes}\n")
+    with pytest.raises(ConfigError, match="expected true, false or auto, got 'sometimes'"):
+        load_config(Config, path)

@@ -307,8 +307,16 @@ def _number(value: Any) -> float | None:
 
 
 def _describe(tp: Any) -> str:
-    args = [a for a in get_args(tp) if a is not type(None)]
-    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    """A union as a user reads it: `true, false or auto`, `int or str`."""
+    words = []
+    for option in (a for a in get_args(tp) if a is not type(None)):
+        if option is bool:
+            words += ["true", "false"]
+        elif get_origin(option) is Literal:
+            words += [str(c) for c in get_args(option)]
+        else:
+            words.append(getattr(option, "__name__", str(option)))
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else "".join(words)
 
 
 T = typing.TypeVar("T")
