@@ -246,17 +246,17 @@ def load_model_and_tokenizer(
         )
         fast_lora.enable_fast_lora(model, train_cfg)
         applied["fast_lora"] = fast_lora.fast_lora_status(model)
-    routed = applied.get("fast_lora") or {}
-    if routed and _weights_sharded() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    zero3 = _weights_sharded() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if zero3 and "fast_lora" in applied:
         # ZeRO-3 hooks every module once it wraps the model: the fused layers step aside for them
-        routed = applied["fast_lora"] = {"layers": 0, "mlps": 0}
+        applied["fast_lora"] = {"layers": 0, "mlps": 0}
     plan = checkpointing.apply_memory_plan(
         model,
         train_cfg,
         run_shape,
         fused_cross_entropy=fused,
-        fast_lora=bool(routed.get("layers")) and routed["layers"] == len(fast_lora.lora_layers(model)),
-        fused_mlp=bool(routed.get("mlps")),
+        fast_lora=False if zero3 else None,
+        fused_mlp=False if zero3 else None,
     )
     kernels.compile_blocks(model, train_cfg)
     log.info(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cptkit.errors import CptkitError
-from cptkit.model.fast_lora import fast_lora_status
+from cptkit.model.fast_lora import fast_lora_status, lora_layers
 from cptkit.model.shape import decoder_blocks, shape_of_model
 from cptkit.train.memory import (
     MemoryPlan,
@@ -43,8 +43,8 @@ def apply_memory_plan(
     """Checkpoint the decoder blocks of `model` as `train.gradient_checkpointing` says and return the
     MemoryPlan applied. auto plans on a GPU (and on CPU with an explicit train.memory_budget, so plans can
     be tested there); without a plan auto means no checkpointing on CPU, true all blocks, false none.
-    `fast_lora`/`fused_mlp` say which fused paths the model runs (default: read from the model and the
-    config, `kernels_in_use`)."""
+    `fast_lora`/`fused_mlp` say which fused paths the model runs where the model does not show it
+    (default: read from the model, `kernels_in_use`)."""
     forced = None if train_cfg.gradient_checkpointing == "auto" else bool(train_cfg.gradient_checkpointing)
     budget = budget_bytes(train_cfg.memory_budget, training_gpu())
     if budget is None or run_shape is None:
@@ -134,8 +134,8 @@ def budget_bytes(memory_budget: str | None, device: torch.device | None) -> int 
 
 def kernels_in_use(model: Any, train_cfg: Any) -> dict[str, bool]:
     """Which fused paths change what the blocks keep: liger's RMSNorm and SwiGLU (seen on the model:
-    liger renames the modules it patches) and cptkit's fused LoRA path (as the config asks: a LoRA
-    mode, train.kernels.fast_lora not off, lora.dropout 0)."""
+    liger renames the modules it patches) and cptkit's fused LoRA path and MLP (seen on the model: every
+    LoRA layer routed, `cptkit.model.fast_lora.fast_lora_status`)."""
     blocks = decoder_blocks(model)
     block = blocks[0] if blocks else None
 
@@ -143,15 +143,12 @@ def kernels_in_use(model: Any, train_cfg: Any) -> dict[str, bool]:
         module = getattr(block, name, None)
         return module is not None and "Liger" in module._get_name()
 
+    routed = fast_lora_status(model) if train_cfg.mode != "full" else {"layers": 0, "mlps": 0}
     return {
         "fused_norm": liger("input_layernorm"),
         "fused_swiglu": liger("mlp"),
-        "fused_mlp": bool(fast_lora_status(model)["mlps"]) if train_cfg.mode != "full" else False,
-        "fast_lora": (
-            train_cfg.mode in ("lora", "qlora")
-            and train_cfg.kernels.fast_lora != "off"
-            and train_cfg.lora.dropout == 0
-        ),
+        "fused_mlp": bool(routed["mlps"]),
+        "fast_lora": bool(routed["layers"]) and routed["layers"] == len(lora_layers(model)),
     }
 
 
