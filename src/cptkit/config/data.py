@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cptkit.config.fields import at_least, opt
 from cptkit.data.chunk import CHUNKERS, describe_chunkers
@@ -49,14 +49,34 @@ class SelfReplayConfig:
 
 
 @dataclass
+class HubConfig:
+    """A Hugging Face dataset by name (for `type: hub`), read in streaming mode as `datasets.load_dataset(path,
+    name, split=split, revision=revision, streaming=True)` reads it: nothing is downloaded whole first."""
+
+    path: str = opt(help="dataset name on the hub (e.g. stanfordnlp/imdb) or a local folder in the hub layout")
+    name: str | None = opt(None, "the dataset's configuration (load_dataset's name; none: its default)")
+    split: str = opt("train", "split to read")
+    revision: str | None = opt(None, "branch, tag or commit (none: the default branch)")
+    data_files: str | list[str] | None = opt(None, "load_dataset's data_files (none: the dataset's own)")
+
+    def check(self, path: str):
+        if not self.path:
+            return [(f"{path}.path", "name the dataset, e.g. stanfordnlp/imdb, or a local folder in the hub layout")]
+        return []
+
+
+@dataclass
 class SourceConfig:
     """One named input corpus."""
 
     name: str = opt(help="short name of the source, used in the manifest and the held-out set's folder")
     path: str | None = opt(None, f"{READABLE} (type files)")
-    type: Literal["files", "self_replay"] = opt(
-        "files", "files: read path; self_replay: the base model writes the documents (see self_replay)"
+    type: Literal["files", "self_replay", "hub"] = opt(
+        "files",
+        "files: read path; self_replay: the base model writes the documents (see self_replay); hub: a "
+        "Hugging Face dataset by name, streamed (see hub)",
     )
+    hub: HubConfig | None = opt(None, "type hub: the dataset, configuration, split and revision")
     self_replay: SelfReplayConfig = opt(
         factory=SelfReplayConfig, help="type self_replay: how the text is written"
     )
@@ -75,9 +95,17 @@ class SourceConfig:
     heldout_fraction: float | None = opt(None, "overrides data.heldout_fraction for this source")
     heldout_min_documents: int | None = opt(None, "overrides data.heldout_min_documents for this source")
     heldout_min_tokens: int | None = opt(None, "overrides data.heldout_min_tokens for this source")
+    max_documents: int | None = opt(
+        None, "take only the first this many documents (in reading order, after filters; none: all)"
+    )
+    max_tokens: int | None = opt(
+        None,
+        "take only the first documents whose tokens add up to at most this many (reading order, after "
+        "filters, whole documents; none: all)",
+    )
 
     def check(self, path: str):
-        problems = []
+        problems = at_least(self, path, max_documents=1, max_tokens=1)
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             problems.append((f"{path}.name", f"{self.name!r}: use letters, digits, '-' and '_' only"))
         if self.type == "self_replay" and self.path:
@@ -87,6 +115,12 @@ class SourceConfig:
                     "a self_replay source writes its own documents: remove path (or use type: files)",
                 )
             )
+        if self.type == "hub" and self.path:
+            problems.append((f"{path}.path", "a hub source names its dataset in hub.path: remove path"))
+        if self.type == "hub" and self.hub is None:
+            problems.append((f"{path}.hub", "type hub needs hub: {path: <dataset name or local folder>}"))
+        if self.type != "hub" and self.hub is not None:
+            problems.append((f"{path}.type", "hub is set: use type: hub (or remove hub)"))
         if self.type == "files" and not self.path:
             problems.append((f"{path}.path", f"a source of type files needs a path ({READABLE})"))
         elif self.type == "files" and not Path(self.path).exists():
@@ -127,6 +161,38 @@ class FilterConfig:
             problems.append(
                 (f"{path}.max_non_text_fraction", f"{self.max_non_text_fraction} must be in [0, 1]")
             )
+        return problems
+
+
+@dataclass
+class ExecutorConfig:
+    """What runs the per-shard tokenization tasks. `here` (the default) needs nothing: this process, on
+    data.num_proc threads. `local`, `slurm` and `ray` run them through datatrove's executors (`pip install
+    "cptkit[scale]"`; ray also needs `pip install ray`): processes on this machine, a Slurm job array, a
+    Ray cluster. A shard done is never redone; the output is the same whoever made it."""
+
+    type: Literal["here", "local", "slurm", "ray"] = opt(
+        "here", "here: this process; local: worker processes; slurm: a job array; ray: a Ray cluster"
+    )
+    workers: int | None = opt(
+        None, "tasks run at once (local: processes, default all cores; slurm: array tasks at once, default no cap)"
+    )
+    retries: int = opt(1, "times a failed shard is tried again before prepare stops and names it")
+    local_tasks: int | None = opt(
+        None, "local, one machine of several: how many of the tasks this machine runs (with local_rank_offset)"
+    )
+    local_rank_offset: int = opt(0, "local, one machine of several: the first task this machine runs")
+    logging_dir: str | None = opt(None, "where the engine logs and marks tasks done (default: OUT/executor/<type>)")
+    options: dict[str, Any] = opt(
+        factory=dict,
+        help="passed to the datatrove executor as they are: slurm: partition, time, cpus_per_task, "
+        "mem_per_cpu_gb, qos, sbatch_args, venv_path, ...; ray: cpus_per_task, mem_per_cpu_gb, ...",
+    )
+
+    def check(self, path: str):
+        problems = at_least(self, path, workers=1, retries=0, local_tasks=1, local_rank_offset=0)
+        if self.type != "local" and (self.local_tasks is not None or self.local_rank_offset):
+            problems.append((f"{path}.local_tasks", "local_tasks and local_rank_offset are for type: local"))
         return problems
 
 
@@ -174,7 +240,13 @@ class DataConfig:
     )
     filters: FilterConfig = opt(factory=FilterConfig, help="document filters")
     seed: int = opt(1234, "seed for the held-out split and the mix")
-    num_proc: int | None = opt(None, "tokenizer processes (default: all cores)")
+    num_proc: int | None = opt(None, "tokenizer threads (or processes) per task (default: all cores)")
+    executor: ExecutorConfig = opt(factory=ExecutorConfig, help="what runs the tokenization tasks (see executor)")
+    pack_window: int = opt(
+        1 << 20,
+        "segments packed best-fit together; a corpus with more is shuffled, cut into windows of this many "
+        "and packed window by window (memory stays bounded; see the manifest's packing_efficiency)",
+    )
     trust_remote_code: bool = opt(False, "allow tokenizers with custom code")
     prune_cache: bool = opt(
         False,
@@ -199,6 +271,8 @@ class DataConfig:
         if not 0 <= self.heldout_fraction < 1:
             problems.append((f"{path}.heldout_fraction", f"{self.heldout_fraction} must be in [0, 1)"))
         problems += _floor_problems(self, path)
+        if self.pack_window < 1024:
+            problems.append((f"{path}.pack_window", f"{self.pack_window} is too small (at least 1024)"))
         if self.chunk_chars < 1:
             problems.append((f"{path}.chunk_chars", "must be positive"))
         if self.heldout_max_documents is not None and self.heldout_max_documents < 0:
