@@ -408,12 +408,26 @@ def test_near_duplicates_are_dropped_across_sources_before_the_split(
     assert exact["sources"]["mirror"]["duplicates"] == 1 and exact["sources"]["mirror"]["documents"] == 24
 
 
+def _interrupt_at(name):
+    def on_phase(phase):
+        if phase == name:
+            raise KeyboardInterrupt
+
+    return on_phase
+
+
 def test_prune_cache_keeps_only_what_this_config_uses(tmp_path, tiny_tokenizer_dir, paragraphs):
     both = dom_and_gen(tmp_path, paragraphs[:60], paragraphs[60:100])
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both))
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both, filters={"min_chars": 80}))  # other settings
     cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / STORE_DIR
     assert len(list((cache / "dom").glob("*.arrow"))) == 2
+    with pytest.raises(KeyboardInterrupt):  # stopped before its rows are written: nothing is pruned yet
+        run_with(
+            config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, prune_cache=True),
+            on_phase=_interrupt_at("write"),
+        )
+    assert len(list((cache / "dom").glob("*.arrow"))) == 2 and (cache / "gen").is_dir()
     kept = prepare.run(
         config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, prune_cache=True)
     )
