@@ -9,8 +9,9 @@ re-tokenization, and the memory assembly needs grows with the documents and segm
 
 Memory per document (all sources): 16 bytes of hash for exact dedup, 8 of token count, 8 of start offset,
 8 of characters, and, per source at a time, some 40 bytes of temporaries (the held-out split's scores and
-the dedup merge); per segment, 20 bytes (start, length, source) for the mix and 8 more while it is
-packed; per window of `data.pack_window` segments, about 100 bytes a segment of Python lists.
+the dedup merge); per segment, 16 bytes (start, length) before the mix, 20 (start, length, source)
+after it and 8 more while it is packed; per window of `data.pack_window` segments, about 100 bytes a
+segment of Python lists.
 """
 
 from __future__ import annotations
