@@ -294,3 +294,31 @@ def test_a_remote_dataset_is_keyed_on_the_commit_it_resolves_to(monkeypatch):
 
     assert key("a" * 40) == key("a" * 40, revision=None)  # the commit decides, however it was named
     assert key("b" * 40) != key("a" * 40) and key(None) != key(None, revision="v2")
+
+
+def test_a_damaged_file_stops_the_run_naming_it_and_the_rerun_resumes_there(
+    tmp_path, tiny_tokenizer_dir, hub_folder
+):
+    root, texts = hub_folder
+    damaged = root / "data/train-00002.parquet"
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[:300])
+    cfg = hub_config(tmp_path, tiny_tokenizer_dir, {"path": str(root)})
+    calls = []
+    with pytest.raises(CptkitError) as e:
+        prepare_data(cfg.data, cfg.stage_dir("prepare"), executor=counting_calls(calls))
+    assert f"reading shard 2 ({damaged})" in str(e.value) and "damaged file" in str(e.value)
+    damaged.write_bytes(good)
+    manifest = prepare_data(cfg.data, cfg.stage_dir("prepare"), executor=counting_calls(calls)).manifest
+    assert calls == [0, 1, 2, 2] and manifest["sources"]["dom"]["read"] == 90
+
+
+def test_cptkit_run_stamps_and_plan_know_a_hub_source(tmp_path, tiny_tokenizer_dir, hub_folder):
+    from cptkit.data.self_replay import source_inputs
+    from cptkit.plan.estimate import estimate_tokens
+
+    root, _ = hub_folder
+    cfg = hub_config(tmp_path, tiny_tokenizer_dir, {"path": str(root)})
+    assert source_inputs(cfg.data.sources[0], None) == [str(root)]  # the folder's files stamp the stage
+    with pytest.raises(CptkitError, match="run cptkit prepare first"):
+        estimate_tokens(cfg.data)

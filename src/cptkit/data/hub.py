@@ -300,6 +300,8 @@ def read_hub_shard(
     """The documents of shard `index` of the stream, rows without text recorded in `ledger`; `progress`
     is told of the shard's bytes (where known) once it is read. A read that fails (a damaged file, the
     network gone) raises: the shard is not finished and a rerun reads it again."""
+    import datasets
+
     where = plan.files[index] if plan.file_per_shard else f"{plan.label} shard {index}"
     stream = plan.open()
     if stream.n_shards != plan.num_shards:
@@ -318,10 +320,16 @@ def read_hub_shard(
                 else:
                     reason = "no_text_field" if value is None else "text_not_a_string"
                     ledger.drop(reason, f"{where}:{number}")
-    except (OSError, ValueError, RuntimeError) as e:  # datasets and fsspec raise several kinds
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        datasets.exceptions.DatasetsError,
+    ) as e:  # pyarrow, fsspec, ...
         raise CptkitError(
-            f"{plan.label}: reading shard {index} ({where}) failed after {number} rows: {e}; run prepare "
-            "again (finished shards are kept)"
+            f"{plan.label}: reading shard {index} ({where}) failed after {number} rows: {e}. A damaged file: "
+            "replace it, or leave it out with hub.data_files; the network gone: run prepare again (the "
+            "finished shards are kept)"
         ) from e
     if progress is not None:
         progress(plan.shard_bytes(index))
