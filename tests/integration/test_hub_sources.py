@@ -322,3 +322,23 @@ def test_cptkit_run_stamps_and_plan_know_a_hub_source(tmp_path, tiny_tokenizer_d
     assert source_inputs(cfg.data.sources[0], None) == [str(root)]  # the folder's files stamp the stage
     with pytest.raises(CptkitError, match="run cptkit prepare first"):
         estimate_tokens(cfg.data)
+
+
+def in_a_fresh_process(tasks, progress):
+    """Each task in a fresh interpreter, as an engine on another machine runs it: the task crosses as a
+    pickle and opens the stream itself."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(tokenize_shard, tasks)
+
+
+@pytest.mark.slow  # a fresh interpreter imports datasets and torch: about 10 s on 2 cores
+def test_hub_shards_run_elsewhere_give_the_same_store(tmp_path, tiny_tokenizer_dir, hub_folder):
+    root, _ = hub_folder
+    here = hub_config(tmp_path / "here", tiny_tokenizer_dir, {"path": str(root), "name": "other"})
+    prepare_data(here.data, here.stage_dir("prepare"))
+    elsewhere = hub_config(tmp_path / "elsewhere", tiny_tokenizer_dir, {"path": str(root), "name": "other"})
+    prepare_data(elsewhere.data, elsewhere.stage_dir("prepare"), executor=in_a_fresh_process)
+    assert store_ids(here) == store_ids(elsewhere) and rows(here) == rows(elsewhere)

@@ -275,9 +275,12 @@ def _check_text_field(stream: Any, text_field: str, path: str, label: str) -> No
         raise CptkitError(
             f"{label}.text_field: {text_field!r} is not a column of {path} (columns: {', '.join(columns)})"
         )
+    import datasets
+
     feature = features.get(text_field) if features is not None else None
-    dtype = getattr(feature, "dtype", "string")
-    if dtype not in ("string", "large_string"):
+    if feature is not None and not (
+        isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    ):
         raise CptkitError(
             f"{label}.text_field: {text_field!r} of {path} holds {feature}, not text; name the column "
             f"that holds the text (columns: {', '.join(columns)})"
