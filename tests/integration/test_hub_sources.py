@@ -14,7 +14,6 @@ import pytest
 from cptkit.commands import prepare
 from cptkit.config import Config, build_config
 from cptkit.config.data import FilterConfig, HubConfig
-from cptkit.data.cache import CACHE_DIR
 from cptkit.data.document import Ledger
 from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.hub import plan_hub, read_hub_shard
@@ -193,7 +192,7 @@ def store_ids(cfg: Config) -> list[list[int]]:
     out = cfg.stage_dir("prepare")
     plan = make_plan(cfg.data, out)
     return [
-        ids for sh in plan.shards["dom"] for ids in open_shard(sh, out / CACHE_DIR)["input_ids"].to_pylist()
+        ids for sh in plan.shards["dom"] for ids in open_shard(sh, plan.cache_dir)["input_ids"].to_pylist()
     ]
 
 

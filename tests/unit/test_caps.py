@@ -11,7 +11,6 @@ import pytest
 from cptkit.config import Config, build_config
 from cptkit.config.data import FilterConfig
 from cptkit.data import shards as shards_mod
-from cptkit.data.cache import CACHE_DIR
 from cptkit.data.caps import Cap, leading_documents
 from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.normalize import normalize
@@ -100,11 +99,10 @@ def recording(rounds):
 
 def stored(cfg, column="text", source="capped") -> list[list]:
     """Each stored shard's `column`, shard after shard (the shards never read have no file)."""
-    out = cfg.stage_dir("prepare")
-    shards = make_plan(cfg.data, out).shards[source]
-    files = [sh for sh in shards if sh.path(out / CACHE_DIR).is_file()]
+    plan = make_plan(cfg.data, cfg.stage_dir("prepare"))
+    files = [sh for sh in plan.shards[source] if sh.path(plan.cache_dir).is_file()]
     assert [sh.index for sh in files] == list(range(len(files)))
-    return [open_shard(sh, out / CACHE_DIR)[column].to_pylist() for sh in files]
+    return [open_shard(sh, plan.cache_dir)[column].to_pylist() for sh in files]
 
 
 def test_a_capped_source_stops_after_the_shard_that_reaches_its_cap(
