@@ -188,12 +188,11 @@ def file_config(tmp_path, tokenizer_dir, path) -> Config:
 
 
 def store_ids(cfg: Config) -> list[list[int]]:
-    """Every document's stored ids, shard after shard, as assembly reads them."""
-    out = cfg.stage_dir("prepare")
-    plan = make_plan(cfg.data, out)
-    return [
-        ids for sh in plan.shards["dom"] for ids in open_shard(sh, plan.cache_dir)["input_ids"].to_pylist()
-    ]
+    """Every document's stored ids, shard after shard, as assembly reads them (a capped source's shards
+    never read have no file)."""
+    plan = make_plan(cfg.data, cfg.stage_dir("prepare"))
+    files = [sh for sh in plan.shards["dom"] if sh.path(plan.cache_dir).is_file()]
+    return [ids for sh in files for ids in open_shard(sh, plan.cache_dir)["input_ids"].to_pylist()]
 
 
 def rows(cfg: Config) -> list[list[int]]:
@@ -341,3 +340,12 @@ def test_hub_shards_run_elsewhere_give_the_same_store(tmp_path, tiny_tokenizer_d
     elsewhere = hub_config(tmp_path / "elsewhere", tiny_tokenizer_dir, {"path": str(root), "name": "other"})
     prepare_data(elsewhere.data, elsewhere.stage_dir("prepare"), executor=in_a_fresh_process)
     assert store_ids(here) == store_ids(elsewhere) and rows(here) == rows(elsewhere)
+
+
+def test_a_capped_hub_source_reads_only_the_shards_it_needs(tmp_path, tiny_tokenizer_dir, hub_folder):
+    root, texts = hub_folder
+    cfg = hub_config(tmp_path, tiny_tokenizer_dir, {"path": str(root)}, max_documents=40)
+    calls = []
+    manifest = prepare_data(cfg.data, cfg.stage_dir("prepare"), executor=counting_calls(calls)).manifest
+    assert calls == [0, 1]  # 30 documents a file: the second reaches 40, the third is never opened
+    assert manifest["sources"]["dom"]["read"] == 60 and manifest["sources"]["dom"]["shards"] == 2
