@@ -349,3 +349,13 @@ def test_a_capped_hub_source_reads_only_the_shards_it_needs(tmp_path, tiny_token
     manifest = prepare_data(cfg.data, cfg.stage_dir("prepare"), executor=counting_calls(calls)).manifest
     assert calls == [0, 1]  # 30 documents a file: the second reaches 40, the third is never opened
     assert manifest["sources"]["dom"]["read"] == 60 and manifest["sources"]["dom"]["shards"] == 2
+
+
+def test_a_hub_source_with_nothing_left_is_named(tmp_path, tiny_tokenizer_dir):
+    root = tmp_path / "short"
+    write_parquet(root / "data/train-00000.parquet", ["tiny", None, "too small"])
+    cfg = hub_config(tmp_path, tiny_tokenizer_dir, {"path": str(root)})
+    with pytest.raises(CptkitError) as e:
+        prepare_data(cfg.data, cfg.stage_dir("prepare"))
+    assert f"no documents left from {root} (train) (3 read" in str(e.value)
+    assert "no_text_field: 1" in str(e.value) and "too_short: 2" in str(e.value)

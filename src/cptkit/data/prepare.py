@@ -214,9 +214,15 @@ def _check_nonempty(data: DataConfig, stats: dict[str, ShardStats]) -> None:
         if st.kept == 0:
             drops = ", ".join(f"{r}: {n}" for r, n in st.ledger.drops.most_common()) or "none"
             raise CptkitError(
-                f"data.sources[{i}] ({s.name}): no documents left from {s.path or 'the documents its model wrote'} ({st.read} read; dropped: {drops}); "
+                f"data.sources[{i}] ({s.name}): no documents left from {_what_it_reads(s)} ({st.read} read; dropped: {drops}); "
                 f"check the path, text_field ({s.text_field!r}) and data.filters"
             )
+
+
+def _what_it_reads(source: Any) -> str:
+    if source.type == "hub":
+        return f"{source.hub.path} ({source.hub.split})"
+    return source.path or "the documents its model wrote"
 
 
 def _check_trainable(data: DataConfig, stats: dict[str, dict[str, Any]]) -> None:
