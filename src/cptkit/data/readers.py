@@ -5,7 +5,8 @@ A folder is walked recursively (symlinks followed, each real folder visited once
 all optionally .gz/.zst compressed (UTF-8, or UTF-16/32 with a byte order mark); a folder written by
 `datasets.save_to_disk` is read as a dataset. A file cut short or damaged keeps the rows read before
 the damage and is counted as `unreadable_file`, named.
-Files are read as streams: only one document (one file, or one row) is in memory at a time.
+Files are read as streams: only one document (one file, or one row) is in memory at a time. A hub
+source (`type: hub`) is planned and read by `cptkit.data.hub`; its plan is a `SourcePlan` too.
 """
 
 from __future__ import annotations
