@@ -23,5 +23,6 @@ def main(args) -> int:
     )
     print_summary(manifest, console)
     inputs = manifest.get("inputs", [])
-    console.print(f"inputs: {len(inputs)} file(s), {sum(i['bytes'] for i in inputs):,} bytes")
+    known = sum(i["bytes"] or 0 for i in inputs)  # a hub dataset's remote file read offline: size unknown
+    console.print(f"inputs: {len(inputs)} file(s), {known:,} bytes")
     return 0

@@ -53,7 +53,9 @@ class HubConfig:
     """A Hugging Face dataset by name (for `type: hub`), read in streaming mode as `datasets.load_dataset(path,
     name, split=split, revision=revision, streaming=True)` reads it: nothing is downloaded whole first."""
 
-    path: str = opt(help="dataset name on the hub (e.g. stanfordnlp/imdb) or a local folder in the hub layout")
+    path: str = opt(
+        help="dataset name on the hub (e.g. stanfordnlp/imdb) or a local folder in the hub layout"
+    )
     name: str | None = opt(None, "the dataset's configuration (load_dataset's name; none: its default)")
     split: str = opt("train", "split to read")
     revision: str | None = opt(None, "branch, tag or commit (none: the default branch)")
@@ -61,8 +63,30 @@ class HubConfig:
 
     def check(self, path: str):
         if not self.path:
-            return [(f"{path}.path", "name the dataset, e.g. stanfordnlp/imdb, or a local folder in the hub layout")]
-        return []
+            return [
+                (
+                    f"{path}.path",
+                    "name the dataset, e.g. stanfordnlp/imdb, or a local folder in the hub layout",
+                )
+            ]
+        problems = []
+        if self.revision is not None and Path(self.path).is_dir():
+            problems.append(
+                (
+                    f"{path}.revision",
+                    f"{self.path} is a local folder, which has no revisions: remove revision (the content "
+                    "of its data files is what prepare keys on)",
+                )
+            )
+        if "[" in self.split:
+            problems.append(
+                (
+                    f"{path}.split",
+                    f"{self.split!r}: a streamed split cannot be sliced; name the split and set the "
+                    "source's max_documents or max_tokens to take its first documents",
+                )
+            )
+        return problems
 
 
 @dataclass
@@ -175,14 +199,18 @@ class ExecutorConfig:
         "here", "here: this process; local: worker processes; slurm: a job array; ray: a Ray cluster"
     )
     workers: int | None = opt(
-        None, "tasks run at once (local: processes, default all cores; slurm: array tasks at once, default no cap)"
+        None,
+        "tasks run at once (local: processes, default all cores; slurm: array tasks at once, default no cap)",
     )
     retries: int = opt(1, "times a failed shard is tried again before prepare stops and names it")
     local_tasks: int | None = opt(
-        None, "local, one machine of several: how many of the tasks this machine runs (with local_rank_offset)"
+        None,
+        "local, one machine of several: how many of the tasks this machine runs (with local_rank_offset)",
     )
     local_rank_offset: int = opt(0, "local, one machine of several: the first task this machine runs")
-    logging_dir: str | None = opt(None, "where the engine logs and marks tasks done (default: OUT/executor/<type>)")
+    logging_dir: str | None = opt(
+        None, "where the engine logs and marks tasks done (default: OUT/executor/<type>)"
+    )
     options: dict[str, Any] = opt(
         factory=dict,
         help="passed to the datatrove executor as they are: slurm: partition, time, cpus_per_task, "
@@ -241,7 +269,9 @@ class DataConfig:
     filters: FilterConfig = opt(factory=FilterConfig, help="document filters")
     seed: int = opt(1234, "seed for the held-out split and the mix")
     num_proc: int | None = opt(None, "tokenizer threads (or processes) per task (default: all cores)")
-    executor: ExecutorConfig = opt(factory=ExecutorConfig, help="what runs the tokenization tasks (see executor)")
+    executor: ExecutorConfig = opt(
+        factory=ExecutorConfig, help="what runs the tokenization tasks (see executor)"
+    )
     pack_window: int = opt(
         1 << 20,
         "segments packed best-fit together; a corpus with more is shuffled, cut into windows of this many "

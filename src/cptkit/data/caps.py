@@ -7,6 +7,9 @@ tokens add up to at most `max_tokens`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 
@@ -17,3 +20,26 @@ def leading_documents(lengths: np.ndarray, max_documents: int | None, max_tokens
         total = np.cumsum(np.asarray(lengths[:n], dtype=np.int64))
         n = int(np.searchsorted(total, max_tokens, side="right"))
     return n
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A source's caps, as tokenizing checks them: once the documents kept so far reach either one, the
+    leading documents are all read (what follows them is never kept), so reading can stop."""
+
+    max_documents: int | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def of(cls, source: Any) -> Cap | None:
+        """The caps of a `SourceConfig`; None for a source without any."""
+        if source.max_documents is None and source.max_tokens is None:
+            return None
+        return cls(source.max_documents, source.max_tokens)
+
+    def reached(self, documents: int, tokens: int) -> bool:
+        """True once `documents` kept documents of `tokens` tokens, read from the start, hold every
+        document `leading_documents` keeps."""
+        return (self.max_documents is not None and documents >= self.max_documents) or (
+            self.max_tokens is not None and tokens >= self.max_tokens
+        )

@@ -125,14 +125,35 @@ def build_manifest(
             "packing_efficiency": round(written.tokens / capacity, 6) if capacity else 0.0,
             "pack_windows": written.windows,
         },
-        "inputs": [
-            {"source": name, "path": str(p), "bytes": file_size(p), "sha256": plan.sha256[p]}
-            for name, source in plan.sources.items()
-            for p in source.files
-        ],
+        "inputs": [entry for name, source in plan.sources.items() for entry in _inputs(name, source, plan)],
         "config": dataclasses.asdict(data),
         "versions": versions(),
     }
+
+
+def _inputs(name: str, source: Any, plan: Plan) -> list[dict[str, Any]]:
+    """The files a source read, with their sizes and content hashes; a hub source's data files also
+    name the dataset (path, configuration, split, revision and the commit read), and their sizes and
+    hashes are the hub's where the files are remote (null where not known: offline)."""
+    hub = source.hub
+    if hub is None:
+        return [
+            {"source": name, "path": str(p), "bytes": file_size(p), "sha256": plan.sha256[p]}
+            for p in source.files
+        ]
+    record = hub.describe()
+    if not hub.files:  # the builder does not list its files: the dataset itself is the input
+        return [{"source": name, "path": hub.path, "bytes": None, "sha256": None, "hub": record}]
+    return [
+        {
+            "source": name,
+            "path": f,
+            "bytes": hub.sizes.get(f),
+            "sha256": plan.sha256.get(Path(f)) if hub.local else hub.hub_sha256.get(f),
+            "hub": record,
+        }
+        for f in hub.files
+    ]
 
 
 _ASSEMBLED = (

@@ -1,6 +1,6 @@
-"""What one `cptkit prepare` will read and how, worked out before any work: each source's files, their
-content hashes, the shards they are tokenized in (and stored under), and the fingerprint of everything
-that decides the output (a rerun with the same fingerprint has nothing to do)."""
+"""What one `cptkit prepare` will read and how, worked out before any work: each source's files (or hub
+dataset's stream), their content hashes, the shards they are tokenized in (and stored under), and the
+fingerprint of everything that decides the output (a rerun with the same fingerprint has nothing to do)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cptkit.config.data import DataConfig
+from cptkit.config.data import DataConfig, SourceConfig
 from cptkit.data.cache import FILE_HASHES, STORE_DIR
+from cptkit.data.caps import Cap
 from cptkit.data.chunk import Chunker
 from cptkit.data.hashing import digest, hash_files
+from cptkit.data.hub import plan_hub
 from cptkit.data.manifest import FORMAT_VERSION
 from cptkit.data.readers import SourcePlan, plan_source
 from cptkit.data.self_replay import PREFIX, generated_inputs
@@ -78,6 +80,7 @@ class Plan:
                 fingerprint=self.tokenizer_info["fingerprint"],
                 num_proc=num_proc,
                 pool=pool,
+                cap=Cap.of(s),
             )
             for s in self.data.sources
             for sh in self.shards[s.name]
@@ -91,8 +94,7 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
     info = describe(tok, data.tokenizer)
     paths, generated = generated_inputs(data, out / STORE_DIR)  # a self_replay source's path is written here
     sources = {
-        s.name: plan_source(paths[s.name], s.text_field, f"data.sources[{i}] ({s.name})")
-        for i, s in enumerate(data.sources)
+        s.name: _plan_source(s, paths[s.name], f"data.sources[{i}]") for i, s in enumerate(data.sources)
     }
     sha = hash_files([p for plan in sources.values() for p in plan.files], out / STORE_DIR / FILE_HASHES)
     chunker = Chunker.from_config(data)
@@ -102,7 +104,7 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
             s.name,
             sources[s.name],
             sha,
-            settings_for(s.text_field, filters, chunker.unit, info["fingerprint"]),
+            settings_for(s.text_field, filters, chunker.unit, info["fingerprint"]) | _cap_setting(s),
         )
         for s in data.sources
     }
@@ -110,10 +112,25 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
     return Plan(data, out, tok, info, sources, sha, shards, chunker, fingerprint, generated)
 
 
+def _plan_source(source: SourceConfig, path: str | None, where: str) -> SourcePlan:
+    label = f"{where} ({source.name})"
+    if source.type == "hub":
+        return plan_hub(source.hub, source.text_field, where)
+    return plan_source(path, source.text_field, label)
+
+
+def _cap_setting(source: SourceConfig) -> dict[str, Any]:
+    """A capped source's shards hold only the documents up to its cap: the caps are part of their key
+    (an uncapped source's keys are what they were before caps existed)."""
+    cap = Cap.of(source)
+    return {} if cap is None else {"cap": [cap.max_documents, cap.max_tokens]}
+
+
 def _assembly_settings(data: DataConfig) -> dict[str, Any]:
     d = {k: getattr(data, k) for k in _ASSEMBLY_KEYS}
     d["sources"] = [
         (s.name, s.weight, s.role, s.heldout_fraction, s.heldout_min_documents, s.heldout_min_tokens)
+        + ((s.max_documents, s.max_tokens) if Cap.of(s) is not None else ())
         for s in data.sources
     ]
     return d | {"format_version": FORMAT_VERSION}

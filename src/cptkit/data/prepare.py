@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,31 +135,66 @@ def _finished(out: Path) -> Prepared | None:
 
 
 def _tokenize(plan: Plan, force: bool, executor: Executor, pool: PoolKind | None) -> dict[str, ShardStats]:
-    """Tokenize every shard not already cached; returns each source's merged stats."""
+    """Tokenize every shard not already cached, in rounds of one executor call each: the first round
+    runs every shard of the uncapped sources and the first of each capped one; each next round, the
+    next shard of each capped source whose shards so far have not reached its cap. The shards a capped
+    source did not need are dropped from the plan. Returns each source's merged stats."""
     from tqdm.auto import tqdm
 
     tasks = plan.tasks(pool)
-    found = [None if force else cached_stats(t.shard, plan.cache_dir) for t in tasks]
-    todo = [t for t, s in zip(tasks, found, strict=True) if s is None]
-    if len(todo) < len(tasks):
-        log.info(
-            "reusing %d cached tokenized shard(s)%s",
-            len(tasks) - len(todo),
-            "" if todo else ": nothing to tokenize",
-        )
+    capped = {name: deque(t for t in tasks if t.shard.source == name and t.cap) for name in plan.shards}
+    firsts = [q.popleft() for q in capped.values() if q]
+    batch = [t for t in tasks if t.cap is None or any(t is f for f in firsts)]  # in config order
+    stats = {name: ShardStats() for name in plan.shards}
     clear_leftovers(plan.cache_dir)
-    total = sum(t.shard.bytes for t in todo)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not todo) as bar:
-        done = iter(executor(todo, bar.update) if todo else ())
-        stats = {name: ShardStats() for name in plan.shards}
-        for task, cached in zip(tasks, found, strict=True):
-            got = cached if cached is not None else next(done, None)
-            if got is None:
-                raise ValueError(
-                    f"the executor returned fewer results than the {len(todo)} task(s) it was given"
-                )
-            stats[task.shard.source].add(got)
+    found = _cached(batch, plan, force)
+    reused = ran = 0
+    with tqdm(total=0, unit="B", unit_scale=True, desc="tokenizing", disable=None not in found) as bar:
+        while batch:
+            todo = [t for t, s in zip(batch, found, strict=True) if s is None]
+            reused, ran = reused + len(batch) - len(todo), ran + len(todo)
+            bar.total += sum(t.shard.bytes for t in todo)
+            bar.refresh()
+            results = iter(executor(todo, bar.update) if todo else ())
+            for task, cached in zip(batch, found, strict=True):
+                got = cached if cached is not None else next(results, None)
+                if got is None:
+                    raise ValueError(
+                        f"the executor returned fewer results than the {len(todo)} task(s) it was given"
+                    )
+                stats[task.shard.source].add(got)
+            batch = [q.popleft() for name, q in capped.items() if q and not _cap_reached(q[0], stats[name])]
+            found = _cached(batch, plan, force)
+    if reused:
+        log.info("reused %d cached tokenized shard(s)%s", reused, "" if ran else ": nothing to tokenize")
+    for name, rest in capped.items():
+        if rest:  # its cap was reached before its last shard
+            used = len(plan.shards[name]) - len(rest)
+            log.info(
+                "%s: its cap (%s) is reached in its first %d of %d shards; the others are not read",
+                name,
+                _describe_cap(rest[0]),
+                used,
+                len(plan.shards[name]),
+            )
+            plan.shards[name] = plan.shards[name][:used]
     return stats
+
+
+def _cached(tasks: list[ShardTask], plan: Plan, force: bool) -> list[ShardStats | None]:
+    """Each task's stats where its shard is cached (None: to tokenize; `force`: all of them)."""
+    return [None if force else cached_stats(t.shard, plan.cache_dir) for t in tasks]
+
+
+def _cap_reached(task: ShardTask, so_far: ShardStats) -> bool:
+    return task.cap is not None and task.cap.reached(so_far.kept, so_far.tokens)
+
+
+def _describe_cap(task: ShardTask) -> str:
+    cap = task.cap
+    parts = [f"max_documents {cap.max_documents:,}" if cap.max_documents is not None else ""]
+    parts.append(f"max_tokens {cap.max_tokens:,}" if cap.max_tokens is not None else "")
+    return ", ".join(p for p in parts if p)
 
 
 def _assemble(plan: Plan):
@@ -183,9 +219,15 @@ def _check_nonempty(data: DataConfig, stats: dict[str, ShardStats]) -> None:
         if st.kept == 0:
             drops = ", ".join(f"{r}: {n}" for r, n in st.ledger.drops.most_common()) or "none"
             raise CptkitError(
-                f"data.sources[{i}] ({s.name}): no documents left from {s.path or 'the documents its model wrote'} ({st.read} read; dropped: {drops}); "
+                f"data.sources[{i}] ({s.name}): no documents left from {_what_it_reads(s)} ({st.read} read; dropped: {drops}); "
                 f"check the path, text_field ({s.text_field!r}) and data.filters"
             )
+
+
+def _what_it_reads(source: Any) -> str:
+    if source.type == "hub":
+        return f"{source.hub.path} ({source.hub.split})"
+    return source.path or "the documents its model wrote"
 
 
 def _check_trainable(data: DataConfig, stats: dict[str, dict[str, Any]]) -> None:

@@ -5,7 +5,8 @@ A folder is walked recursively (symlinks followed, each real folder visited once
 all optionally .gz/.zst compressed (UTF-8, or UTF-16/32 with a byte order mark); a folder written by
 `datasets.save_to_disk` is read as a dataset. A file cut short or damaged keeps the rows read before
 the damage and is counted as `unreadable_file`, named.
-Files are read as streams: only one document (one file, or one row) is in memory at a time.
+Files are read as streams: only one document (one file, or one row) is in memory at a time. A hub
+source (`type: hub`) is planned and read by `cptkit.data.hub`; its plan is a `SourcePlan` too.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cptkit.data.document import CountingDecode, Document, Ledger, decode
 from cptkit.data.hashing import file_size
 from cptkit.data.streams import READ_ERRORS, Progress, describe_error, open_binary, open_text_bytes
 from cptkit.errors import CptkitError
+
+if TYPE_CHECKING:
+    from cptkit.data.hub import HubPlan
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +59,13 @@ def is_saved_dataset(path: Path) -> bool:
 
 @dataclass
 class SourcePlan:
-    """What a source path holds, found before any work: readable files (or a saved dataset)."""
+    """What a source holds, found before any work: readable files, a saved dataset, or a hub dataset's
+    stream (`hub`; `files` are then its data files where they are on this machine, else none)."""
 
     files: list[Path]
     dataset: Path | None = None
     ignored: list[Path] | None = None
+    hub: HubPlan | None = None
 
 
 def plan_source(path: str | Path, text_field: str, label: str) -> SourcePlan:

@@ -66,7 +66,10 @@ def with_default_model(data: DataConfig, default_model: str | None) -> DataConfi
 
 
 def source_inputs(source: SourceConfig, default_model: str | None) -> list[str]:
-    """What a source reads, for the stamps of `cptkit run`: its path, or the model and prompts file."""
+    """What a source reads, for the stamps of `cptkit run`: its path (a hub source's dataset folder or
+    name), or the model and prompts file."""
+    if source.type == "hub":
+        return [source.hub.path]
     if source.type != "self_replay":
         return [source.path]
     spec = source.self_replay

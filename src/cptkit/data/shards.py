@@ -10,6 +10,9 @@ chunking, mixing and packing come later and work on the stored ids (training rea
 changing them (or `seq_length`) never tokenizes again. Each file is written to a temporary name and
 renamed, then its stats file is written: a shard is finished when its stats file exists, and an
 interrupted run resumes at the first shard without one.
+A shard may also be one shard of a hub source's stream (`cptkit.data.hub`). A capped source's shard
+(`max_documents` / `max_tokens`, part of its key) stops reading once the documents it kept reach the
+cap: what follows is never kept, so never read.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +30,12 @@ import pyarrow as pa
 
 from cptkit.config.data import FilterConfig
 from cptkit.data import normalize as normalize_mod
+from cptkit.data.caps import Cap
 from cptkit.data.chunk import Chunker
 from cptkit.data.document import Document, Ledger
 from cptkit.data.filters import build_filters
 from cptkit.data.hashing import digest, file_size
+from cptkit.data.hub import HubPlan, read_hub_shard
 from cptkit.data.readers import Progress, SourcePlan, read_documents
 from cptkit.data.steps import DocumentStep
 from cptkit.data.tokenize import Encoder
@@ -115,7 +121,10 @@ class ShardStats:
 def plan_shards(
     source: str, plan: SourcePlan, sha256: dict[Path, str], settings: dict[str, Any]
 ) -> list[Shard]:
-    """Group a source's files into shards and key each on its content and the settings that change ids."""
+    """Group a source's files into shards (a hub source: its stream's shards) and key each on its content
+    and the settings that change ids."""
+    if plan.hub is not None:
+        return [_hub_shard(source, plan.hub, i, sha256, settings) for i in range(plan.hub.num_shards)]
     groups: list[list[Path]] = []
     size = SHARD_BYTES
     for path in plan.files:
@@ -131,6 +140,28 @@ def plan_shards(
         key = digest(settings, [sha256[p] for p in files], [p.name for p in files])
         shards.append(Shard(source, i, files, key, sum(file_size(p) for p in files)))
     return shards
+
+
+def _hub_shard(
+    source: str, hub: HubPlan, index: int, sha256: dict[Path, str], settings: dict[str, Any]
+) -> Shard:
+    """Shard `index` of a hub source's stream, keyed on its data files' content hashes where they are on
+    this machine, else on the commit (or revision) read and the files' names."""
+    files = hub.shard_files(index)
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    if hub.local:
+        local = [Path(f) for f in files]
+        content: Any = [sha256[p] for p in local]
+    else:
+        local, content = [], hub.identity()
+    what = {
+        "config": hub.name,
+        "split": hub.split,
+        "data_files": hub.data_files,
+        "shard": [index, hub.num_shards],
+    }
+    key = digest(settings, content, names, what)
+    return Shard(source, index, local, key, hub.shard_bytes(index))
 
 
 @dataclass(frozen=True)
@@ -151,6 +182,7 @@ class ShardTask:
     fingerprint: str  # the tokenizer's (`tokenizer_fingerprint`), written into the store file's metadata
     num_proc: int = 1
     pool: PoolKind | None = None  # threads or processes; None: threads for a fast tokenizer
+    cap: Cap | None = None  # the source's caps: reading stops once the documents kept reach them
 
     def steps(self) -> list[DocumentStep]:
         """The document steps, in order: normalise, then the filters (cheapest first)."""
@@ -159,13 +191,21 @@ class ShardTask:
 
 def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardStats:
     """Tokenize one shard into its store file (atomically); returns what was read and dropped.
-    `progress(n)` is told of every n bytes of input read."""
+    `progress(n)` is told of every n bytes of input read (a capped shard that stops early: of the rest
+    at once, so its bytes add up)."""
     shard, cache_dir = task.shard, task.cache_dir
     stats = ShardStats()
     target = shard.path(cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    docs = read_documents(task.plan, shard.files, task.text_field, stats.ledger, progress)
+    reported = [0]
+
+    def counted(n: int) -> None:
+        reported[0] += n
+        if progress is not None:
+            progress(n)
+
+    reading = _ReadBatches(task, counted)
     processor = BatchProcessor(Encoder(task.tokenizer), task.steps(), task.chunker)
     tmp_stats = shard.stats_path(cache_dir).with_suffix(".json.tmp")
     schema = store_schema(task.fingerprint)
@@ -175,7 +215,8 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
             pa.OSFile(str(tmp), "wb") as sink,
             pa.ipc.new_file(sink, schema) as writer,
         ):
-            for batch in workers.map(_batches(docs)):
+            for batch in workers.map(reading):
+                stats.ledger.merge(reading.drops_before())
                 stats.ledger.merge(batch.dropped)
                 n = len(batch.texts)
                 stats.kept += n
@@ -183,14 +224,57 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
                 stats.tokens += int(batch.ids[1][-1])
                 if n:
                     writer.write_batch(_record_batch(batch, n, schema))
+                if task.cap is not None and task.cap.reached(stats.kept, stats.tokens):
+                    counted(max(shard.bytes - reported[0], 0))
+                    break
+            else:
+                stats.ledger.merge(reading.drops_before())  # rows dropped after the last document
         tmp.replace(target)
         stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
         tmp_stats.write_text(json.dumps(stats.to_dict()), encoding="utf-8")
         tmp_stats.replace(shard.stats_path(cache_dir))
     finally:  # a failed write (a full disk, an interrupt) leaves no temporary to keep the disk full
+        reading.close()
         tmp.unlink(missing_ok=True)
         tmp_stats.unlink(missing_ok=True)
     return stats
+
+
+class _ReadBatches:
+    """A shard's documents in batches, and the rows the reader dropped on the way, batch by batch.
+
+    The workers read a few batches ahead of the one being written; a shard that stops at its cap must
+    count only the drops met before the documents it kept, the same however far ahead they read."""
+
+    def __init__(self, task: ShardTask, progress: Progress):
+        self.ledger = Ledger()
+        if task.plan.hub is not None:
+            docs = read_hub_shard(task.plan.hub, task.shard.index, task.text_field, self.ledger, progress)
+        else:
+            docs = read_documents(task.plan, task.shard.files, task.text_field, self.ledger, progress)
+        self.docs = docs
+        self.pending: deque[Ledger] = deque()  # the reader's drops before each batch handed out
+
+    def __iter__(self) -> Iterator[list[Document]]:
+        for batch in _batches(self.docs):
+            self.pending.append(_take(self.ledger))
+            yield batch
+
+    def drops_before(self) -> Ledger:
+        """The reader's drops before the next batch written (after the last one: those after it)."""
+        return self.pending.popleft() if self.pending else _take(self.ledger)
+
+    def close(self) -> None:
+        self.docs.close()
+
+
+def _take(ledger: Ledger) -> Ledger:
+    """What `ledger` holds, moved into a new one (`ledger` is left empty, for what comes next)."""
+    taken = Ledger(Counter(ledger.drops), Counter(ledger.repairs), dict(ledger.examples))
+    ledger.drops.clear()
+    ledger.repairs.clear()
+    ledger.examples.clear()
+    return taken
 
 
 def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:

@@ -92,6 +92,11 @@ def estimate_tokens(data: DataConfig, sample_bytes: int = SAMPLE_BYTES) -> DataT
     counter = Counter(data, tokenizer)
     samples = {}
     for i, source in enumerate(data.sources):
+        if source.type == "hub":
+            raise CptkitError(
+                f"data.sources[{i}] ({source.name}): cptkit plan does not estimate hub sources yet; run "
+                "cptkit prepare first, and plan reads the exact counts from its manifest"
+            )
         if source.type == "self_replay":
             samples[source.name] = _self_replay_sample(source, counter.chunker.seq_length)
             notes.append(
