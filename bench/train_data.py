@@ -77,38 +77,31 @@ def make_data(out: Path, corpora: Path, vocab: int, max_tokens: int) -> None:
 
 
 def write_prepared(folder: Path, docs: list[list[int]], seq: int, tokenizer_info: dict, inputs: list) -> dict:
-    """A cptkit-format prepared folder of `docs` in rows of `seq` (format 1: no sources); its totals."""
-    import datasets
+    """A cptkit-format prepared folder (format 3: one store file of `docs`, the train/ index of their
+    rows of `seq`, all of one source) and its totals."""
+    from cptkit.testing import store
 
-    rows = _best_fit(docs, seq)
-    ids32 = datasets.Sequence(datasets.Value("int32"))
-    datasets.Dataset.from_dict(
-        {"input_ids": [r[0] for r in rows], "position_ids": [r[1] for r in rows]},
-        features=datasets.Features({"input_ids": ids32, "position_ids": ids32}),
-    ).save_to_disk(str(folder / "train"))
+    rows = [[store.Segment("bench", d, at, n) for d, at, n in row] for row in _best_fit(docs, seq)]
     lengths = [len(d) for d in docs]
     total = sum(lengths)
-    manifest = {
-        "status": "complete",
-        "format_version": 1,
-        "seq_length": seq,
-        "chunking": "packing",
-        "train_dir": "train",
-        "tokenizer": tokenizer_info,
-        "heldout": {},
-        "sources": {},
-        "totals": {
-            "rows": len(rows),
-            "trained_tokens": total,
-            "padding_tokens": len(rows) * seq - total,
-            "packing_efficiency": total / (len(rows) * seq),
-            "documents": len(docs),
-            "median_document_tokens": statistics.median(lengths),
-        },
-        "inputs": inputs,
+    totals = {
+        "rows": len(rows),
+        "trained_tokens": total,
+        "padding_tokens": len(rows) * seq - total,
+        "packing_efficiency": total / (len(rows) * seq),
+        "documents": len(docs),
+        "median_document_tokens": statistics.median(lengths),
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest["totals"]
+    store.write_prepared(
+        folder,
+        {"bench": docs},
+        seq,
+        tokenizer_info,
+        batch_documents=1024,
+        rows=rows,
+        manifest={"totals": totals, "inputs": inputs},
+    )
+    return totals
 
 
 def prepared_at(data: Path, seq: int) -> Path:
@@ -126,13 +119,18 @@ def prepared_at(data: Path, seq: int) -> Path:
     return folder
 
 
-def _best_fit(docs: list[list[int]], capacity: int) -> list[tuple[list[int], list[int]]]:
-    """Documents split into pieces of at most `capacity` (no token lost), packed best-fit decreasing."""
+def _best_fit(docs: list[list[int]], capacity: int) -> list[list[tuple[int, int, int]]]:
+    """Documents split into pieces of at most `capacity` (no token lost), packed best-fit decreasing, the
+    rows shuffled; each row its pieces as (document, offset, length)."""
     import random
 
     from cptkit.data.pack import best_fit_pack
 
-    pieces = [d[i : i + capacity] for d in docs for i in range(0, len(d), capacity)]
-    rows = [[pieces[i] for i in group] for group in best_fit_pack([len(p) for p in pieces], capacity)]
+    pieces = [
+        (d, i, min(capacity, len(doc) - i))
+        for d, doc in enumerate(docs)
+        for i in range(0, len(doc), capacity)
+    ]
+    rows = [[pieces[i] for i in group] for group in best_fit_pack([p[2] for p in pieces], capacity)]
     random.Random(0).shuffle(rows)
-    return [([t for p in r for t in p], [i for p in r for i in range(len(p))]) for r in rows]
+    return rows
