@@ -79,8 +79,8 @@ def test_a_folder_left_by_an_interrupted_prepare_resumes(tmp_path, tiny_tokenize
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg.data, out, executor=killed_after_first)
     assert json.loads((out / "manifest.json").read_text())["status"] == "incomplete"
-    (out / "manifest.json").unlink()  # as a run killed before it claimed the folder leaves it: the cache only
-    assert [p.name for p in out.iterdir()] == ["cache"]
+    (out / "manifest.json").unlink()  # as a run killed before it claimed the folder leaves it: the store only
+    assert [p.name for p in out.iterdir()] == ["store"]
     done = prepare(cfg.data, out)
     assert done.manifest["status"] == "complete" and not lock_path(out).exists()
 

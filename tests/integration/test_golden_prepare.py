@@ -16,6 +16,7 @@ import pytest
 
 from cptkit.commands import prepare
 from cptkit.config import Config, load_config
+from cptkit.testing.prepared import read_rows
 
 ASSETS = Path(__file__).parents[1] / "assets" / "golden"
 HASHES = ASSETS / "hashes.json"
@@ -55,18 +56,21 @@ def _config(corpus: Path, out: Path, overrides: list[str]) -> Config:
     return load_config(Config, str(path), overrides)
 
 
+# manifest entries that format 3 added; the recorded outputs predate them (and they are checked apart)
+_NEW_SOURCE_KEYS = {"capped_documents", "capped_tokens"}
+_NEW_TOTALS = {"pack_windows"}
+
+
 def _digest(prepared: Path) -> dict[str, object]:
-    """sha256 of the train rows and of each held-out set, and the manifest's counts."""
+    """sha256 of the train rows (read from train/ by the contract alone: `cptkit.testing.prepared`) and
+    of each held-out set, and the manifest's counts."""
     from datasets import load_from_disk
 
     manifest = json.loads((prepared / "manifest.json").read_text(encoding="utf-8"))
     out: dict[str, object] = {}
-    train = load_from_disk(str(prepared / "train"))
     h = hashlib.sha256()
-    for row in train.with_format("numpy"):
-        h.update(
-            row["input_ids"].astype("<i4").tobytes() + b"|" + row["position_ids"].astype("<i4").tobytes()
-        )
+    for input_ids, position_ids, _ in read_rows(prepared):
+        h.update(input_ids.astype("<i4").tobytes() + b"|" + position_ids.astype("<i4").tobytes())
     out["train"] = h.hexdigest()
     for name in sorted(manifest["heldout"]):
         held = load_from_disk(str(prepared / manifest["heldout"][name]["dir"]))
@@ -74,28 +78,28 @@ def _digest(prepared: Path) -> dict[str, object]:
         for row in held:
             h.update(json.dumps([row["text"], list(row["input_ids"]), row["num_bytes"]]).encode())
         out[f"heldout/{name}"] = h.hexdigest()
-    drop = {"path", "examples"}  # absolute paths of this machine
+    drop = {"path", "examples"} | _NEW_SOURCE_KEYS  # absolute paths of this machine
+    assert all(s[k] == 0 for s in manifest["sources"].values() for k in _NEW_SOURCE_KEYS)  # no caps
     out["sources"] = {
         n: {k: v for k, v in s.items() if k not in drop} for n, s in manifest["sources"].items()
     }
     out["heldout"] = manifest["heldout"]
-    out["totals"] = manifest["totals"]
+    assert manifest["totals"]["pack_windows"] == 1  # the corpora fit one window: today's packing
+    out["totals"] = {k: v for k, v in manifest["totals"].items() if k not in _NEW_TOTALS}
     return out
 
 
 def _check_source_ids(prepared: Path) -> None:
     """Each row has one source id per segment (per position_ids restart), and the tokens they name add
     up to each source's mixed_tokens in the manifest."""
-    from datasets import load_from_disk
-
     manifest = json.loads((prepared / "manifest.json").read_text(encoding="utf-8"))
     names = {i: name for name, i in manifest["source_index"].items()}
     assert list(names.values()) == list(manifest["sources"])  # every source, in config order
     tokens = dict.fromkeys(manifest["sources"], 0)
-    for row in load_from_disk(str(prepared / "train")).with_format("numpy"):
-        starts = (row["position_ids"] == 0).nonzero()[0].tolist() + [len(row["position_ids"])]
-        assert len(row["source_ids"]) == len(starts) - 1
-        for a, b, source in zip(starts, starts[1:], row["source_ids"].tolist(), strict=False):
+    for _, position_ids, source_ids in read_rows(prepared):
+        starts = (position_ids == 0).nonzero()[0].tolist() + [len(position_ids)]
+        assert len(source_ids) == len(starts) - 1
+        for a, b, source in zip(starts, starts[1:], source_ids.tolist(), strict=False):
             tokens[names[source]] += b - a
     assert tokens == {n: s["mixed_tokens"] for n, s in manifest["sources"].items()}
 

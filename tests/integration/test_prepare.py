@@ -17,13 +17,14 @@ from cptkit.cli import main as cli
 from cptkit.commands import prepare
 from cptkit.config import Config, build_config
 from cptkit.config.data import FilterConfig
-from cptkit.data.cache import CACHE_DIR
+from cptkit.data.cache import STORE_DIR
 from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.manifest import read_manifest
 from cptkit.data.normalize import normalize
 from cptkit.data.prepare import prepare as prepare_data
 from cptkit.data.shards import tokenize_shard
 from cptkit.errors import CptkitError
+from cptkit.testing.prepared import train_lists
 from cptkit.testing.tiny import sample_texts
 
 
@@ -64,10 +65,9 @@ def config(tmp_path, tokenizer_dir, sources, **data) -> Config:
 
 
 def train_rows(out):
-    import datasets
-
-    ds = datasets.load_from_disk(str(out / "train"))
-    return ds["input_ids"], ds["position_ids"]
+    """The rows' input_ids and position_ids (lists), read from train/ by the contract alone."""
+    input_ids, position_ids, _ = train_lists(out)
+    return input_ids, position_ids
 
 
 def row_segments(out) -> list[tuple[int, ...]]:
@@ -342,7 +342,7 @@ def test_cli_prepare_and_inspect(tmp_path, tiny_tokenizer_dir, paragraphs, capsy
     assert "no such folder" in capsys.readouterr().err
     # the rows deleted after training to free the disk: the manifest still reads
     kept = tmp_path / "kept"
-    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("train", "cache"))
+    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("train", "store"))
     assert cli(["inspect", str(kept)]) == 0 and "packing efficiency" in capsys.readouterr().out
     assert cli(["prepare", str(path), "--force"]) == 0
     rows = train_rows(out)[0]
@@ -405,7 +405,7 @@ def test_prune_cache_keeps_only_what_this_config_uses(tmp_path, tiny_tokenizer_d
     both = dom_and_gen(tmp_path, paragraphs[:60], paragraphs[60:100])
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both))
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both, filters={"min_chars": 80}))  # other settings
-    cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / CACHE_DIR
+    cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / STORE_DIR
     assert len(list((cache / "dom").glob("*.arrow"))) == 2
     kept = prepare.run(
         config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, prune_cache=True)

@@ -12,7 +12,7 @@ from cptkit.data.dedup import Deduper
 from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.mix import sample, sampling_factors
 from cptkit.data.normalize import normalize
-from cptkit.data.pack import best_fit_pack
+from cptkit.data.pack import best_fit_pack, compare_packing, count_windows, pack_windows
 from cptkit.data.split import heldout_mask
 
 
@@ -98,10 +98,30 @@ def test_heldout_split_is_deterministic_capped_and_order_free():
 
 
 def test_dedup_keeps_first_occurrence_across_calls():
+    a, b, c = (bytes([x]) * 16 for x in b"abc")
     d = Deduper()
-    assert d.keep_mask([b"a", b"b", b"a"]).tolist() == [True, True, False]
-    assert d.keep_mask([b"b", b"c"]).tolist() == [False, True]
-    assert Deduper(enabled=False).keep_mask([b"a", b"a"]).tolist() == [True, True]
+    assert d.keep_mask([a, b, a]).tolist() == [True, True, False]
+    assert d.keep_mask([b, c]).tolist() == [False, True]
+    assert Deduper(enabled=False).keep_mask([a, a]).tolist() == [True, True]
+    with pytest.raises(ValueError, match="16-byte"):
+        d.keep_mask([b"short"])
+
+
+def test_dedup_arrays_keep_what_a_set_of_hashes_keeps():
+    """The sorted-array dedup keeps exactly the documents a Python set of their hashes keeps, across
+    calls (sources), with duplicates within a call and across calls, and hashes equal in one half only."""
+    rng = np.random.default_rng(3)
+    pool = rng.integers(0, 256, (500, 16), dtype=np.uint8)
+    pool[250:, :8] = pool[:250, :8]  # same first 8 bytes, different last 8: still different documents
+    d, seen = Deduper(), set()
+    for n in (0, 300, 1, 700, 400):
+        hashes = pool[rng.integers(0, len(pool), n)]
+        want = []
+        for h in hashes:
+            want.append(h.tobytes() not in seen)
+            seen.add(h.tobytes())
+        assert d.keep_mask(hashes).tolist() == want
+    assert len(d.seen) == len(seen)
 
 
 def test_normalize():
@@ -121,34 +141,57 @@ def test_filters_give_reasons():
     assert first_reason("Пример текста на русском — и «кавычки».", filters) is None
 
 
-def test_row_gather_is_the_same_in_small_blocks():
-    """Rows gathered a few at a time join into the rows gathered at once: every segment's tokens in
-    place, position ids counting from 0 per segment, rows cut at whole-row boundaries."""
-    from cptkit.data import assemble
+def _old_pack(lens, capacity, rng):
+    """How the rows were packed before windows: best-fit over all segments, the rows shuffled once."""
+    rows = best_fit_pack(lens.tolist(), capacity)
+    return [rows[r] for r in rng.permutation(len(rows))]
 
-    rng = np.random.default_rng(0)
-    flat = rng.integers(0, 1000, 100_000).astype(np.int32)
-    lens = rng.integers(1, 64, 2000)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    rows = assemble._pack(flat, starts, lens, 64, np.random.default_rng(1))
 
-    def joined(max_tokens):
-        ids, pos, offsets, base = [], [], [np.zeros(1, np.int64)], 0
-        for i, p, o, *_ in rows.blocks(max_tokens):
-            assert o[0] == 0 and o[-1] == len(i) == len(p)
-            ids.append(i), pos.append(p), offsets.append(o[1:] + base)
-            base += len(i)
-        return np.concatenate(ids), np.concatenate(pos), np.concatenate(offsets)
+def _rows(windows_) -> list[list[int]]:
+    rows = []
+    for w in windows_:
+        if len(w.row_sizes):
+            rows += [part.tolist() for part in np.split(w.segments, np.cumsum(w.row_sizes)[:-1])]
+    return rows
 
-    whole = joined(1 << 30)
-    for small in (1, 100, 1000):
-        for a, b in zip(whole, joined(small), strict=True):
-            assert (a == b).all()
-    ids, pos, offsets = whole
-    assert offsets[-1] == lens.sum() == rows.num_tokens and len(offsets) == rows.num_rows + 1
-    assert sorted(ids.tolist()) == sorted(flat[: lens.sum()].tolist())  # every token exactly once
-    per_row = np.split(pos, offsets[1:-1])
-    assert all(r[0] == 0 and len(r) <= 64 for r in per_row)
+
+def test_one_window_packs_as_all_at_once():
+    """Segments that fit one window are packed as they always were: the same rows in the same order, and
+    the generator left where the old packing left it."""
+    lens = np.random.default_rng(0).integers(1, 64, 2000)
+    old_rng, new_rng = np.random.default_rng(1), np.random.default_rng(1)
+    assert _rows(pack_windows(lens, 64, 2000, new_rng)) == _old_pack(lens, 64, old_rng)
+    assert new_rng.integers(1 << 62) == old_rng.integers(1 << 62)
+    assert _rows(pack_windows(np.empty(0, np.int64), 64, 1024, np.random.default_rng(1))) == []
+
+
+def test_windowed_packing_keeps_every_segment_once_and_is_seeded():
+    lens = np.random.default_rng(0).integers(1, 200, 5000)
+    rows = _rows(pack_windows(lens, 256, 1024, np.random.default_rng(7)))
+    assert sorted(i for r in rows for i in r) == list(range(len(lens)))  # every segment exactly once
+    assert max(lens[r].sum() for r in rows) <= 256
+    assert rows == _rows(pack_windows(lens, 256, 1024, np.random.default_rng(7)))
+    assert rows != _rows(pack_windows(lens, 256, 1024, np.random.default_rng(8)))
+    assert (
+        count_windows(len(lens), 1024)
+        == 5
+        == len(list(pack_windows(lens, 256, 1024, np.random.default_rng(7))))
+    )
+    # each window holds a random fifth of the segments, not a run of neighbours
+    first = next(pack_windows(lens, 256, 1024, np.random.default_rng(7))).segments
+    assert len(first) == 1000 and first.max() - first.min() > 4000
+
+
+def test_windows_of_16k_segments_lose_under_a_thousandth_of_the_packing():
+    """On a realistic length distribution (documents log-normal around 600 tokens, cut into rows of
+    2048) windows of 1<<14 segments fill rows within 0.1% of packing all at once (measured: 0.008%), and
+    windows of 1024 within 0.5% (measured: 0.18%)."""
+    docs = np.random.default_rng(0).lognormal(np.log(600), 1.2, 100_000).astype(np.int64) + 1
+    segments = windows(docs, 2048)[2]
+    wide = compare_packing(segments, 2048, 1 << 14)
+    assert wide.windows == 8 and wide.all_at_once > 0.999 and 0 <= wide.loss < 0.001
+    narrow = compare_packing(segments, 2048, 1024)
+    assert narrow.windows == 126 and 0 <= narrow.loss < 0.005
 
 
 def test_a_source_that_trains_nothing_can_be_held_out_whole():

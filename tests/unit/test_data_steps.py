@@ -56,13 +56,11 @@ def test_a_new_chunker_is_one_registered_class(tmp_path, tiny_tokenizer_dir, tin
     cfg = build_config(Config, {"run_dir": str(tmp_path / "run"), "data": raw | {"chunking": "halves"}})
     m = prepare(cfg.data, tmp_path / "out").manifest
     assert m["chunking"] == "halves" and m["sources"]["docs"]["segments"] == 2 * len(texts)
-    from datasets import load_from_disk
+    from cptkit.testing.prepared import train_lists
 
-    rows = load_from_disk(str(tmp_path / "out" / "train"))
+    input_ids, position_ids, _ = train_lists(tmp_path / "out")
     got = sorted(
-        tuple(ids[a:b])
-        for ids, pos in zip(rows["input_ids"], rows["position_ids"], strict=True)
-        for a, b in _segments(pos)
+        tuple(ids[a:b]) for ids, pos in zip(input_ids, position_ids, strict=True) for a, b in _segments(pos)
     )
     whole = [tiny_tokenizer(t)["input_ids"] + [tiny_tokenizer.eos_token_id] for t in texts]
     halves_of = [

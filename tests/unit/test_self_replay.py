@@ -47,7 +47,7 @@ def replay_data(tmp_path, model, filters=LENIENT, dedup="exact", **spec) -> Data
 
 
 def generated_files(out):
-    return sorted((out / "cache" / "own").glob(f"{PREFIX}*.jsonl"))
+    return sorted((out / "store" / "own").glob(f"{PREFIX}*.jsonl"))
 
 
 def generated_texts(out) -> list[str]:

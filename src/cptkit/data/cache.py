@@ -1,5 +1,8 @@
-"""The tokenization cache of a prepared folder (`<out>/cache/<source>/<key>.arrow|.json`): what is left
-from interrupted runs, and the entries no source of a config uses any more."""
+"""The token store of a prepared folder (`<out>/store/<source>/<key>.arrow|.json`): what is left from
+interrupted runs, and the entries no source of a config uses any more.
+
+The store is what tokenization writes and what training reads in place (`train/index.json` lists the
+store files its rows come from), so it is kept after the prepared folder is written."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = "cache"  # inside the prepared folder
-FILE_HASHES = "file_hashes.json"  # inside the cache: input sha256 by (size, mtime)
+STORE_DIR = "store"  # inside the prepared folder
+FILE_HASHES = "file_hashes.json"  # inside the store: input sha256 by (size, mtime)
 
 
 def clear_leftovers(cache_dir: Path) -> None:
@@ -19,7 +22,7 @@ def clear_leftovers(cache_dir: Path) -> None:
 
 
 def prune_cache(cache_dir: Path, keep: dict[str, set[str]]) -> tuple[int, int]:
-    """Delete cache entries that no source of this config uses (another tokenizer, filters, changed or
+    """Delete store entries that no source of this config uses (another tokenizer, filters, changed or
     removed files, removed sources); `keep` holds each source's shard keys. Returns (entries removed,
     bytes freed)."""
     removed = freed = 0
@@ -36,6 +39,6 @@ def prune_cache(cache_dir: Path, keep: dict[str, set[str]]) -> tuple[int, int]:
         if not any(folder.iterdir()):
             folder.rmdir()
     log.info(
-        "cache: removed %d unused entr%s, %.1f MB freed", removed, "y" if removed == 1 else "ies", freed / 1e6
+        "store: removed %d unused entr%s, %.1f MB freed", removed, "y" if removed == 1 else "ies", freed / 1e6
     )
     return removed, freed

@@ -4,10 +4,19 @@ Layout of a folder written by `cptkit prepare`:
     manifest.json            counts, inputs, tokenizer, resolved config, source_index (source -> id),
                              heldout_floor (source -> min_documents, min_tokens, met)
     config.yaml              the resolved config
-    train/                   datasets.save_to_disk: input_ids, position_ids (int32 lists, rows of at most
-                             seq_length tokens, unpadded; position_ids restart at 0 at every document start),
-                             source_ids (int32 list, one per segment of the row: the `source_index` id
-                             of the source the k-th segment, the k-th restart of position_ids, came from)
+    store/<source>/<key>.arrow  the token store: one Arrow IPC file per shard of input files (hash,
+                             where, num_chars, num_bytes, text, input_ids, starts per document; schema
+                             metadata cptkit_store_format and tokenizer_fingerprint), finished when its
+                             stats file <key>.json exists
+    train/index.json         the training rows as an index into the store (format 3): rows, segments,
+                             tokens, seq_length, tokenizer_fingerprint, the store files of the token space
+                             (`shards`: path, tokens, documents) and the arrays beside it (`arrays`)
+    train/<array>.bin        raw little-endian arrays: row_offsets (rows + 1: each row's first segment),
+                             segment_starts (each segment's first token in the token space: the listed
+                             store files' input_ids values end to end), segment_lengths, segment_sources
+                             (each segment's `source_index` id). Row r is segments row_offsets[r] to
+                             row_offsets[r + 1] end to end: at most seq_length tokens, unpadded,
+                             position_ids restarting at 0 at every segment, one source id per segment
     heldout/<source>/        datasets.save_to_disk: text, input_ids (whole document, BOS as the tokenizer
                              adds it, EOS at the end), num_bytes (UTF-8 bytes of text)
 """
@@ -28,12 +37,22 @@ if TYPE_CHECKING:
     from cptkit.data.assemble import Assembled
     from cptkit.data.plan import Plan
     from cptkit.data.shards import ShardStats
+    from cptkit.data.write import WrittenRows
 
-# 2: training rows carry source_ids and the manifest a top-level source_index (a folder of version 1
-# still trains, without per-source features; preparing again rewrites it)
-FORMAT_VERSION = 2
+# 2: training rows carry source_ids and the manifest a top-level source_index
+# 3: train/ is an index into the token store (store/), not a copy of the tokens; totals.pack_windows
+FORMAT_VERSION = 3
 TRAIN_DIR = "train"
 HELDOUT_DIR = "heldout"
+TRAIN_INDEX = "index.json"  # inside train/
+TRAIN_FORMAT = 3  # train/index.json's `format`
+# the raw arrays of train/ (name -> little-endian dtype), each in train/<name>.bin
+TRAIN_ARRAYS = {
+    "row_offsets": "<i8",
+    "segment_starts": "<i8",
+    "segment_lengths": "<i4",
+    "segment_sources": "<i4",
+}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -74,15 +93,17 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def build_manifest(plan: Plan, read: dict[str, ShardStats], result: Assembled) -> dict[str, Any]:
+def build_manifest(
+    plan: Plan, read: dict[str, ShardStats], result: Assembled, written: WrittenRows
+) -> dict[str, Any]:
     """The manifest of a preparation (status "writing" until its folder is in place): what each source
     gave (`read`: what reading and filtering found; `result`: dedup, split and mix), the held-out sets,
-    the training rows' totals, and the inputs with their hashes."""
+    the training rows' totals (`written`: what packing them into train/ gave), and the inputs with their
+    hashes."""
     from cptkit.outputs import now, versions
 
     data = plan.data
-    rows = result.rows
-    capacity = rows.num_rows * data.seq_length
+    capacity = written.rows * data.seq_length
     return {
         "status": "writing",
         "format_version": FORMAT_VERSION,
@@ -98,10 +119,11 @@ def build_manifest(plan: Plan, read: dict[str, ShardStats], result: Assembled) -
         "heldout_floor": dict(result.floors),
         "sources": {s.name: _source_entry(s, plan, read[s.name], result.stats[s.name]) for s in data.sources},
         "totals": {
-            "rows": rows.num_rows,
-            "trained_tokens": rows.num_tokens,
-            "padding_tokens": capacity - rows.num_tokens,
-            "packing_efficiency": round(rows.num_tokens / capacity, 6) if capacity else 0.0,
+            "rows": written.rows,
+            "trained_tokens": written.tokens,
+            "padding_tokens": capacity - written.tokens,
+            "packing_efficiency": round(written.tokens / capacity, 6) if capacity else 0.0,
+            "pack_windows": written.windows,
         },
         "inputs": [
             {"source": name, "path": str(p), "bytes": file_size(p), "sha256": plan.sha256[p]}
@@ -114,6 +136,8 @@ def build_manifest(plan: Plan, read: dict[str, ShardStats], result: Assembled) -
 
 
 _ASSEMBLED = (
+    "capped_documents",
+    "capped_tokens",
     "duplicates",
     "near_duplicates",
     "heldout_documents",

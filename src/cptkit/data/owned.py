@@ -2,8 +2,8 @@
 
 A folder is cptkit's when its `manifest.json` is one `cptkit prepare` wrote (any status: a run starts
 by writing one that says `incomplete`, so an interrupted run's folder is still recognised), or when all
-it holds is what a run writes before that manifest: the tokenization cache (`cache/<source>/<key>.*`,
-`cache/file_hashes.json`) and temporaries (`.writing-*`). Anything else (a user's own `train/` or
+it holds is what a run writes before that manifest: the token store (`store/<source>/<key>.*`,
+`store/file_hashes.json`) and temporaries (`.writing-*`). Anything else (a user's own `train/` or
 `heldout/`, another tool's manifest) is refused before any work, so nothing of it is deleted.
 """
 
@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cptkit.data.cache import CACHE_DIR, FILE_HASHES
+from cptkit.data.cache import FILE_HASHES, STORE_DIR
 from cptkit.data.manifest import FORMAT_VERSION, MANIFEST
 from cptkit.errors import CptkitError
 
@@ -69,7 +69,7 @@ def mark_incomplete(out: Path) -> None:
 def _written_before_manifest(path: Path) -> bool:
     if path.name.startswith(".writing-") and path.is_dir():
         return True
-    if path.name != CACHE_DIR or not path.is_dir():
+    if path.name != STORE_DIR or not path.is_dir():
         return False
     for entry in path.iterdir():
         if entry.name.startswith(FILE_HASHES):  # and its temporary

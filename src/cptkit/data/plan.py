@@ -1,5 +1,5 @@
 """What one `cptkit prepare` will read and how, worked out before any work: each source's files, their
-content hashes, the shards they are tokenized in (and cached under), and the fingerprint of everything
+content hashes, the shards they are tokenized in (and stored under), and the fingerprint of everything
 that decides the output (a rerun with the same fingerprint has nothing to do)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.config.data import DataConfig
-from cptkit.data.cache import CACHE_DIR, FILE_HASHES
+from cptkit.data.cache import FILE_HASHES, STORE_DIR
 from cptkit.data.chunk import Chunker
 from cptkit.data.hashing import digest, hash_files
 from cptkit.data.manifest import FORMAT_VERSION
@@ -33,6 +33,7 @@ _ASSEMBLY_KEYS = (
     "dedup",
     "mix",
     "seed",
+    "pack_window",
 )
 
 
@@ -53,11 +54,12 @@ class Plan:
 
     @property
     def cache_dir(self) -> Path:
-        return self.out / CACHE_DIR
+        """The token store, `<out>/store`."""
+        return self.out / STORE_DIR
 
     def shard_keys(self) -> dict[str, set[str]]:
         keys = {name: {sh.key for sh in shards} for name, shards in self.shards.items()}
-        for name, record in self.generated.items():  # the generated documents are cache entries too
+        for name, record in self.generated.items():  # the generated documents are store entries too
             keys[name].add(PREFIX + record["key"])
         return keys
 
@@ -73,6 +75,7 @@ class Plan:
                 chunker=self.chunker,
                 tokenizer=self.tokenizer,
                 cache_dir=self.cache_dir,
+                fingerprint=self.tokenizer_info["fingerprint"],
                 num_proc=num_proc,
                 pool=pool,
             )
@@ -86,12 +89,12 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
     has nothing to read or the tokenizer cannot be loaded."""
     tok = load_tokenizer(data.tokenizer, data.trust_remote_code)
     info = describe(tok, data.tokenizer)
-    paths, generated = generated_inputs(data, out / CACHE_DIR)  # a self_replay source's path is written here
+    paths, generated = generated_inputs(data, out / STORE_DIR)  # a self_replay source's path is written here
     sources = {
         s.name: plan_source(paths[s.name], s.text_field, f"data.sources[{i}] ({s.name})")
         for i, s in enumerate(data.sources)
     }
-    sha = hash_files([p for plan in sources.values() for p in plan.files], out / CACHE_DIR / FILE_HASHES)
+    sha = hash_files([p for plan in sources.values() for p in plan.files], out / STORE_DIR / FILE_HASHES)
     chunker = Chunker.from_config(data)
     filters = dataclasses.asdict(data.filters)
     shards = {

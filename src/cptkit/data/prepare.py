@@ -104,8 +104,8 @@ def _prepare(
     with _timed(timings, "write_s"):
         from cptkit.data.write import write_folder
 
-        manifest = build_manifest(plan, read, result)
-        write_folder(out, result, free_space)
+        written = write_folder(out, result, free_space)
+        manifest = build_manifest(plan, read, result, written)
         write_config(out, data if config is None else config)
         manifest["status"] = "complete"
     manifest["timings"] = timings
@@ -160,16 +160,19 @@ def _tokenize(plan: Plan, force: bool, executor: Executor, pool: PoolKind | None
 
 
 def _assemble(plan: Plan):
-    import pyarrow as pa
-
-    from cptkit.data.assemble import assemble
+    from cptkit.data.assemble import StoreShard, assemble
     from cptkit.data.tokenize import Encoder
 
-    tables = {}
-    for name, shards in plan.shards.items():
-        parts = [open_shard(sh, plan.cache_dir) for sh in shards]
-        tables[name] = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    return assemble(tables, plan.data, Encoder(plan.tokenizer))
+    store = {
+        name: [
+            StoreShard(
+                sh.path(plan.cache_dir).relative_to(plan.out).as_posix(), open_shard(sh, plan.cache_dir)
+            )
+            for sh in shards
+        ]
+        for name, shards in plan.shards.items()
+    }
+    return assemble(store, plan.data, Encoder(plan.tokenizer))
 
 
 def _check_nonempty(data: DataConfig, stats: dict[str, ShardStats]) -> None:

@@ -3,7 +3,7 @@ prompts before training, for when its pretraining data is not available (the usu
 perplexity on it measures drift from the model's own distribution, which is what forgetting looks
 like from the inside; training on a share of it pulls the model back towards that distribution.
 
-The documents are written once into the prepare cache (`<out>/cache/<source>/self_replay-<key>.jsonl`,
+The documents are written once into the token store (`<out>/store/<source>/self_replay-<key>.jsonl`,
 with a `.json` record beside it), keyed by the model's weights (config and weight files' sizes and
 modification times), the prompts' text and every sampling setting: a second prepare reuses them without
 loading the model, a changed setting writes them again. From there they are an ordinary input file of
@@ -27,7 +27,7 @@ from cptkit.errors import CptkitError
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "self_replay_prompts.txt"  # in cptkit's presets folder
-PREFIX = "self_replay-"  # of the cache entries, beside the source's tokenized shards
+PREFIX = "self_replay-"  # of the store entries, beside the source's tokenized shards
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 

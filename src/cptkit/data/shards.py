@@ -1,12 +1,15 @@
-"""Read -> normalise -> filter -> tokenize one source, shard by shard, into a cache on disk.
+"""Read -> normalise -> filter -> tokenize one source, shard by shard, into the token store on disk.
 
 A shard is a run of input files (about `SHARD_BYTES` of them; a large file is a shard alone). Its
-cache entry is keyed on the files' content hashes and on everything that changes the ids: tokenizer,
-normalisation, filters, text field and the tokenization unit (whole documents, sentences, or
-character chunks). Dedup, held-out split, chunking, mixing and packing come later and work on the
-cached ids, so changing them (or `seq_length`) never tokenizes again. Each entry is written to a
-temporary name and renamed, then its stats file is written: an interrupted run resumes at the first
-shard without stats.
+store file (`store/<source>/<key>.arrow`, an Arrow IPC file: hash, where, num_chars, num_bytes, text,
+input_ids, starts per document) is keyed on the files' content hashes and on everything that changes
+the ids: tokenizer, normalisation, filters, text field and the tokenization unit (whole documents,
+sentences, or character chunks). Its schema metadata names the store format and the tokenizer
+fingerprint, so a reader can refuse a file of another format or tokenizer. Dedup, held-out split,
+chunking, mixing and packing come later and work on the stored ids (training reads them in place), so
+changing them (or `seq_length`) never tokenizes again. Each file is written to a temporary name and
+renamed, then its stats file is written: a shard is finished when its stats file exists, and an
+interrupted run resumes at the first shard without one.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ SHARD_BYTES = 256 << 20
 BATCH_CHARS = 1 << 18
 BATCH_DOCS = 1024
 
+STORE_FORMAT = 2  # of a store file: its schema metadata's `cptkit_store_format`
 SCHEMA = pa.schema(
     [
         ("hash", pa.binary(16)),
@@ -51,9 +55,17 @@ SCHEMA = pa.schema(
 )
 
 
+def store_schema(fingerprint: str) -> pa.Schema:
+    """The schema of a store file of ids made by the tokenizer of `fingerprint`, with the metadata that
+    says so (`cptkit_store_format`, `tokenizer_fingerprint`)."""
+    return SCHEMA.with_metadata(
+        {b"cptkit_store_format": str(STORE_FORMAT).encode(), b"tokenizer_fingerprint": fingerprint.encode()}
+    )
+
+
 @dataclass
 class Shard:
-    """Input files tokenized (and cached) together."""
+    """Input files tokenized (and stored) together."""
 
     source: str
     index: int
@@ -126,8 +138,8 @@ class ShardTask:
     """Everything tokenizing one shard needs, and nothing else: the unit of work an executor runs.
 
     It is picklable (the tokenizer pickles as its spec) and `tokenize_shard(task)` depends only on it and
-    on the cache on disk, so tasks may run in any order, in other processes or on other machines that
-    see the inputs and `cache_dir`."""
+    on the store on disk, so tasks may run in any order, in other processes or on other machines that
+    see the inputs and `cache_dir` (the store folder)."""
 
     shard: Shard
     plan: SourcePlan
@@ -135,7 +147,8 @@ class ShardTask:
     filters: FilterConfig
     chunker: Chunker
     tokenizer: Any  # a loaded HF tokenizer (truncation and padding off)
-    cache_dir: Path
+    cache_dir: Path  # the store folder, `<out>/store`
+    fingerprint: str  # the tokenizer's (`tokenizer_fingerprint`), written into the store file's metadata
     num_proc: int = 1
     pool: PoolKind | None = None  # threads or processes; None: threads for a fast tokenizer
 
@@ -145,7 +158,7 @@ class ShardTask:
 
 
 def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardStats:
-    """Tokenize one shard into its cache entry (atomically); returns what was read and dropped.
+    """Tokenize one shard into its store file (atomically); returns what was read and dropped.
     `progress(n)` is told of every n bytes of input read."""
     shard, cache_dir = task.shard, task.cache_dir
     stats = ShardStats()
@@ -155,11 +168,12 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
     docs = read_documents(task.plan, shard.files, task.text_field, stats.ledger, progress)
     processor = BatchProcessor(Encoder(task.tokenizer), task.steps(), task.chunker)
     tmp_stats = shard.stats_path(cache_dir).with_suffix(".json.tmp")
+    schema = store_schema(task.fingerprint)
     try:
         with (
             Workers(processor, task.num_proc, task.pool) as workers,
             pa.OSFile(str(tmp), "wb") as sink,
-            pa.ipc.new_file(sink, SCHEMA) as writer,
+            pa.ipc.new_file(sink, schema) as writer,
         ):
             for batch in workers.map(_batches(docs)):
                 stats.ledger.merge(batch.dropped)
@@ -168,7 +182,7 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
                 stats.characters += sum(len(t) for t in batch.texts)
                 stats.tokens += int(batch.ids[1][-1])
                 if n:
-                    writer.write_batch(_record_batch(batch, n))
+                    writer.write_batch(_record_batch(batch, n, schema))
         tmp.replace(target)
         stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
         tmp_stats.write_text(json.dumps(stats.to_dict()), encoding="utf-8")
@@ -198,7 +212,7 @@ def _list_array(flat: Flat | None, n: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def _record_batch(batch: Batch, n: int) -> pa.RecordBatch:
+def _record_batch(batch: Batch, n: int, schema: pa.Schema) -> pa.RecordBatch:
     texts = batch.texts
     return pa.record_batch(
         [
@@ -210,12 +224,12 @@ def _record_batch(batch: Batch, n: int) -> pa.RecordBatch:
             _list_array(batch.ids, n),
             _list_array(batch.starts, n),
         ],
-        schema=SCHEMA,
+        schema=schema,
     )
 
 
 def cached_stats(shard: Shard, cache_dir: Path) -> ShardStats | None:
-    """The stats of a finished cache entry, or None when the shard still needs tokenizing."""
+    """The stats of a finished store file, or None when the shard still needs tokenizing."""
     path = shard.stats_path(cache_dir)
     if not (path.is_file() and shard.path(cache_dir).is_file()):
         return None
@@ -226,17 +240,18 @@ def cached_stats(shard: Shard, cache_dir: Path) -> ShardStats | None:
 
 
 def open_shard(shard: Shard, cache_dir: Path) -> pa.Table:
-    """A cached shard as a memory-mapped Arrow table (nothing is copied until used)."""
+    """A stored shard as a memory-mapped Arrow table (nothing is copied until used)."""
     return pa.ipc.open_file(pa.memory_map(str(shard.path(cache_dir)))).read_all()
 
 
 def settings_for(text_field: str, filters: dict[str, Any], unit: str, tokenizer_fp: str) -> dict[str, Any]:
-    """Everything that changes a shard's cached ids (`unit`: the chunker's `unit`)."""
+    """Everything that changes a shard's stored ids (`unit`: the chunker's `unit`); `format` is the store
+    format's (files of an older format are not reused)."""
     return {
         "text_field": text_field,
         "filters": filters,
         "unit": unit,
         "tokenizer": tokenizer_fp,
         "normalize": normalize_mod.VERSION,
-        "format": 1,
+        "format": STORE_FORMAT,
     }

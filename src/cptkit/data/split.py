@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 
 from cptkit.data.steps import SourceDocs
 
@@ -41,7 +41,7 @@ class Floor:
 
 
 def heldout_mask(
-    hashes: list[bytes],
+    hashes: Sequence[bytes] | np.ndarray,
     fraction: float,
     max_documents: int | None,
     seed: int,
@@ -50,7 +50,10 @@ def heldout_mask(
     floor: Floor = Floor(),
 ) -> np.ndarray:
     """True for each held-out document (`train_needed=False`: a held-out-only source may give all).
-    `tokens` (each document's, needed for a token floor) and `floor` raise the count `fraction` gives."""
+    `hashes`: each document's 16-byte hash (bytes, or the rows of an (n, 16) uint8 array). `tokens` (each
+    document's, needed for a token floor) and `floor` raise the count `fraction` gives.
+
+    Memory: a 64-bit score and its rank per document (16 bytes), no Python object kept per document."""
     n = len(hashes)
     if n <= int(train_needed) or fraction <= 0:
         return np.zeros(n, dtype=bool)
@@ -113,15 +116,14 @@ class HeldoutSplit:
 
     def select(self, source: SourceDocs, docs: np.ndarray) -> np.ndarray:
         src = source.config
-        hashes = source.hashes
         floor = self.floor_for(src)
         mask = heldout_mask(
-            [hashes[i] for i in docs],
+            source.hashes[docs],
             self.fraction_for(src),
             self.max_documents,
             self.seed,
             train_needed=src.weight > 0,
-            tokens=_token_counts(source)[docs] if floor.documents or floor.tokens else None,
+            tokens=source.lengths[docs] if floor.documents or floor.tokens else None,
             floor=floor,
         )
         return docs[mask]
@@ -156,8 +158,3 @@ class HeldoutSplit:
         if src.weight > 0:
             return f"the floor takes at most a fifth of a source that trains ({kept:,} documents)"
         return f"the source has only {kept:,} documents"
-
-
-def _token_counts(source: SourceDocs) -> np.ndarray:
-    """Each cached document's token count (the floor's measure of a document)."""
-    return pc.list_value_length(source.table.column("input_ids")).to_numpy(zero_copy_only=False)

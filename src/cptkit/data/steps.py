@@ -54,8 +54,8 @@ def run_steps(steps: Sequence[DocumentStep], docs: Iterable[Document], ledger: L
 
 @dataclass
 class SourceDocs:
-    """One source's tokenized documents (a cached Arrow table: hash, text, input_ids, ...) as corpus
-    steps see them."""
+    """One source's tokenized documents (its store shards as one memory-mapped Arrow table: hash, text,
+    input_ids, ...) as corpus steps see them."""
 
     name: str
     config: Any  # its SourceConfig
@@ -66,9 +66,31 @@ class SourceDocs:
         return self.table.num_rows
 
     @cached_property
-    def hashes(self) -> list[bytes]:
-        """128-bit hash of each document's normalised text."""
-        return self.table.column("hash").to_pylist()
+    def lengths(self) -> np.ndarray:
+        """Each document's token count (int64), read from the list offsets: no token value is touched."""
+        import pyarrow.compute as pc
+
+        column = self.table.column("input_ids")
+        return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    @cached_property
+    def hashes(self) -> np.ndarray:
+        """128-bit hash of each document's normalised text: one row of 16 bytes (uint8) a document, copied
+        once from the table's buffers (16 bytes a document, no Python object per document)."""
+        return hash_array(self.table.column("hash"))
+
+
+def hash_array(column: Any) -> np.ndarray:
+    """The values of a fixed-size binary Arrow column (hashes) as an (n, width) uint8 array."""
+    width = column.type.byte_width
+    parts = [
+        np.frombuffer(chunk.buffers()[1], dtype=np.uint8)[
+            chunk.offset * width : (chunk.offset + len(chunk)) * width
+        ].reshape(-1, width)
+        for chunk in column.chunks
+        if len(chunk)
+    ]
+    return np.concatenate(parts) if parts else np.empty((0, width), np.uint8)
 
 
 class CorpusStep(Protocol):
