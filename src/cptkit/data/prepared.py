@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cptkit.data.manifest import MANIFEST, read_manifest
+from cptkit.data.manifest import FORMAT_VERSION, MANIFEST, read_manifest
 from cptkit.errors import CptkitError
 
 if TYPE_CHECKING:  # numpy, pyarrow and torch load when a store is opened, not with every command
@@ -53,12 +53,12 @@ class Prepared:
         """The prepared dataset in `folder`, or a CptkitError that says what is wrong and what to run.
         The token store is opened (memory-mapped, no token read) and checked here, before any model
         loads: its format, its files and the tokenizer they were made with."""
-        from cptkit.data.store import TRAIN_FORMAT, format_refusal
+        from cptkit.data.store import format_refusal
 
         folder = Path(folder)
         prepared = cls(folder, read_manifest(folder))
-        if prepared.manifest.get("format_version") != TRAIN_FORMAT:
-            raise format_refusal(folder, prepared.manifest.get("format_version"))
+        if prepared.manifest.get("format_version") != FORMAT_VERSION:
+            raise format_refusal(folder, prepared.manifest.get("format_version"), FORMAT_VERSION)
         missing = [h.dir for h in prepared.heldout.values() if not (folder / h.dir).is_dir()]
         if not (folder / prepared.train_dir).is_dir():
             missing.insert(0, prepared.train_dir)

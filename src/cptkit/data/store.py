@@ -22,20 +22,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cptkit.data.manifest import TRAIN_ARRAYS, TRAIN_FORMAT
+from cptkit.data.manifest import TRAIN_INDEX as INDEX
+from cptkit.data.shards import STORE_FORMAT as _STORE_FORMAT
 from cptkit.errors import CptkitError
 
-TRAIN_FORMAT = 3  # train/index.json "format" and the manifest's format_version this cptkit reads
-STORE_FORMAT = b"2"  # the store files' schema metadata cptkit_store_format
-INDEX = "index.json"  # inside train/
-ARRAYS = ("row_offsets", "segment_starts", "segment_lengths", "segment_sources")
+STORE_FORMAT = str(_STORE_FORMAT).encode()  # as the store files' schema metadata spells it
+ARRAYS = tuple(TRAIN_ARRAYS)  # row_offsets first: one more than the rows; the others one per segment
 PREPARE_AGAIN = "run `cptkit prepare --force` on its config to write it again"
 
 
-def format_refusal(where: Path, found: Any) -> CptkitError:
-    """The refusal of a prepared folder of another format: older ones are prepared again."""
-    if isinstance(found, int) and found > TRAIN_FORMAT:
+def format_refusal(where: Path, found: Any, reads: int = TRAIN_FORMAT) -> CptkitError:
+    """The refusal of a prepared folder of format `found` where this cptkit reads `reads`: an older
+    one is prepared again."""
+    if isinstance(found, int) and found > reads:
         return CptkitError(
-            f"{where}: prepared by a newer cptkit (format {found}; this one reads format {TRAIN_FORMAT}): "
+            f"{where}: prepared by a newer cptkit (format {found}; this one reads format {reads}): "
             "upgrade cptkit, or run `cptkit prepare --force` with this one"
         )
     return CptkitError(f"{where}: prepared by an older cptkit (format {found}): run cptkit prepare --force")

@@ -17,18 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-STORE_SCHEMA = pa.schema(
-    [
-        ("hash", pa.binary(16)),
-        ("where", pa.string()),
-        ("num_chars", pa.int64()),
-        ("num_bytes", pa.int64()),
-        ("text", pa.large_string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("starts", pa.list_(pa.int32())),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -50,7 +38,9 @@ def write_store_file(
     """One store file of `documents` (int32 id arrays), `batch_documents` to a record batch; returns its
     index entry (`path` left to the caller)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    schema = STORE_SCHEMA.with_metadata(
+    from cptkit.data.shards import SCHEMA
+
+    schema = SCHEMA.with_metadata(
         {b"cptkit_store_format": store_format.encode(), b"tokenizer_fingerprint": fingerprint.encode()}
     )
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
