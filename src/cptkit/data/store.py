@@ -195,7 +195,7 @@ def _open_shard(folder: Path, entry: ShardEntry, fingerprint: str) -> list[np.nd
             for i in range(reader.num_record_batches):
                 ids = reader.get_batch(i).column(column)
                 documents += len(ids)
-                pieces.append(ids.flatten().to_numpy(zero_copy_only=True))
+                pieces.append(_int32_view(ids.flatten()))
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, KeyError) as e:
         raise CptkitError(
             f"{path}: unreadable as a store file ({e}; half-written?); {PREPARE_AGAIN}"
@@ -207,6 +207,17 @@ def _open_shard(folder: Path, entry: ShardEntry, fingerprint: str) -> list[np.nd
             f"{entry.tokens:,} in {entry.documents:,}: the file was replaced after preparing; {PREPARE_AGAIN}"
         )
     return pieces
+
+
+def _int32_view(values: pa.Array) -> np.ndarray:
+    """The values of an int32 array as a read-only numpy view of its buffer (no copy; `to_numpy` would
+    do the same but imports pandas on first use)."""
+    if values.null_count:
+        raise pa.ArrowInvalid(f"{values.null_count} null token id(s)")
+    data = values.buffers()[1]
+    if data is None:
+        return np.empty(0, np.int32)
+    return np.frombuffer(data, dtype=np.int32)[values.offset : values.offset + len(values)]
 
 
 def _text(value: bytes | None) -> str:
