@@ -33,13 +33,19 @@ ROOT = HERE.parent
 HIDDEN, LAYERS = 16, 2
 
 
-def rss_mib() -> float:
-    """Resident memory of this process now, MiB (file-backed pages of the mapped store included)."""
+def rss_mib() -> dict[str, float]:
+    """Resident memory of this process now, MiB: all of it, the anonymous part (the process's own
+    allocations) and the file-backed part (mapped pages of the store and of libraries: shared with
+    the page cache, and dropped under memory pressure without being written anywhere)."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        status = dict(
+            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+        )
+        kib = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile")}
+        return {"rss": kib["VmRSS"] / 1024, "anon": kib["RssAnon"] / 1024, "file": kib["RssFile"] / 1024}
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"rss": peak, "anon": float("nan"), "file": float("nan")}
 
 
 # --- the synthetic folder --------------------------------------------------------------------------
@@ -108,11 +114,11 @@ def measure_startup(prepared: Path, batch: int) -> dict:
     from cptkit.data.prepared import Prepared
     from cptkit.train.collator import PackedCollator
 
-    out = {"rss_before_mib": round(rss_mib(), 1)}
+    out = {"rss_before_mib": rss_mib()}
     t0 = time.perf_counter()
     loaded = Prepared.load(prepared)
     out["load_s"] = time.perf_counter() - t0
-    out["rss_after_load_mib"] = round(rss_mib(), 1)
+    out["rss_after_load_mib"] = rss_mib()
     again = time.perf_counter()
     Prepared.load(prepared)  # the checks again, the files' headers now in the page cache
     out["load_again_s"] = time.perf_counter() - again
@@ -123,7 +129,7 @@ def measure_startup(prepared: Path, batch: int) -> dict:
     PackedCollator(pad_token_id=0)(rows.__getitems__(range(batch)))
     out["first_batch_s"] = time.perf_counter() - t2
     out["total_s"] = out["load_s"] + out["train_rows_s"] + out["first_batch_s"]
-    out["rss_after_first_batch_mib"] = round(rss_mib(), 1)
+    out["rss_after_first_batch_mib"] = rss_mib()
     index = loaded._index
     out.update(
         rows=index.rows,
@@ -133,6 +139,8 @@ def measure_startup(prepared: Path, batch: int) -> dict:
         record_batches=len(loaded._space.pieces),
         index_bytes=sum(a.nbytes for a in index.arrays.values()),
     )
+    for key in ("rss_before_mib", "rss_after_load_mib", "rss_after_first_batch_mib"):
+        out[key] = {k: round(v, 1) for k, v in out[key].items()}
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -306,14 +314,19 @@ def print_table(report: dict) -> None:
         f"\nprepared folder: {s['rows']:,} rows, {s['segments']:,} segments, {s['tokens']:,} tokens in "
         f"{s['store_files']} store files ({s['record_batches']:,} record batches); index {s['index_bytes'] / 2**20:.1f} MiB"
     )
-    print("\n| start-up | seconds | RSS after, MiB |")
-    print("|---|---:|---:|")
-    print(f"| (imports done) | | {s['rss_before_mib']:.0f} |")
-    print(f"| Prepared.load | {s['load_s']:.3f} | {s['rss_after_load_mib']:.0f} |")
-    print(f"| Prepared.load again (headers cached) | {s['load_again_s']:.3f} | |")
-    print(f"| train_rows() | {s['train_rows_s']:.4f} | |")
-    print(f"| first batch | {s['first_batch_s']:.4f} | {s['rss_after_first_batch_mib']:.0f} |")
-    print(f"| **total** (load, train_rows, first batch) | **{s['total_s']:.3f}** | |")
+
+    def mem(key: str) -> str:
+        m = s[key]
+        return f"{m['rss']:.0f} | {m['anon']:.0f} | {m['file']:.0f}"
+
+    print("\n| start-up | seconds | RSS after, MiB | anonymous | file-backed |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| (imports done) | | {mem('rss_before_mib')} |")
+    print(f"| Prepared.load | {s['load_s']:.3f} | {mem('rss_after_load_mib')} |")
+    print(f"| Prepared.load again (headers cached) | {s['load_again_s']:.3f} | | | |")
+    print(f"| train_rows() | {s['train_rows_s']:.4f} | | | |")
+    print(f"| first batch | {s['first_batch_s']:.4f} | {mem('rss_after_first_batch_mib')} |")
+    print(f"| **total** (load, train_rows, first batch) | **{s['total_s']:.3f}** | | | |")
     if not report["resume"]:
         return
     print(
