@@ -1,6 +1,7 @@
 """The speed bench's data, made on a CPU: a BPE tokenizer trained on the corpora, their documents
 tokenized, and cptkit-format prepared folders of those documents packed into rows (position_ids
-restarting at every document), one folder per row length a variant asks for."""
+restarting at every document), one folder per row length a variant asks for: each a token store of the
+documents and a train/ index into it, written by cptkit's own writer."""
 
 from __future__ import annotations
 
@@ -77,31 +78,85 @@ def make_data(out: Path, corpora: Path, vocab: int, max_tokens: int) -> None:
 
 
 def write_prepared(folder: Path, docs: list[list[int]], seq: int, tokenizer_info: dict, inputs: list) -> dict:
-    """A cptkit-format prepared folder (format 3: one store file of `docs`, the train/ index of their
-    rows of `seq`, all of one source) and its totals."""
-    from cptkit.testing import store
+    """A cptkit-format prepared folder (format 3) of `docs` in rows of `seq`: the documents as one store
+    file (`store/bench/docs.arrow`), cut into pieces of at most `seq` tokens (no token lost) and packed
+    best-fit decreasing into train/ by `cptkit.data.write.write_train`, one source (`bench`); its totals."""
+    import hashlib
 
-    rows = [[store.Segment("bench", d, at, n) for d, at, n in row] for row in _best_fit(docs, seq)]
-    lengths = [len(d) for d in docs]
-    total = sum(lengths)
-    totals = {
-        "rows": len(rows),
-        "trained_tokens": total,
-        "padding_tokens": len(rows) * seq - total,
-        "packing_efficiency": total / (len(rows) * seq),
-        "documents": len(docs),
-        "median_document_tokens": statistics.median(lengths),
-    }
-    store.write_prepared(
-        folder,
-        {"bench": docs},
-        seq,
-        tokenizer_info,
-        batch_documents=1024,
-        rows=rows,
-        manifest={"totals": totals, "inputs": inputs},
+    import numpy as np
+    import pyarrow as pa
+
+    from cptkit.data.assemble import Rows, StoreShard
+    from cptkit.data.chunk import windows
+    from cptkit.data.shards import store_schema
+    from cptkit.data.write import write_train
+
+    store = folder / "store" / "bench" / "docs.arrow"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    schema = store_schema(tokenizer_info["fingerprint"])
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    ids = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    with pa.OSFile(str(store), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for a in range(0, len(docs), 1 << 14):  # batches of whole documents, 32-bit list offsets each
+            b = min(a + (1 << 14), len(docs))
+            local = (offsets[a : b + 1] - offsets[a]).astype(np.int32)
+            part = ids[offsets[a] : offsets[b]]
+            writer.write_batch(
+                pa.record_batch(
+                    [
+                        pa.array(
+                            [
+                                hashlib.blake2b(np.asarray(d, np.int32).tobytes(), digest_size=16).digest()
+                                for d in docs[a:b]
+                            ],
+                            pa.binary(16),
+                        ),
+                        pa.array([f"docs:{i}" for i in range(a, b)]),
+                        pa.array(np.zeros(b - a, np.int64)),
+                        pa.array(np.zeros(b - a, np.int64)),
+                        pa.array([""] * (b - a), pa.large_string()),
+                        pa.ListArray.from_arrays(pa.array(local), pa.array(part)),
+                        pa.nulls(b - a, pa.list_(pa.int32())),
+                    ],
+                    schema=schema,
+                )
+            )
+    table = pa.ipc.open_file(pa.memory_map(str(store))).read_all()
+    doc, off, length = windows(lengths, seq)
+    rows = Rows(
+        seg_start=offsets[:-1][doc] + off,
+        seg_len=length,
+        seg_source=np.zeros(len(length), np.int32),
+        seq_length=seq,
+        window=1 << 20,
+        rng_state=np.random.default_rng(0).bit_generator.state,
     )
-    return totals
+    written = write_train(rows, [StoreShard(store.relative_to(folder).as_posix(), table)], folder / "train")
+    total = int(lengths.sum())
+    manifest = {
+        "status": "complete",
+        "format_version": 3,
+        "seq_length": seq,
+        "chunking": "packing",
+        "train_dir": "train",
+        "tokenizer": tokenizer_info,
+        "source_index": {"bench": 0},
+        "heldout": {},
+        "sources": {"bench": {"role": "domain", "weight": 1.0, "tokens": total, "mixed_tokens": total}},
+        "totals": {
+            "rows": written.rows,
+            "trained_tokens": total,
+            "padding_tokens": written.rows * seq - total,
+            "packing_efficiency": total / (written.rows * seq),
+            "pack_windows": written.windows,
+            "documents": len(docs),
+            "median_document_tokens": statistics.median(lengths.tolist()),
+        },
+        "inputs": inputs,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest["totals"]
 
 
 def prepared_at(data: Path, seq: int) -> Path:
@@ -117,20 +172,3 @@ def prepared_at(data: Path, seq: int) -> Path:
         docs = datasets.load_from_disk(str(data / "docs"))["input_ids"]
         write_prepared(folder, [list(d) for d in docs], seq, base["tokenizer"], base["inputs"])
     return folder
-
-
-def _best_fit(docs: list[list[int]], capacity: int) -> list[list[tuple[int, int, int]]]:
-    """Documents split into pieces of at most `capacity` (no token lost), packed best-fit decreasing, the
-    rows shuffled; each row its pieces as (document, offset, length)."""
-    import random
-
-    from cptkit.data.pack import best_fit_pack
-
-    pieces = [
-        (d, i, min(capacity, len(doc) - i))
-        for d, doc in enumerate(docs)
-        for i in range(0, len(doc), capacity)
-    ]
-    rows = [[pieces[i] for i in group] for group in best_fit_pack([p[2] for p in pieces], capacity)]
-    random.Random(0).shuffle(rows)
-    return rows

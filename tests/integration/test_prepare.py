@@ -24,7 +24,7 @@ from cptkit.data.normalize import normalize
 from cptkit.data.prepare import prepare as prepare_data
 from cptkit.data.shards import tokenize_shard
 from cptkit.errors import CptkitError
-from cptkit.testing.prepared import train_lists
+from cptkit.testing.prepared import train_index, train_lists
 from cptkit.testing.tiny import sample_texts
 
 
@@ -191,7 +191,14 @@ def test_rerun_does_nothing_and_new_seq_length_does_not_retokenize(
     cfg = config(tmp_path, tiny_tokenizer_dir, sources)
     first = prepare.run(cfg)
     out = cfg.stage_dir("prepare")
-    arrow = sorted((out / "train").glob("*.arrow"))
+    arrow = sorted((out / "train").iterdir())
+    assert [p.name for p in arrow] == [
+        "index.json",
+        "row_offsets.bin",
+        "segment_lengths.bin",
+        "segment_sources.bin",
+        "segment_starts.bin",
+    ]
     before = [p.stat().st_mtime_ns for p in arrow]
     with caplog.at_level(logging.INFO):
         again = run_with(cfg, executor=no_tokenizing)
@@ -401,12 +408,26 @@ def test_near_duplicates_are_dropped_across_sources_before_the_split(
     assert exact["sources"]["mirror"]["duplicates"] == 1 and exact["sources"]["mirror"]["documents"] == 24
 
 
+def _interrupt_at(name):
+    def on_phase(phase):
+        if phase == name:
+            raise KeyboardInterrupt
+
+    return on_phase
+
+
 def test_prune_cache_keeps_only_what_this_config_uses(tmp_path, tiny_tokenizer_dir, paragraphs):
     both = dom_and_gen(tmp_path, paragraphs[:60], paragraphs[60:100])
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both))
     prepare.run(config(tmp_path, tiny_tokenizer_dir, both, filters={"min_chars": 80}))  # other settings
     cache = config(tmp_path, tiny_tokenizer_dir, both).stage_dir("prepare") / STORE_DIR
     assert len(list((cache / "dom").glob("*.arrow"))) == 2
+    with pytest.raises(KeyboardInterrupt):  # stopped before its rows are written: nothing is pruned yet
+        run_with(
+            config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, prune_cache=True),
+            on_phase=_interrupt_at("write"),
+        )
+    assert len(list((cache / "dom").glob("*.arrow"))) == 2 and (cache / "gen").is_dir()
     kept = prepare.run(
         config(tmp_path, tiny_tokenizer_dir, both[:1], filters={"min_chars": 80}, prune_cache=True)
     )
@@ -476,3 +497,45 @@ def test_a_file_deleted_after_listing_is_counted_not_a_traceback(tmp_path, tiny_
     assert dom["drops"]["unreadable_file"] == 1 and str(gone) in dom["examples"]["unreadable_file"]
     assert dom["read"] == 41  # its 40 rows, and the file counted once
     assert [i["bytes"] for i in manifest["inputs"]][1] == 0
+
+
+def _segments_of(out) -> tuple[Counter, list[int]]:
+    """The index's segments (start, length, source) as a multiset, and each row's tokens."""
+    _, arrays = train_index(out)
+    segments = Counter(
+        zip(
+            arrays["segment_starts"].tolist(),
+            arrays["segment_lengths"].tolist(),
+            arrays["segment_sources"].tolist(),
+            strict=True,
+        )
+    )
+    ends = np.concatenate([[0], np.cumsum(arrays["segment_lengths"])])
+    return segments, np.diff(ends[arrays["row_offsets"]]).tolist()
+
+
+def test_windowed_packing_keeps_the_mix_and_packs_nearly_as_well(tmp_path, tiny_tokenizer_dir, paragraphs):
+    """pack_window smaller than the mix: the same segments (every one of the mix exactly once), rows of at
+    most seq_length, the same rows for the same seed, other rows for another, and packing efficiency
+    within half a percent of packing all at once (measured here: 0.24% less, 2,559 segments in 3 windows)."""
+    sources = dom_and_gen(tmp_path, paragraphs[::2], paragraphs[1::2])
+    out = config(tmp_path, tiny_tokenizer_dir, sources).stage_dir("prepare")
+    whole = prepare.run(config(tmp_path, tiny_tokenizer_dir, sources))
+    assert whole["totals"]["pack_windows"] == 1
+    all_at_once, all_rows = _segments_of(out)
+    windowed = run_with(
+        config(tmp_path, tiny_tokenizer_dir, sources, pack_window=1024), executor=no_tokenizing
+    )
+    segments, rows = _segments_of(out)
+    n = sum(segments.values())
+    assert windowed["totals"]["pack_windows"] == -(-n // 1024) >= 3
+    assert segments == all_at_once and max(rows) <= 64 and sum(rows) == windowed["totals"]["trained_tokens"]
+    assert windowed["sources"] == whole["sources"] and len(rows) == windowed["totals"]["rows"]
+    loss = 1 - windowed["totals"]["packing_efficiency"] / whole["totals"]["packing_efficiency"]
+    assert 0 <= loss < 0.005, loss
+    first = train_lists(out)
+    run_with(config(tmp_path, tiny_tokenizer_dir, sources, pack_window=1024, seed=1), executor=no_tokenizing)
+    assert train_lists(out)[0] != first[0]  # another seed: other rows
+    run_with(config(tmp_path, tiny_tokenizer_dir, sources, pack_window=1024), executor=no_tokenizing)
+    assert train_lists(out) == first  # the same seed again: the same rows
+    print(f"{windowed['totals']['pack_windows']} windows of {n} segments: efficiency loss {loss:.4%}")

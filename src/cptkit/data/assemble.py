@@ -9,8 +9,9 @@ re-tokenization, and the memory assembly needs grows with the documents and segm
 
 Memory per document (all sources): 16 bytes of hash for exact dedup, 8 of token count, 8 of start offset,
 8 of characters, and, per source at a time, some 40 bytes of temporaries (the held-out split's scores and
-the dedup merge); per segment, 20 bytes (start, length, source) for the mix and 8 more while it is
-packed; per window of `data.pack_window` segments, about 100 bytes a segment of Python lists.
+the dedup merge); per segment, 16 bytes (start, length) before the mix, 20 (start, length, source)
+after it and 8 more while it is packed; per window of `data.pack_window` segments, about 100 bytes a
+segment of Python lists.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 
 from cptkit.config.data import DataConfig, SourceConfig
 from cptkit.data.caps import leading_documents
-from cptkit.data.chunk import Chunker
+from cptkit.data.chunk import Chunker, Segments
 from cptkit.data.dedup import Deduper
 from cptkit.data.mix import mix_warning, sample, sampling_factors
 from cptkit.data.near_dedup import NearDeduper
@@ -38,6 +39,8 @@ from cptkit.data.tokenize import Encoder
 from cptkit.data.workers import usable_cores
 
 log = logging.getLogger(__name__)
+_CHUNK_DOCS = 1 << 16  # documents chunked at a time (their unit starts read for them alone) ...
+_CHUNK_UNITS = 1 << 18  # ... and units (sentences, char chunks): about 100 bytes each while chunked
 
 
 @dataclass
@@ -138,16 +141,36 @@ class Assembled:
     floors: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> its held-out floor, met?
 
 
-def _starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray] | None:
-    """The unit starts of documents `docs` (the chunker's sentence or char-chunk starts), or None when
-    tokenization recorded none."""
+def _segments(chunker: Chunker, column: pa.ChunkedArray, lengths: np.ndarray, docs: np.ndarray) -> Segments:
+    """`chunker.segments` of documents `docs` (their index in `docs`, offset, length), given the unit
+    starts tokenization recorded (`column`, all null when it recorded none). Documents are chunked a
+    block at a time (at most `_CHUNK_DOCS` documents and `_CHUNK_UNITS` units), their unit starts read
+    for them alone, so the Python objects a chunker makes per document and unit live for one block; every
+    strategy tiles each document on its own, so the segments are those of one call over them all."""
     if column.null_count == len(column):
-        return None
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
+        return chunker.segments(lengths[docs], None)
+    units = np.cumsum(pc.list_value_length(column).to_numpy(zero_copy_only=False)[docs], dtype=np.int64)
+    parts, lo = [], 0
+    while lo < len(docs):
+        before = units[lo - 1] if lo else 0
+        hi = int(np.searchsorted(units, before + _CHUNK_UNITS, side="right"))
+        hi = max(lo + 1, min(hi, lo + _CHUNK_DOCS))
+        block = docs[lo:hi]
+        doc, off, length = chunker.segments(lengths[block], _unit_starts(column, block))
+        parts.append((doc + lo, off, length))
+        lo = hi
+    if not parts:
+        return chunker.segments(lengths[docs], [])
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def _unit_starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray]:
+    """The recorded unit starts (sentence or char-chunk starts) of documents `docs`, one array each."""
+    taken = column.take(pa.array(docs, pa.int64()))
+    counts = pc.list_value_length(taken).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = [c.flatten().to_numpy(zero_copy_only=False) for c in taken.chunks]
     flat = np.concatenate(values).astype(np.int32, copy=False) if values else np.empty(0, np.int32)
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return [flat[bounds[d] : bounds[d + 1]] for d in docs]
+    return np.split(flat, np.cumsum(counts)[:-1]) if len(docs) else []
 
 
 def assemble(store: dict[str, list[StoreShard]], cfg: DataConfig, encoder: Encoder) -> Assembled:
@@ -195,7 +218,7 @@ def _assemble(
         train = np.setdiff1d(kept, held, assume_unique=True)
         doc_start = base + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         heldout[name] = _heldout(table, held, lengths, chunker, encoder)
-        doc, off, length = chunker.segments(lengths[train], _starts(table.column("starts"), train))
+        doc, off, length = _segments(chunker, table.column("starts"), lengths, train)
         seg_starts[name] = doc_start[train][doc] + off
         seg_lens[name] = length
         base += int(lengths.sum())

@@ -7,7 +7,13 @@ values, and documents sharing a whole band are compared. With 128 values in 16 b
 probability of becoming a candidate is 1 - (1 - s^8)^16: 0.95 at s = 0.8, 0.03 at s = 0.45.
 
 Everything is deterministic across runs and machines: words are hashed with CRC-32 and shingles and
-permutations with fixed 64-bit arithmetic, never with Python's per-process salted `hash`.
+permutations with fixed 64-bit arithmetic, never with Python's per-process salted `hash` (the index files
+bands under that hash, but compares their values, so it never decides what is kept).
+
+Memory limit: the index holds every kept document's signature (512 bytes, in blocks of 16,384) and one
+entry per band in a dict per band (a 64-bit key and the document's number: about 70 bytes each), so about
+1.7 KB a kept document (measured: tests/unit/test_near_dedup.py), 1.7 GB for a million documents kept.
+Unlike exact dedup (16 bytes a document) it is for corpora of up to a few million documents per machine.
 """
 
 from __future__ import annotations
@@ -76,6 +82,18 @@ def signature(text: str) -> np.ndarray:
     return permuted.min(axis=0).astype(np.uint32)
 
 
+def band_keys(sig: np.ndarray) -> list[int]:
+    """One 64-bit key per band of a signature (Python's hash of the band's bytes). Equal bands give equal
+    keys; a key shared by unequal bands is told apart by comparing the values, so the salted hash decides
+    only where an entry is kept, never which documents are compared."""
+    data = sig.tobytes()
+    width = len(data) // _BANDS
+    return [hash(data[b * width : (b + 1) * width]) for b in range(_BANDS)]
+
+
+_BLOCK_DOCS = 1 << 14  # signatures per block of the index (8 MiB): it grows a block at a time, never copied
+
+
 class NearDeduper:
     """Corpus step: keeps an LSH index of the documents kept so far; drops the near duplicates of them.
 
@@ -88,8 +106,10 @@ class NearDeduper:
         self.workers = workers
         self.pool: Any = None
         self.rows = _PERMUTATIONS // _BANDS
-        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(_BANDS)]
-        self.kept: list[np.ndarray] = []
+        # band key -> the kept document (its number) or documents whose band has that key
+        self.buckets: list[dict[int, int | list[int]]] = [{} for _ in range(_BANDS)]
+        self.blocks: list[np.ndarray] = []  # the kept documents' signatures, _BLOCK_DOCS a block
+        self.count = 0
 
     def _signatures(self, texts: list[str]) -> Iterable[np.ndarray]:
         if self.workers <= 1 or len(texts) < _PARALLEL_FROM:
@@ -103,16 +123,42 @@ class NearDeduper:
             self.pool.shutdown()
             self.pool = None
 
-    def is_near_duplicate(self, sig: np.ndarray) -> bool:
-        keys = [sig[b * self.rows : (b + 1) * self.rows].tobytes() for b in range(_BANDS)]
-        candidates = {i for b, key in enumerate(keys) for i in self.buckets[b].get(key, ())}
-        for i in sorted(candidates):
-            if float(np.mean(self.kept[i] == sig)) >= self.threshold:
-                return True
-        index = len(self.kept)
-        self.kept.append(sig)
+    def _signature(self, i: int) -> np.ndarray:
+        return self.blocks[i // _BLOCK_DOCS][i % _BLOCK_DOCS]
+
+    def _candidates(self, sig: np.ndarray, keys: list[int]) -> list[int]:
+        """The kept documents that share at least one whole band with `sig`."""
+        found: set[int] = set()
         for b, key in enumerate(keys):
-            self.buckets[b].setdefault(key, []).append(index)
+            hit = self.buckets[b].get(key)
+            if hit is None:
+                continue
+            lo, hi = b * self.rows, (b + 1) * self.rows
+            for i in (hit,) if isinstance(hit, int) else hit:
+                if i not in found and np.array_equal(self._signature(i)[lo:hi], sig[lo:hi]):
+                    found.add(i)
+        return sorted(found)
+
+    def is_near_duplicate(self, sig: np.ndarray) -> bool:
+        keys = band_keys(sig)
+        candidates = self._candidates(sig, keys)
+        if candidates:
+            shared = np.mean(np.stack([self._signature(i) for i in candidates]) == sig[None, :], axis=1)
+            if bool((shared >= self.threshold).any()):
+                return True
+        index = self.count
+        if index % _BLOCK_DOCS == 0:
+            self.blocks.append(np.empty((_BLOCK_DOCS, _PERMUTATIONS), dtype=np.uint32))
+        self.blocks[-1][index % _BLOCK_DOCS] = sig
+        self.count += 1
+        for b, key in enumerate(keys):
+            hit = self.buckets[b].get(key)
+            if hit is None:
+                self.buckets[b][key] = index
+            elif isinstance(hit, int):
+                self.buckets[b][key] = [hit, index]
+            else:
+                hit.append(index)
         return False
 
     def keep_mask(self, texts: Iterable[str]) -> np.ndarray:

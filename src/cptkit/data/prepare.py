@@ -84,10 +84,10 @@ def _prepare(
     from cptkit.outputs import write_config, write_json
 
     plan = make_plan(data, out)
-    if data.prune_cache:
-        prune_cache(plan.cache_dir, plan.shard_keys())
     current = _finished(out)
     if not force and current is not None and current.manifest.get("fingerprint") == plan.fingerprint:
+        if data.prune_cache:
+            prune_cache(plan.cache_dir, plan.shard_keys())
         log.info("%s is up to date (same inputs, tokenizer and settings): nothing to do", out)
         return current
     mark_started(out)
@@ -105,6 +105,8 @@ def _prepare(
         from cptkit.data.write import write_folder
 
         written = write_folder(out, result, free_space)
+        if data.prune_cache:  # once train/ no longer lists the store files it removes
+            prune_cache(plan.cache_dir, plan.shard_keys())
         manifest = build_manifest(plan, read, result, written)
         write_config(out, data if config is None else config)
         manifest["status"] = "complete"
