@@ -86,14 +86,11 @@ def write_prepared(
     batch_documents: int = 64,
     shards_per_source: int = 1,
     roles: dict[str, str] | None = None,
-    rows: list[list[Segment]] | None = None,
-    manifest: dict[str, Any] | None = None,
 ) -> list[list[Segment]]:
     """A prepared folder of format 3 in `folder` holding `sources` (name -> documents, int32 id arrays)
     in `shards_per_source` store files each; `tokenizer` is the manifest's tokenizer entry (its
-    `fingerprint` goes into every store file and the index). The rows are `rows` where given, else
-    `pack_rows(sources, seq_length, seed)`; `manifest` entries replace the written ones. Returns the
-    rows, as segments."""
+    `fingerprint` goes into every store file and the index), `roles` the sources' roles (default
+    domain). Returns the rows (`pack_rows(sources, seq_length, seed)`), as segments."""
     from cptkit.data.store import ARRAYS, INDEX, TRAIN_FORMAT
 
     folder = Path(folder)
@@ -110,7 +107,7 @@ def write_prepared(
             for d, doc in enumerate(part, start=at):
                 where[(name, d)] = space
                 space += len(doc)
-    rows = pack_rows(sources, seq_length, seed) if rows is None else rows
+    rows = pack_rows(sources, seq_length, seed)
     source_index = {name: i for i, name in enumerate(sources)}
     flat = [s for row in rows for s in row]
     arrays = {
@@ -137,7 +134,7 @@ def write_prepared(
     (train / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
     roles = roles or {}
     mixed = {name: sum(s.length for s in flat if s.source == name) for name in sources}
-    written = {
+    manifest = {
         "status": "complete",
         "format_version": TRAIN_FORMAT,
         "seq_length": seq_length,
@@ -164,8 +161,7 @@ def write_prepared(
             "packing_efficiency": round(tokens / max(len(rows) * seq_length, 1), 6),
         },
     }
-    written.update(manifest or {})
-    (folder / "manifest.json").write_text(json.dumps(written, indent=1), encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return rows
 
 
