@@ -390,17 +390,17 @@ def isolation_check(data: Path) -> list[dict]:
 
 def kernel_timing(data: Path) -> dict:
     """Forward + backward of one attention call on 8 x 2048 rows of real document lengths, in ms."""
-    import datasets
     import torch
     import torch.nn.functional as F
     from triton.testing import do_bench
 
+    from cptkit.data.prepared import Prepared
     from cptkit.model import attention
 
-    rows = datasets.load_from_disk(str(data / "prepared" / "train")).select(range(BATCH))
+    rows = Prepared.load(data / "prepared").train_rows().__getitems__(range(BATCH))
     pos = torch.zeros(BATCH, SEQ, dtype=torch.long)
     for i, r in enumerate(rows):
-        p = torch.tensor(r["position_ids"])
+        p = torch.as_tensor(r["position_ids"], dtype=torch.long)
         pos[i, : len(p)] = p
         if len(p) < SEQ:
             pos[i, len(p) :] = torch.arange(int(p[-1]) + 1, int(p[-1]) + 1 + SEQ - len(p))

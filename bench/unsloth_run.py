@@ -59,13 +59,22 @@ def packed_rows(train_dir: Path):
     (where position_ids restart at 0)."""
     import datasets
 
-    rows = datasets.load_from_disk(str(train_dir))
+    from cptkit.data.prepared import Prepared
 
-    def lengths(row):
-        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
-        return {"labels": row["input_ids"], "seq_lengths": [b - a for a, b in pairwise(starts)]}
+    prepared = Prepared.load(train_dir.parent)
+    rows = prepared.train_rows()
 
-    return rows.map(lengths, remove_columns=["position_ids"])
+    def lengths():
+        for row in rows:
+            ids, starts = row["input_ids"].tolist(), (row["position_ids"] == 0).nonzero()[0].tolist()
+            yield {
+                "input_ids": ids,
+                "labels": ids,
+                "seq_lengths": [b - a for a, b in pairwise([*starts, len(ids)])],
+            }
+
+    # named by the prepared folder's manifest: a folder prepared again is never served from the cache
+    return datasets.Dataset.from_generator(lengths, fingerprint=f"unsloth-rows-{prepared.manifest_hash}")
 
 
 def train_unsloth(variant, model_dir: str, train_dir: Path, steps: int, out: Path, meter, holder: dict):

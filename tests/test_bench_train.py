@@ -63,14 +63,21 @@ def data(tmp_path_factory) -> Path:
 
 def test_data_prepares_rows_that_restart_positions_at_each_document(data):
     import datasets
+    import numpy as np
 
-    manifest = json.loads((data / "prepared" / "manifest.json").read_text())
-    rows = datasets.load_from_disk(str(data / "prepared" / "train"))
+    from cptkit.data.prepared import Prepared
+
+    prepared = Prepared.load(data / "prepared")
+    rows = prepared.train_rows()
     docs = datasets.load_from_disk(str(data / "docs"))
-    assert manifest["seq_length"] == 2048 and manifest["totals"]["rows"] == len(rows)
-    assert sum(len(r) for r in rows["input_ids"]) == sum(len(d) for d in docs["input_ids"])
-    starts = sum(p.count(0) for p in rows["position_ids"])
-    assert starts == len(docs)  # no document is longer than a row here: one start each
+    assert prepared.seq_length == 2048 and prepared.totals["rows"] == len(rows)
+    # no document is longer than a row here: each is one segment, whole, of some row
+    segments = [
+        tuple(part.tolist())
+        for r in rows
+        for part in np.split(r["input_ids"], (r["position_ids"] == 0).nonzero()[0][1:])
+    ]
+    assert sorted(segments) == sorted(tuple(d) for d in docs["input_ids"])
 
 
 def test_list_names_every_variant_and_group():

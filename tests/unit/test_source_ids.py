@@ -13,6 +13,7 @@ import torch
 from cptkit.commands import prepare
 from cptkit.config import Config, build_config
 from cptkit.data.prepared import Prepared
+from cptkit.errors import CptkitError
 from cptkit.testing.tiny import sample_texts
 from cptkit.train.collator import IGNORE_INDEX, PackedCollator, padded_batch
 
@@ -73,25 +74,22 @@ def test_each_segment_names_the_source_it_came_from(
     assert tokens["held"] == 0 and tokens["gen"] > 0 and tokens["dom"] > 0
 
 
-def test_a_folder_prepared_before_source_ids_still_gives_its_rows(tmp_path, tiny_tokenizer_dir, texts):
-    from datasets import load_from_disk
-
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_folder_prepared_before_the_token_store_is_refused(tmp_path, tiny_tokenizer_dir, texts, version):
+    """Formats 1 (no source ids) and 2 (rows copied into an Arrow dataset) are prepared again."""
     prepared = prepare_three(tmp_path, tiny_tokenizer_dir, texts)
     old = tmp_path / "old"
     shutil.copytree(prepared.folder, old)
-    shutil.rmtree(old / "train")
-    load_from_disk(str(prepared.folder / "train")).remove_columns("source_ids").save_to_disk(
-        str(old / "train")
-    )
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["source_index"]
+    manifest["format_version"] = version
+    if version == 1:
+        del manifest["source_index"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-
-    older = Prepared.load(old)
-    assert not older.has_source_ids and older.source_index == {} and older.general_source_ids == frozenset()
-    rows = older.train_rows()
-    assert rows.column_names == ["input_ids", "position_ids"]
-    assert "source_ids" not in PackedCollator(0)([rows[0], rows[1]])
+    with pytest.raises(CptkitError) as e:
+        Prepared.load(old)
+    assert (
+        str(e.value) == f"{old}: prepared by an older cptkit (format {version}): run cptkit prepare --force"
+    )
 
 
 def test_collator_gives_each_token_its_segments_source_and_padding_minus_one():

@@ -37,12 +37,16 @@ def test_preflight_refuses_rows_longer_than_the_model_knows(tmp_path, prepared, 
         preflight(TrainConfig(), ModelConfig(name_or_path=str(tiny_model_dir)), prepared, tmp_path / "out")
 
 
-def test_preflight_refuses_a_dataset_made_with_another_tokenizer(tmp_path, prepared, tiny_model_dir):
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    manifest["tokenizer"] = {**manifest["tokenizer"], "fingerprint": "0" * 16, "name_or_path": "org/other"}
-    (prepared / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CptkitError, match="prepared with org/other"):
-        preflight(TrainConfig(), ModelConfig(name_or_path=str(tiny_model_dir)), prepared, tmp_path / "out")
+def test_preflight_refuses_a_dataset_made_with_another_tokenizer(tmp_path, tiny_tokenizer, tiny_model_dir):
+    from cptkit.testing.store import tokenizer_entry
+    from cptkit.testing.store import write_prepared as write_store_folder
+
+    other = {**tokenizer_entry(tiny_tokenizer), "fingerprint": "0" * 16, "name_or_path": "org/other"}
+    write_store_folder(tmp_path / "other", {"docs": [tiny_tokenizer("some text")["input_ids"]]}, 64, other)
+    with pytest.raises(CptkitError, match="its token store was made with org/other"):
+        preflight(
+            TrainConfig(), ModelConfig(name_or_path=str(tiny_model_dir)), tmp_path / "other", tmp_path / "out"
+        )
 
 
 def test_the_qlora_check_names_the_section_it_reads():

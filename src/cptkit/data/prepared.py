@@ -1,22 +1,27 @@
 """A folder written by `cptkit prepare`, read back: the one typed view every later stage uses.
 
 `Prepared.load(folder)` checks that the folder is a finished preparation (its manifest says `complete`,
-the training rows and every listed held-out set are on disk) and says what to run when it is not.
-Train, eval, merge and report read the manifest only through this class: the layout is in
-`cptkit.data.manifest`.
+of the format this cptkit reads; the training rows' index, every store file it lists (made with the
+index's tokenizer, holding the tokens it lists) and every listed held-out set are on disk) and says what
+to run when it is not. Train, eval, merge and report read the manifest only through this class: the
+layout is in `cptkit.data.manifest`, the store's in `cptkit.data.store`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cptkit.data.manifest import MANIFEST, read_manifest
+from cptkit.data.manifest import FORMAT_VERSION, MANIFEST, read_manifest
 from cptkit.errors import CptkitError
+
+if TYPE_CHECKING:  # numpy, pyarrow and torch load when a store is opened, not with every command
+    from cptkit.data.store import TokenSpace, TrainIndex
+    from cptkit.data.view import PackedRows
 
 # what a per-source feature says (once) when the rows were prepared before they carried source ids
 NO_SOURCE_IDS = "the prepared rows carry no source ids; run `cptkit prepare` again to get per-source losses"
@@ -40,12 +45,20 @@ class Prepared:
 
     folder: Path
     manifest: dict[str, Any]
+    _index: TrainIndex | None = field(default=None, repr=False, compare=False)
+    _space: TokenSpace | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, folder: str | Path) -> Prepared:
-        """The prepared dataset in `folder`, or a CptkitError that says what is wrong and what to run."""
+        """The prepared dataset in `folder`, or a CptkitError that says what is wrong and what to run.
+        The token store is opened (memory-mapped, no token read) and checked here, before any model
+        loads: its format, its files and the tokenizer they were made with."""
+        from cptkit.data.store import format_refusal
+
         folder = Path(folder)
         prepared = cls(folder, read_manifest(folder))
+        if prepared.manifest.get("format_version") != FORMAT_VERSION:
+            raise format_refusal(folder, prepared.manifest.get("format_version"), FORMAT_VERSION)
         missing = [h.dir for h in prepared.heldout.values() if not (folder / h.dir).is_dir()]
         if not (folder / prepared.train_dir).is_dir():
             missing.insert(0, prepared.train_dir)
@@ -54,7 +67,22 @@ class Prepared:
                 f"{folder}: {', '.join(missing)} listed in {MANIFEST} but missing on disk; rerun "
                 "`cptkit prepare --force` (or remove the folder and prepare again)"
             )
+        prepared._open_store()
         return prepared
+
+    def _open_store(self) -> None:
+        """The rows' index and the store files it lists, checked (see `cptkit.data.store`)."""
+        from cptkit.data.store import TokenSpace, TrainIndex
+
+        if self._space is not None:
+            return
+        index = TrainIndex(self.folder, self.train_dir)
+        if self.fingerprint and index.fingerprint != self.fingerprint:
+            raise CptkitError(
+                f"{index.dir}: the store was tokenized with fingerprint {index.fingerprint}, but {MANIFEST} "
+                f"names {self.fingerprint}: the folder mixes two preparations; run `cptkit prepare --force`"
+            )
+        self._index, self._space = index, TokenSpace(self.folder, index.shards, index.fingerprint)
 
     @classmethod
     def read(cls, folder: str | Path) -> Prepared:
@@ -84,6 +112,13 @@ class Prepared:
     @property
     def fingerprint(self) -> str | None:
         return self.tokenizer.get("fingerprint")
+
+    @property
+    def store_fingerprint(self) -> str:
+        """The fingerprint of the tokenizer the store's ids were made with (train/index.json's, which
+        `load` checked every store file against): what the model's tokenizer must match."""
+        self._open_store()
+        return self._index.fingerprint
 
     @property
     def sources(self) -> dict[str, dict[str, Any]]:
@@ -143,20 +178,17 @@ class Prepared:
         return hashlib.sha256((self.folder / MANIFEST).read_bytes()).hexdigest()[:16]
 
     # --- the data ---
-    def train_rows(self) -> Any:
-        """The training rows (`datasets.Dataset` of input_ids, position_ids and, where the folder has
-        them, source_ids: one per segment), memory-mapped."""
-        from datasets import load_from_disk
+    def train_rows(self) -> PackedRows:
+        """The training rows, read from the token store as they are asked for (`PackedRows`: input_ids,
+        position_ids and source_ids, one per segment)."""
+        from cptkit.data.view import PackedRows
 
-        rows = load_from_disk(str(self.folder / self.train_dir))
-        if len(rows) == 0:
+        self._open_store()
+        if self._index.rows == 0:
             raise CptkitError(
                 f"{self.folder}: the prepared dataset has no training rows; add data and prepare again"
             )
-        columns = ["input_ids", "position_ids"] + (
-            ["source_ids"] if "source_ids" in rows.column_names else []
-        )
-        return rows.select_columns(columns)
+        return PackedRows(self.folder, self.train_dir, self._index, self._space)
 
     def heldout_set(self, name: str) -> Any:
         """One held-out set (`datasets.Dataset` of text, input_ids, num_bytes), memory-mapped."""

@@ -60,14 +60,16 @@ def check_base_model(model_cfg: ModelConfig) -> None:
 
 
 def check_tokenizer(tokenizer: Any, prepared: Prepared) -> None:
-    made_with = prepared.fingerprint
+    """The model's tokenizer must be the one the token store was made with (`Prepared.load` checked
+    every store file against the index): the same ids must mean the same tokens."""
+    made_with = prepared.store_fingerprint
     ours = tokenizer_fingerprint(tokenizer)
-    if made_with and made_with != ours:
+    if made_with != ours:
         name = prepared.tokenizer.get("name_or_path", "another tokenizer")
         raise CptkitError(
-            f"{prepared.folder}: prepared with {name} (tokenizer fingerprint {made_with}), but the model's tokenizer "
-            f"has fingerprint {ours}: the token ids would mean different things. Set data.tokenizer to the "
-            "model and rerun `cptkit prepare`"
+            f"{prepared.folder}: its token store was made with {name} (tokenizer fingerprint {made_with}), "
+            f"but the model's tokenizer has fingerprint {ours}: the token ids would mean different things. "
+            "Set data.tokenizer to the model and rerun `cptkit prepare`"
         )
 
 

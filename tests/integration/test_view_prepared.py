@@ -1,0 +1,42 @@
+"""`Prepared.train_rows()` on what `cptkit prepare` writes gives exactly the rows the Arrow `train/`
+dataset of format 2 gave (their sha256, recorded in tests/assets/golden/hashes.json before the token
+store existed), and the same rows, source ids included, as an independent reading of the folder by the
+contract alone (`cptkit.testing.prepared`)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cptkit.commands import prepare
+from cptkit.data.prepared import Prepared
+from cptkit.testing.prepared import read_rows
+
+GOLDEN = Path(__file__).with_name("test_golden_prepare.py")
+_spec = importlib.util.spec_from_file_location("golden_prepare", GOLDEN)
+golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(golden)
+
+
+@pytest.mark.parametrize("variant", ["packing", "chars", "near_upsample"])
+def test_the_view_gives_the_rows_of_the_old_train_dataset(tmp_path, variant):
+    prepare.run(golden._config(golden.ASSETS / "corpus", tmp_path / "run", golden.VARIANTS[variant]))
+    folder = tmp_path / "run" / "data"
+    rows = Prepared.load(folder).train_rows()
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(
+            row["input_ids"].astype("<i4").tobytes() + b"|" + row["position_ids"].astype("<i4").tobytes()
+        )
+    assert h.hexdigest() == json.loads(golden.HASHES.read_text())[variant]["train"]
+    independent = list(read_rows(folder))
+    assert len(rows) == len(independent)
+    for row, (input_ids, position_ids, source_ids) in zip(rows, independent, strict=True):
+        assert np.array_equal(row["input_ids"], input_ids)
+        assert np.array_equal(row["position_ids"], position_ids)
+        assert np.array_equal(row["source_ids"], source_ids)
