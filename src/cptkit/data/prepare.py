@@ -21,7 +21,7 @@ from typing import Any
 
 from cptkit.config.data import DataConfig
 from cptkit.data.cache import clear_leftovers, prune_cache
-from cptkit.data.executors import Executor, executor_for, require_engine
+from cptkit.data.executors import Executor, ShareDone, executor_for, require_engine
 from cptkit.data.manifest import MANIFEST, build_manifest
 from cptkit.data.owned import check_writable, mark_started
 from cptkit.data.plan import Plan, make_plan
@@ -84,9 +84,17 @@ def prepare(
 def _locking_out_to_assemble(
     held: ExitStack, out: Path, told: Callable[[str], None]
 ) -> Callable[[str], None]:
+    """`told`, after taking `out`'s lock as assembling starts; when another machine holds it (it found
+    every shard done too, and assembles), this one stops: there is nothing left for it to do."""
+
     def phase(name: str) -> None:
         if name == "assemble":
-            held.enter_context(folder_lock(out, "cptkit prepare"))
+            try:
+                held.enter_context(folder_lock(out, "cptkit prepare"))
+            except CptkitError as busy:
+                raise ShareDone(
+                    f"every shard is done and another cptkit prepare assembles {out}: {busy}"
+                ) from None
         told(name)
 
     return phase
