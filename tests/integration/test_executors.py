@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,9 @@ import yaml
 
 from cptkit.cli import main as cli
 from cptkit.config.data import ExecutorConfig
-from cptkit.data import engines, executors, shards
+from cptkit.data import engines, shards
 from cptkit.data.cache import CACHE_DIR, clear_leftovers
-from cptkit.data.executors import ShareDone, require_engine
+from cptkit.data.executors import require_engine
 from cptkit.data.manifest import MANIFEST
 from cptkit.data.prepare import prepare
 from cptkit.errors import CptkitError
@@ -42,7 +40,7 @@ def one_file_a_shard(monkeypatch):
 
 
 @pytest.fixture
-def sources(tmp_path, paragraphs) -> list[dict]:
+def sources(tmp_path, paragraphs) -> list[dict]:  # noqa: F811 (the fixture)
     """Two sources of 3 and 2 files: 5 shard tasks."""
     for i in range(3):
         write_jsonl(tmp_path / "corpus" / "dom" / f"part{i}.jsonl", paragraphs[i * 30 : (i + 1) * 30])
@@ -102,21 +100,32 @@ def test_a_missing_engine_names_the_extra_before_any_work(tmp_path, tiny_tokeniz
     require_engine(ExecutorConfig(type="here"))  # here needs nothing
 
 
-def test_local_workers_and_two_nodes_give_what_here_gives(tmp_path, tiny_tokenizer_dir, sources, capsys):
+@pytest.fixture
+def reference(tmp_path, tiny_tokenizer_dir, sources):
+    """The folder one `here` run makes, and its contents."""
     here = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "here")
     prepare(here.data, here.stage_dir("prepare"), config=here)
-    reference = contents(here.stage_dir("prepare"))
     assert len(list((here.stage_dir("prepare") / CACHE_DIR).glob("*/*.arrow"))) == 5
+    return here, contents(here.stage_dir("prepare"))
 
+
+def test_local_with_two_workers_gives_what_here_gives(tmp_path, tiny_tokenizer_dir, sources, reference):
+    here, expected = reference
     local = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "local", type="local", workers=2)
     prepare(local.data, local.stage_dir("prepare"), config=here)
-    assert contents(local.stage_dir("prepare")) == reference
-    assert len(list((local.stage_dir("prepare") / "executor" / "local" / "completions").iterdir())) == 5
+    assert contents(local.stage_dir("prepare")) == expected
+    markers = local.stage_dir("prepare") / "executor" / "local" / "completions"
+    assert sorted(p.name for p in markers.iterdir()) == [f"{r:05d}" for r in range(5)]
 
-    # two "nodes": two processes at once, each running its share (ranks 0-2 and 3-4) of the same folder
+
+@pytest.mark.slow
+def test_two_nodes_give_what_here_gives(tmp_path, tiny_tokenizer_dir, sources, reference):
+    """Two "nodes": two processes at once, each running its share (ranks 0-2 and 3-4) into one folder,
+    then a prepare that assembles (unless the node that finished last did)."""
+    here, expected = reference
+    cfg = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "nodes")
     nodes = []
     for offset, count in ((0, 3), (3, 2)):
-        cfg = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "nodes")
         path = tmp_path / f"node{offset}.yaml"
         path.write_text(yaml.safe_dump(node_config(cfg, offset, count)))
         script = f"{ONE_FILE_A_SHARD}; from cptkit.cli import main; raise SystemExit(main(['prepare', {str(path)!r}]))"
@@ -124,13 +133,11 @@ def test_local_workers_and_two_nodes_give_what_here_gives(tmp_path, tiny_tokeniz
         nodes.append(
             subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
         )
-    said = [n.communicate(timeout=120)[0] for n in nodes]
+    said = [n.communicate(timeout=300)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], said
     assert any("this machine's" in s and "run cptkit prepare again on one machine" in s for s in said), said
-    out = tmp_path / "nodes" / "run" / "data"
-    final = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "nodes")
-    prepare(final.data, out, config=here)  # assembles, unless the node that finished last did
-    assert contents(out) == reference
+    prepare(cfg.data, cfg.stage_dir("prepare"), config=here)
+    assert contents(cfg.stage_dir("prepare")) == expected
 
 
 def node_config(cfg, offset: int, count: int) -> dict:
@@ -192,8 +199,176 @@ def test_a_failed_shard_is_retried_then_named(tmp_path, tiny_tokenizer_dir, sour
     assert sorted(Path(r["files"][0]).name for r in records) == ["part0.jsonl", "part2.jsonl"]
     assert {r["attempts"] for r in records} == {2} and all("ValueError" in r["error"] for r in records)
     assert len(list((out / CACHE_DIR / "dom").glob("*.arrow"))) == 1  # the shard that worked is kept
+    if engine:  # datatrove's markers agree with the cache: the failed ranks (0 and 2) are not complete
+        markers = out / "executor" / "local" / "completions"
+        assert sorted(p.name for p in markers.iterdir()) == ["00001", "00003", "00004"]
 
     fixed = Counting(monkeypatch)
     again = prepare(shorter, out)
     assert sorted(fixed.calls) == ["part0.jsonl", "part2.jsonl"]  # only the failed ones run again
     assert not list((out / CACHE_DIR).glob("*/*.failed.json")) and again.manifest["status"] == "complete"
+
+
+def test_shards_done_are_never_redone(tmp_path, tiny_tokenizer_dir, sources, monkeypatch):
+    cfg = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "c", type="local", workers=1)
+    out = cfg.stage_dir("prepare")
+    first = Counting(monkeypatch)
+    prepare(cfg.data, out)
+    assert len(first.calls) == 5
+    for p in (out / CACHE_DIR / "dom").glob("*"):  # dom's shard 1 (rank 1) removed; its marker stays
+        if p.suffix == ".arrow" and p.stat().st_size and "part1.jsonl" in _wheres(p):
+            p.unlink()
+            p.with_suffix(".json").unlink()
+    assert (out / "executor" / "local" / "completions" / "00001").exists()
+    again = Counting(monkeypatch)
+    prepare(dataclasses.replace(cfg.data, seq_length=32), out)
+    assert again.calls == ["part1.jsonl"]  # only the one whose cache entry went
+    third = Counting(monkeypatch)
+    prepare(dataclasses.replace(cfg.data, seq_length=48), out)
+    assert third.calls == []
+
+
+def _wheres(arrow: Path) -> str:
+    import pyarrow as pa
+
+    return " ".join(pa.ipc.open_file(pa.memory_map(str(arrow))).read_all().column("where").to_pylist())
+
+
+KILLED_WORKER = """
+import sys, time
+{patch}
+from cptkit.config import Config, build_config
+from cptkit.data import shards
+from cptkit.data.plan import make_plan
+import yaml
+
+cfg = build_config(Config, yaml.safe_load(open(sys.argv[1])))
+task = make_plan(cfg.data, cfg.stage_dir("prepare")).tasks()[0]
+read = shards.read_documents
+
+def slow(*args, **kwargs):  # the documents, then a reader that never ends
+    yield from read(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(600)
+
+shards.read_documents = slow
+shards.BATCH_DOCS = 4  # batches reach the file before the worker is killed
+shards.tokenize_shard(task)
+"""
+
+
+def test_a_worker_killed_mid_shard_leaves_nothing_that_is_used(
+    tmp_path, tiny_tokenizer_dir, sources, reference, monkeypatch
+):
+    here, expected = reference
+    cfg = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "killed")
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(node_config(cfg, 0, 5)))
+    script = KILLED_WORKER.format(patch=ONE_FILE_A_SHARD)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        env=os.environ | {"PYTHONPATH": str(SRC)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout.readline().strip() == "writing"
+    worker.send_signal(signal.SIGKILL)  # mid-shard: its temporary half written, no stats file
+    worker.wait()
+    cache = cfg.stage_dir("prepare") / CACHE_DIR / "dom"
+    leftovers = list(cache.glob("*.tmp"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0
+    assert not list(cache.glob("*.json"))
+
+    calls = Counting(monkeypatch)
+    prepare(cfg.data, cfg.stage_dir("prepare"), config=here)
+    assert "part0.jsonl" in calls.calls  # the killed shard tokenized again, whole
+    assert contents(cfg.stage_dir("prepare")) == expected
+    assert leftovers[0].exists()  # young: it could be another machine's, still being written
+    clear_leftovers(cache.parent, min_age_s=0)
+    assert not leftovers[0].exists()
+
+    arrow = next(cache.glob("*.arrow"))  # killed after the rename, before its stats file: a cut entry
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    arrow.with_suffix(".json").unlink()
+    calls = Counting(monkeypatch)
+    prepare(dataclasses.replace(cfg.data, seq_length=32), cfg.stage_dir("prepare"), config=here)
+    assert len(calls.calls) == 1
+
+
+FAKE_SLURM = {
+    "sbatch": r"""#!/bin/bash
+# runs the array tasks of the script here, one after another, in the background; prints a job id
+for a in "$@"; do script="$a"; done
+state="$FAKE_SLURM_STATE"; mkdir -p "$state"
+id=$(( $(ls "$state" | wc -l) + 1001 ))
+cp "$script" "$state/job$id.sh"
+if grep -q merge_stats "$script"; then echo "Submitted batch job $id"; exit 0; fi
+last=$(sed -n 's/^#SBATCH --array=0-\([0-9]*\).*/\1/p' "$script")
+touch "$state/queued$id"
+(
+  for i in $(seq 0 "$last"); do
+    SLURM_ARRAY_TASK_ID=$i SLURM_JOB_ID=$id SLURM_NODELIST=localhost RUN_OFFSET=0 bash "$state/job$id.sh"
+  done >"$state/log$id" 2>&1
+  rm "$state/queued$id"
+) </dev/null >/dev/null 2>&1 &
+echo "Submitted batch job $id"
+""",
+    "squeue": """#!/bin/bash
+for a in "$@"; do id="$a"; done
+[ -e "$FAKE_SLURM_STATE/queued$id" ] && echo "$id_[0-9] cpu cptkit-prepare R 0:01 1 localhost"
+exit 0
+""",
+    "scontrol": """#!/bin/bash
+[ "$1" = show ] && echo localhost
+exit 0
+""",
+    "srun": """#!/bin/bash
+while [ $# -gt 0 ]; do case "$1" in -n|-N) shift 2;; -*) shift;; *) break;; esac; done
+exec "$@"
+""",
+}
+
+
+@pytest.mark.slow
+def test_slurm_submits_an_array_and_waits_for_its_shards(
+    tmp_path, tiny_tokenizer_dir, sources, reference, monkeypatch
+):
+    """Fake sbatch/squeue/scontrol/srun on PATH run datatrove's generated script here, one array task
+    after another; prepare polls the cache until every shard is done, then assembles."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    venv_bin = Path(sys.executable).parent  # launch_pickled_pipeline, datatrove's entry point
+    monkeypatch.setenv("PATH", f"{bin_dir}:{venv_bin}:{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", str(SRC))
+    monkeypatch.setenv("FAKE_SLURM_STATE", str(tmp_path / "fake-slurm"))
+    monkeypatch.setattr(engines, "POLL_S", 0.2)
+    here, expected = reference
+    options = {"partition": "cpu", "time": "00:10:00"}
+    cfg = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "slurm", type="slurm", options=options)
+    prepare(cfg.data, cfg.stage_dir("prepare"), config=here)
+    assert contents(cfg.stage_dir("prepare")) == expected
+    script = (tmp_path / "fake-slurm" / "job1001.sh").read_text()
+    assert "#SBATCH --array=0-4" in script and "#SBATCH --partition=cpu" in script
+    assert "#SBATCH --cpus-per-task=1" in script
+
+    for p in (cfg.stage_dir("prepare") / CACHE_DIR / "gen").glob("*"):  # gen's shards again
+        p.unlink()
+    prepare(dataclasses.replace(cfg.data, seq_length=32), cfg.stage_dir("prepare"), config=here)
+    ranks = json.loads((cfg.stage_dir("prepare") / "executor" / "slurm" / "ranks_to_run.json").read_text())
+    assert ranks == [3, 4]  # only the ranks not done were submitted
+
+
+@pytest.mark.slow
+def test_ray_gives_what_here_gives(tmp_path, tiny_tokenizer_dir, sources, reference):
+    ray = pytest.importorskip("ray")
+    here, expected = reference
+    cfg = cfg_for(tmp_path, tiny_tokenizer_dir, sources, "ray", type="ray", workers=2)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(SRC)}})
+    try:
+        prepare(cfg.data, cfg.stage_dir("prepare"), config=here)
+    finally:
+        ray.shutdown()
+    assert contents(cfg.stage_dir("prepare")) == expected
