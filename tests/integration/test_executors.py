@@ -25,6 +25,7 @@ from cptkit.data.executors import require_engine
 from cptkit.data.manifest import MANIFEST
 from cptkit.data.prepare import prepare
 from cptkit.errors import CptkitError
+from cptkit.train.optional import refusals_for_missing_packages
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_prepare import config, paragraphs, write_jsonl  # noqa: E402, F401 (paragraphs: a fixture)
@@ -97,6 +98,7 @@ def test_a_missing_engine_names_the_extra_before_any_work(tmp_path, tiny_tokeniz
     ):
         prepare(cfg.data, cfg.stage_dir("prepare"))
     assert not cfg.stage_dir("prepare").exists()  # nothing hashed, nothing written
+    assert any("pip install" in n and "datatrove" in n for n in refusals_for_missing_packages(cfg))
     require_engine(ExecutorConfig(type="here"))  # here needs nothing
 
 
