@@ -1,9 +1,10 @@
 """Benchmark prepare's executors: `here` against datatrove's `local` with 1 and 2 workers, and what one
 task costs each engine.
 
-    python bench/prepare_workers.py --tokenizer DIR      # >= 100 MB of ../shared/corpora, 16 MB shards
+    python bench/prepare_workers.py --tokenizer DIR      # >= 100 MB of ../shared/corpora, 2 MB shards
 
-Methods, each a cold `cptkit prepare` (empty folder) in a fresh subprocess, timed from inside it:
+Methods, each a cold `cptkit prepare` (empty folder) in a fresh subprocess, timed from inside it, the
+methods interleaved for --rounds rounds (median shown):
   here      the default executor: one shard after another in this process, data.num_proc threads each
   local-1   datatrove's LocalPipelineExecutor, 1 worker (tasks in this process, all cores' threads each)
   local-2   the same with 2 worker processes (each task on cores // 2 threads)
@@ -149,7 +150,10 @@ def main() -> None:
     )
     p.add_argument("--work", type=Path, default=Path("/tmp/cptkit-bench-workers"))
     p.add_argument("--min-mb", type=float, default=100)
-    p.add_argument("--shard-mb", type=float, default=16)
+    p.add_argument("--shard-mb", type=float, default=2)
+    p.add_argument(
+        "--rounds", type=int, default=2, help="each method this many times, interleaved; median shown"
+    )
     p.add_argument("--child", choices=["prepare", "overhead"])
     p.add_argument("--config")
     args = p.parse_args()
@@ -163,12 +167,15 @@ def main() -> None:
     from prepare import build_corpus  # bench/prepare.py: the corpora copied, each copy's documents changed
 
     corpus = build_corpus(args.corpora, args.work, args.min_mb)
-    runs = {}
-    for name, executor in METHODS.items():
-        out = args.work / f"out-{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        runs[name] = run_child("prepare", data_config(args.tokenizer, corpus, out, executor), args.shard_mb)
-        print(f"{name}: {runs[name]['wall_s']} s", file=sys.stderr)
+    rounds: dict[str, list[dict]] = {name: [] for name in METHODS}
+    for _ in range(args.rounds):
+        for name, executor in METHODS.items():
+            out = args.work / f"out-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            config = data_config(args.tokenizer, corpus, out, executor)
+            rounds[name].append(run_child("prepare", config, args.shard_mb))
+            print(f"{name}: {rounds[name][-1]['wall_s']} s", file=sys.stderr)
+    runs = {name: sorted(rs, key=lambda r: r["wall_s"])[(len(rs) - 1) // 2] for name, rs in rounds.items()}
     overhead = run_child(
         "overhead", data_config(args.tokenizer, corpus, args.work / "tiny", {}), args.shard_mb
     )
@@ -198,7 +205,8 @@ def main() -> None:
         "corpus_text_mb": round(mb, 1),
         "shard_mb": args.shard_mb,
         "tokenizer": str(args.tokenizer),
-        "runs": runs,
+        "runs": runs,  # the median round of each
+        "rounds": rounds,
         "overhead": overhead,
     }
     (HERE / "results").mkdir(exist_ok=True)

@@ -99,6 +99,16 @@ class Engine:
         for t in mine.values():
             failure_path(t.shard, t.cache_dir).unlink(missing_ok=True)
         if mine:
+            log.info(
+                "%s: %d of the plan's %d shard task(s) to run here (ranks %d to %d are this machine's); "
+                "logs in %s",
+                self.config.type,
+                len(mine),
+                len(world),
+                share.start,
+                share.stop - 1,
+                self.logging_dir,
+            )
             self._run(self._build(TokenizeShards(mine, self.config.retries), len(world), len(mine)), mine)
         _set_markers(self.logging_dir, share, done=lambda r: _done(world[r]))  # they agree with the cache
         failed = [t for t in mine.values() if not _done(t)]
@@ -118,11 +128,12 @@ class Engine:
             return range(total)
         count = c.local_tasks if c.local_tasks is not None else total - c.local_rank_offset
         if c.local_rank_offset + count > total or count < 1:
+            half = -(-total // 2)
             raise CptkitError(
                 f"data.executor: local_rank_offset {c.local_rank_offset} + local_tasks {count} goes past the "
                 f"{total} shard task(s) of this plan (ranks 0 to {total - 1}); split the ranks between the "
-                "machines, e.g. local_tasks: "
-                f"{-(-total // 2)} with local_rank_offset 0 and {-(-total // 2)}"
+                f"machines, e.g. for two: local_tasks {half} with local_rank_offset 0 on one, local_tasks "
+                f"{total - half} with local_rank_offset {half} on the other"
             )
         return range(c.local_rank_offset, c.local_rank_offset + count)
 
@@ -184,12 +195,6 @@ class Engine:
         return cls(**(args | c.options))
 
     def _run(self, engine: Any, mine: dict[int, ShardTask]) -> None:
-        log.info(
-            "running %d shard task(s) through datatrove's %s (logs in %s)",
-            len(mine),
-            type(engine).__name__,
-            self.logging_dir,
-        )
         if self.config.type == "slurm":
             if "SLURM_ARRAY_TASK_ID" in os.environ:
                 raise CptkitError(
