@@ -94,7 +94,8 @@ class Engine:
             raise ValueError(f"tasks outside the plan's world: {unknown[:3]}")
         share = self._share(len(world))
         mine = {rank_of[_identity(t)]: t for t in tasks if rank_of[_identity(t)] in share}
-        mine = {r: dataclasses.replace(t, num_proc=self._cores_per_task(len(mine))) for r, t in mine.items()}
+        cores = self._cores_per_task(len(mine))
+        mine = {r: dataclasses.replace(t, num_proc=cores) for r, t in mine.items()}
         _set_markers(self.logging_dir, share, done=lambda r: r not in mine)
         for t in mine.values():
             failure_path(t.shard, t.cache_dir).unlink(missing_ok=True)
