@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -60,7 +61,7 @@ def _write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary beside `path`, then rename it into place; a failed write (a full
     disk) removes the temporary and leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # its own: machines may share the folder
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)

@@ -1,7 +1,8 @@
 """`cptkit prepare CONFIG.yaml`: raw corpora -> tokenized, chunked, mixed, packed dataset + held-out sets.
 
 The pipeline is `cptkit.data.prepare.prepare`; this command loads the config, runs it into the
-prepare stage's folder and prints what it made.
+prepare stage's folder and prints what it made. One machine of several (`data.executor.local_tasks`)
+that finished its share before the others prints what is done and exits 0: nothing to assemble yet.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from cptkit.config import Config
 
 def main(args) -> int:
     from cptkit.commands import load_for
+    from cptkit.data.executors import ShareDone
     from cptkit.data.summary import print_summary
 
     cfg = load_for(args, "data")
-    manifest = run(cfg, force=getattr(args, "force", False))
+    try:
+        manifest = run(cfg, force=getattr(args, "force", False))
+    except ShareDone as done:
+        print(done)
+        return 0
     print_summary(manifest)
     return 0
 

@@ -7,6 +7,7 @@ store files its rows come from), so it is kept after the prepared folder is writ
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -15,10 +16,19 @@ STORE_DIR = "store"  # inside the prepared folder
 FILE_HASHES = "file_hashes.json"  # inside the store: input sha256 by (size, mtime)
 
 
-def clear_leftovers(cache_dir: Path) -> None:
-    """Remove the half-written entries of an interrupted run."""
+LEFTOVER_AGE_S = 600  # a temporary untouched this long was left by a killed run
+
+
+def clear_leftovers(cache_dir: Path, min_age_s: float = LEFTOVER_AGE_S) -> None:
+    """Remove the half-written entries of interrupted runs. One still being written (by another machine
+    sharing the cache, whose writer touches it at every batch) is younger than `min_age_s` and stays."""
+    now = time.time()
     for leftover in cache_dir.glob("*/*.tmp"):
-        leftover.unlink(missing_ok=True)
+        try:
+            if now - leftover.stat().st_mtime >= min_age_s:
+                leftover.unlink(missing_ok=True)
+        except FileNotFoundError:  # its writer finished or removed it meanwhile
+            pass
 
 
 def prune_cache(cache_dir: Path, keep: dict[str, set[str]]) -> tuple[int, int]:

@@ -48,7 +48,7 @@ class HashCache:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # its own: machines share caches
         tmp.write_text(json.dumps(self.entries), encoding="utf-8")
         tmp.replace(self.path)
 

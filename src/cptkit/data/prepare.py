@@ -5,8 +5,9 @@ chunk -> mix -> pack -> write. A rerun on unchanged inputs and settings does not
 changing only what comes after tokenization reuses the cached ids; an interrupted run resumes.
 
 Tokenizing a shard is one task (`ShardTask` -> `tokenize_shard`); an executor runs the tasks that are
-not cached yet. The default runs them one after another here, each on `data.num_proc` workers; one
-that sends them to other processes or machines only has to return each task's `ShardStats` in order.
+not cached yet. `data.executor` chooses it (`cptkit.data.executors`): here, one after another on
+`data.num_proc` workers, or through datatrove on worker processes, a Slurm job array or a Ray cluster;
+any executor only has to return each task's `ShardStats` in order.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from cptkit.config.data import DataConfig
 from cptkit.data.cache import clear_leftovers, prune_cache
+from cptkit.data.executors import Executor, ShareDone, executor_for, require_engine
 from cptkit.data.manifest import MANIFEST, build_manifest
 from cptkit.data.owned import check_writable, mark_started
 from cptkit.data.plan import Plan, make_plan
@@ -33,8 +35,6 @@ from cptkit.errors import CptkitError
 from cptkit.locks import folder_lock
 
 log = logging.getLogger(__name__)
-
-Executor = Callable[[Sequence[ShardTask], Progress], Iterable[ShardStats]]
 
 
 def run_here(tasks: Sequence[ShardTask], progress: Progress) -> Iterator[ShardStats]:
@@ -49,7 +49,7 @@ def prepare(
     force: bool = False,
     *,
     config: Any = None,
-    executor: Executor = run_here,
+    executor: Executor | None = None,
     pool: PoolKind | None = None,
     on_phase: Callable[[str], None] | None = None,
     free_space: FreeSpace = free_bytes,
@@ -57,19 +57,56 @@ def prepare(
     """Prepare `data` into `out` (or find it already done); returns the finished folder.
 
     `force` tokenizes every shard again. `config` is what `out/config.yaml` records (default: `data`).
-    `executor` runs the shard tasks not cached yet; `pool` forces the workers' kind (threads or
-    processes); `on_phase(name)` is told as each phase (tokenize, assemble, write) starts;
-    `free_space(path)` says how many bytes are free where the dataset is written.
+    `executor` runs the shard tasks not cached yet (default: the one `data.executor` names); `pool`
+    forces the workers' kind (threads or processes); `on_phase(name)` is told as each phase (tokenize,
+    assemble, write) starts; `free_space(path)` says how many bytes are free where the dataset is written.
 
     `out` is locked for the whole run (a second prepare into it refuses), is refused when it holds
-    files cptkit did not write, and a full disk is a one-line error with the run's temporaries removed."""
+    files cptkit did not write, and a full disk is a one-line error with the run's temporaries removed.
+    One machine's share of several (`data.executor.local_tasks`) locks only that share while it
+    tokenizes, and `out` once all shards are done and it assembles; while others are not done, it
+    raises `ShareDone` (a CptkitError whose message says what is done), having assembled nothing."""
     out = Path(out)
-    with (
-        folder_lock(out, "cptkit prepare"),
-        reporting_disk_full(out, "free some space or set data.output_dir elsewhere"),
-    ):
+    if executor is None:
+        require_engine(data.executor)  # a missing package before any work
+    with ExitStack() as held:
+        share = _machine_share(data) if executor is None else None
+        held.enter_context(
+            folder_lock(out if share is None else out.with_name(out.name + share), "cptkit prepare")
+        )
+        held.enter_context(reporting_disk_full(out, "free some space or set data.output_dir elsewhere"))
         check_writable(out)
-        return _prepare(data, out, force, config, executor, pool, on_phase or (lambda name: None), free_space)
+        phase = on_phase or (lambda name: None)
+        if share is not None:  # assembling writes `out`: one machine at a time
+            phase = _locking_out_to_assemble(held, out, phase)
+        return _prepare(data, out, force, config, executor, pool, phase, free_space)
+
+
+def _locking_out_to_assemble(
+    held: ExitStack, out: Path, told: Callable[[str], None]
+) -> Callable[[str], None]:
+    """`told`, after taking `out`'s lock as assembling starts; when another machine holds it (it found
+    every shard done too, and assembles), this one stops: there is nothing left for it to do."""
+
+    def phase(name: str) -> None:
+        if name == "assemble":
+            try:
+                held.enter_context(folder_lock(out, "cptkit prepare"))
+            except CptkitError as busy:
+                raise ShareDone(
+                    f"every shard is done and another cptkit prepare assembles {out}: {busy}"
+                ) from None
+        told(name)
+
+    return phase
+
+
+def _machine_share(data: DataConfig) -> str | None:
+    """The name suffix of the lock of this machine's share, or None when it runs every shard."""
+    ex = data.executor
+    if ex.type != "local" or (ex.local_tasks is None and not ex.local_rank_offset):
+        return None
+    return f".ranks-{ex.local_rank_offset}-{ex.local_tasks if ex.local_tasks is not None else 'end'}"
 
 
 def _prepare(
@@ -77,7 +114,7 @@ def _prepare(
     out: Path,
     force: bool,
     config: Any,
-    executor: Executor,
+    executor: Executor | None,
     pool: PoolKind | None,
     phase: Callable[[str], None],
     free_space: FreeSpace,
@@ -85,6 +122,8 @@ def _prepare(
     from cptkit.outputs import write_config, write_json
 
     plan = make_plan(data, out)
+    if executor is None:  # ranks numbered by the whole plan: the same shard on every machine
+        executor = executor_for(data, out, plan.tasks(pool))
     current = _finished(out)
     if not force and current is not None and current.manifest.get("fingerprint") == plan.fingerprint:
         if data.prune_cache:

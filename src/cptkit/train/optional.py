@@ -85,6 +85,13 @@ def refusals_for_missing_packages(cfg: Any, installed: Callable[[str], bool] = i
             notes.append(str(e))
     if cfg.eval is not None and cfg.eval.tasks and missing_packages(["lm-eval"], installed):
         notes.append(f"eval.tasks needs {install_hint('lm-eval')}, which is not installed")
+    if getattr(cfg, "data", None) is not None:  # prepare's engine (datatrove, ray)
+        from cptkit.data.executors import require_engine
+
+        try:
+            require_engine(cfg.data.executor)
+        except CptkitError as e:
+            notes.append(str(e))
     return notes
 
 
