@@ -280,7 +280,7 @@ class DataConfig:
     trust_remote_code: bool = opt(False, "allow tokenizers with custom code")
     prune_cache: bool = opt(
         False,
-        "delete the cache entries (tokenized shards) of inputs, sources or settings this config no longer uses",
+        "delete the store files (tokenized shards) of inputs, sources or settings this config no longer uses",
     )
 
     def check(self, path: str):

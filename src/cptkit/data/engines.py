@@ -5,7 +5,7 @@ Each of the plan's shard tasks is one datatrove task: rank r tokenizes the plan'
 config order, shards in order), so a rank means the same shard on every machine and in every run.
 cptkit's own completion marker is the shard's stats file; datatrove's markers (`completions/<rank>` in
 its logging folder) are set from it before and after every run, so datatrove skips exactly the shards
-that are done and never one whose cache entry was removed. Results come back through the cache on
+that are done and never one whose store file was removed. Results come back through the store on
 disk (stats files, failure records), which every machine must see at the same path.
 """
 

@@ -4,7 +4,7 @@ cluster; `cptkit.data.engines`).
 
 Every executor keeps the same promises. A shard whose stats file is written is done and never redone.
 A shard that fails (an exception while tokenizing it) is tried `data.executor.retries` more times; one
-that still fails leaves a failure record beside its cache entry (`<key>.failed.json`: source, files,
+that still fails leaves a failure record beside its store file (`<key>.failed.json`: source, files,
 error, host), which is how engines running on other machines report back, and prepare stops with one
 error naming every failed shard. A worker killed mid-shard leaves only a temporary (or an entry without
 its stats file), so the next prepare tokenizes that shard again.
