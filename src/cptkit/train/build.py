@@ -24,6 +24,7 @@ from cptkit.train.callbacks import CountingCollator, HeldoutEvalCallback, Metric
 from cptkit.train.checkpoints import CheckpointCallback, saved_settings
 from cptkit.train.collator import PackedCollator
 from cptkit.train.guard import DivergenceGuard
+from cptkit.train.heads import capturing_last_hidden
 from cptkit.train.heldout import HeldoutSet
 from cptkit.train.losses import LossContext, LossTerm, LossTerms, build_loss_terms
 from cptkit.train.memory_report import MemoryReportCallback
@@ -90,11 +91,19 @@ class CptTrainer(Trainer):
         # The model never sees the batch's source_ids; the terms do (they get `inputs` as it came).
         logging_step = self._logs_this_step()
         forward = {k: v for k, v in inputs.items() if k not in TERM_ONLY_INPUTS}
-        if self.loss_terms.needs_hidden_states(logging_step):
-            forward["output_hidden_states"] = True
-        loss, outputs = super().compute_loss(
-            model, forward, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        if not self.loss_terms.needs_hidden_states(logging_step):
+            loss, outputs = super().compute_loss(
+                model, forward, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        else:  # the final norm's output alone, not every layer's (output_hidden_states keeps them all)
+            with capturing_last_hidden(model) as captured:
+                if captured is None:
+                    forward["output_hidden_states"] = True
+                loss, outputs = super().compute_loss(
+                    model, forward, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            if captured:
+                outputs["hidden_states"] = (captured[-1],)
         outputs["loss"] = loss
         scaled = getattr(self, "loss_is_scaled_for_ga", None)  # an override that not every 5.x Trainer has
         if scaled is None:  # transformers' own rule in training_step
