@@ -40,3 +40,14 @@ def test_the_view_gives_the_rows_of_the_old_train_dataset(tmp_path, variant):
         assert np.array_equal(row["input_ids"], input_ids)
         assert np.array_equal(row["position_ids"], position_ids)
         assert np.array_equal(row["source_ids"], source_ids)
+
+
+def test_an_upsampled_mix_holds_more_tokens_than_its_store_and_loads(tmp_path):
+    """Upsampling repeats segments: the rows may hold more tokens than the store files do."""
+    overrides = ["data.mix=upsample", "data.sources[1].weight=3", "data.sources[0].weight=0.1"]
+    prepare.run(golden._config(golden.ASSETS / "corpus", tmp_path / "run", overrides))
+    folder = tmp_path / "run" / "data"
+    index = json.loads((folder / "train" / "index.json").read_text())
+    assert index["tokens"] > sum(s["tokens"] for s in index["shards"])  # the case this test is about
+    rows = Prepared.load(folder).train_rows()
+    assert sum(len(r["input_ids"]) for r in rows) == index["tokens"]
