@@ -57,11 +57,20 @@ def write_json(path: str | Path, data: Any) -> None:
     _write_text(Path(path), json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def temporary_beside(path: Path) -> Path:
+    """A temporary name beside `path` no other process writes, on this machine or another sharing the
+    folder (host, process id and a random part: process ids repeat across machines and containers)."""
+    import socket
+    import uuid
+
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary beside `path`, then rename it into place; a failed write (a full
     disk) removes the temporary and leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # its own: machines may share the folder
+    tmp = temporary_beside(path)  # its own: machines may share the folder
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)

@@ -51,3 +51,27 @@ def test_an_upsampled_mix_holds_more_tokens_than_its_store_and_loads(tmp_path):
     assert index["tokens"] > sum(s["tokens"] for s in index["shards"])  # the case this test is about
     rows = Prepared.load(folder).train_rows()
     assert sum(len(r["input_ids"]) for r in rows) == index["tokens"]
+
+
+def test_a_damaged_store_file_is_tokenized_again(tmp_path):
+    """A store file cut short next to its stats file (a crash before it reached the disk, a damaged
+    disk) is not whole: the next prepare tokenizes that shard again instead of failing on it."""
+    cfg = golden._config(golden.ASSETS / "corpus", tmp_path / "run", [])
+    prepare.run(cfg)
+    folder = tmp_path / "run" / "data"
+    victim = sorted((folder / "store").glob("sqlite/*.arrow"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    again = golden._config(golden.ASSETS / "corpus", tmp_path / "run", ["data.seq_length=128"])
+    prepare.run(again)
+    fresh = golden._config(golden.ASSETS / "corpus", tmp_path / "fresh", ["data.seq_length=128"])
+    prepare.run(fresh)
+    pairs = zip(read_rows(folder), read_rows(tmp_path / "fresh" / "data"), strict=True)
+    assert all(np.array_equal(a, b) for x, y in pairs for a, b in zip(x, y, strict=True))
+
+
+def test_a_cap_that_keeps_no_document_says_so(tmp_path):
+    from cptkit.errors import CptkitError
+
+    cfg = golden._config(golden.ASSETS / "corpus", tmp_path / "run", ["data.sources[0].max_tokens=3"])
+    with pytest.raises(CptkitError, match=r"data.sources\[0\] \(sqlite\): its caps \(max_tokens 3\) keep no"):
+        prepare.run(cfg)

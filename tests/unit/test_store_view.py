@@ -228,3 +228,13 @@ def test_a_missing_index_is_named(copy):
     (copy / "train" / "index.json").unlink()
     with pytest.raises(CptkitError, match="index.json: missing"):
         Prepared.load(copy)
+
+
+def test_a_copy_refuses_an_index_that_changed_after_its_original_opened(copy):
+    rows = Prepared.load(copy).train_rows()
+    data = pickle.dumps(rows)
+    assert len(pickle.loads(data)[0]["input_ids"])  # the same preparation: read
+    index = copy / "train" / "index.json"
+    index.write_text(index.read_text().replace('"format"', '"format" ', 1))  # another preparation's bytes
+    with pytest.raises(CptkitError, match="changed while a run read it"):
+        pickle.loads(data)[0]

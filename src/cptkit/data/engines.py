@@ -112,7 +112,9 @@ class Engine:
             )
             self._run(self._build(TokenizeShards(mine, self.config.retries), len(world), len(mine)), mine)
         _set_markers(self.logging_dir, share, done=lambda r: _done(world[r]))  # they agree with the cache
-        failed = [t for t in mine.values() if not _done(t)]
+        # a failure record is this run's (they were removed before it): under --force an old stats file
+        # may still be there for a shard that failed now
+        failed = [t for t in mine.values() if failure_path(t.shard, t.cache_dir).is_file() or not _done(t)]
         if failed:
             raise failure_error([_failure_of(t) for t in failed], self.logging_dir / "logs")
         results = [cached_stats(t.shard, t.cache_dir) for t in tasks]

@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from cptkit.outputs import temporary_beside
+
 log = logging.getLogger(__name__)
 
 _BLOCK = 1 << 20
@@ -48,7 +50,7 @@ class HashCache:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # its own: machines share caches
+        tmp = temporary_beside(self.path)  # its own: machines share the store
         tmp.write_text(json.dumps(self.entries), encoding="utf-8")
         tmp.replace(self.path)
 

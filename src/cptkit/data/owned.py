@@ -19,7 +19,8 @@ from cptkit.data.manifest import FORMAT_VERSION, MANIFEST
 from cptkit.errors import CptkitError
 
 INCOMPLETE = "incomplete"
-_CACHE_ENTRY = re.compile(r"^[0-9a-f]{8,}\.(arrow|json)(\.[\w.]+)?$")  # <key>.arrow, <key>.json, their .tmp
+# <key>.arrow, <key>.json, <key>.failed.json, self_replay-<key>.jsonl/.json, and their temporaries
+_CACHE_ENTRY = re.compile(r"^(self_replay-)?[0-9a-f]{8,}\.(arrow|json|failed\.json|jsonl)(\.[\w.-]+)?$")
 
 
 def is_cptkit_manifest(data: Any) -> bool:

@@ -33,6 +33,7 @@ _ASSEMBLY_KEYS = (
     "heldout_min_documents",
     "heldout_min_tokens",
     "dedup",
+    "near_dedup_threshold",
     "mix",
     "seed",
     "pack_window",

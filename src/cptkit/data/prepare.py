@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,20 +27,13 @@ from cptkit.data.manifest import MANIFEST, build_manifest
 from cptkit.data.owned import check_writable, mark_started
 from cptkit.data.plan import Plan, make_plan
 from cptkit.data.prepared import Prepared
-from cptkit.data.readers import Progress
-from cptkit.data.shards import ShardStats, ShardTask, cached_stats, open_shard, tokenize_shard
+from cptkit.data.shards import ShardStats, ShardTask, cached_stats, open_shard
 from cptkit.data.workers import PoolKind
 from cptkit.disk import FreeSpace, free_bytes, reporting_disk_full
 from cptkit.errors import CptkitError
 from cptkit.locks import folder_lock
 
 log = logging.getLogger(__name__)
-
-
-def run_here(tasks: Sequence[ShardTask], progress: Progress) -> Iterator[ShardStats]:
-    """The default executor: each task in turn, in this process (on the task's worker threads or processes)."""
-    for task in tasks:
-        yield tokenize_shard(task, progress)
 
 
 def prepare(
@@ -130,6 +123,7 @@ def _prepare(
             prune_cache(plan.cache_dir, plan.shard_keys())
         log.info("%s is up to date (same inputs, tokenizer and settings): nothing to do", out)
         return current
+    _note_old_cache(out)
     mark_started(out)
     timings: dict[str, float] = {}
     phase("tokenize")
@@ -137,6 +131,10 @@ def _prepare(
         read = _tokenize(plan, force, executor, pool)
     _check_nonempty(data, read)
     phase("assemble")
+    current = _finished(out)  # another machine of several may have assembled it meanwhile
+    if not force and current is not None and current.manifest.get("fingerprint") == plan.fingerprint:
+        log.info("%s was assembled by another cptkit prepare meanwhile: nothing left to do", out)
+        return current
     with _timed(timings, "assemble_s"):
         result = _assemble(plan)
         _check_trainable(data, result.stats)
@@ -164,6 +162,20 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[key] = round(time.perf_counter() - start, 3)
+
+
+def _note_old_cache(out: Path) -> None:
+    """An older cptkit's tokenization cache (`cache/`, format 2) is never read again: say what it takes."""
+    old = out / "cache"
+    if old.is_dir():
+        size = sum(f.stat().st_size for f in old.rglob("*") if f.is_file())
+        log.warning(
+            "%s: the tokenization cache of an older cptkit (%.1f MB) is not used any more (the store is "
+            "%s/store); delete it to free the space",
+            old,
+            size / 1e6,
+            out,
+        )
 
 
 def _finished(out: Path) -> Prepared | None:
@@ -273,6 +285,16 @@ def _check_trainable(data: DataConfig, stats: dict[str, dict[str, Any]]) -> None
     """A weighted source must give training tokens, or the asked mix silently cannot be met."""
     for i, s in enumerate(data.sources):
         a = stats[s.name]
+        if a["documents"] + a["duplicates"] == 0 and a["capped_documents"] > 0:
+            caps = ", ".join(
+                f"{key} {value:,}"
+                for key, value in (("max_documents", s.max_documents), ("max_tokens", s.max_tokens))
+                if value is not None
+            )
+            raise CptkitError(
+                f"data.sources[{i}] ({s.name}): its caps ({caps}) keep no document: the first document "
+                "alone is longer; raise max_tokens (or remove the cap)"
+            )
         if s.weight > 0 and a["train_tokens"] == 0:
             raise CptkitError(
                 f"data.sources[{i}] ({s.name}): no training tokens left ({a['duplicates']} document(s) were "

@@ -23,6 +23,7 @@ from typing import Any
 from cptkit.config.data import DataConfig, SelfReplayConfig, SourceConfig
 from cptkit.data.hashing import digest
 from cptkit.errors import CptkitError
+from cptkit.outputs import temporary_beside, write_json
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +144,13 @@ def materialize(
     texts, record = write_documents(spec, prompts, f"{where}.self_replay", trust_remote_code)
     record |= {"key": key, "file": str(documents), "prompts": spec.prompts or "shipped"}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = documents.with_suffix(".jsonl.tmp")
+    tmp = temporary_beside(documents)
     tmp.write_text(
         "".join(json.dumps({source.text_field: t}, ensure_ascii=False) + "\n" for t in texts),
         encoding="utf-8",
     )
     tmp.replace(documents)
-    record_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+    write_json(record_file, record)  # last, atomically: marks it complete
     return documents, record
 
 

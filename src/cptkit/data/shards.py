@@ -40,6 +40,7 @@ from cptkit.data.readers import Progress, SourcePlan, read_documents
 from cptkit.data.steps import DocumentStep
 from cptkit.data.tokenize import Encoder
 from cptkit.data.workers import Batch, BatchProcessor, Flat, PoolKind, Workers
+from cptkit.outputs import temporary_beside
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
     stats = ShardStats()
     target = shard.path(cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp = temporary_beside(target)
     reported = [0]
 
     def counted(n: int) -> None:
@@ -207,7 +208,7 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
 
     reading = _ReadBatches(task, counted)
     processor = BatchProcessor(Encoder(task.tokenizer), task.steps(), task.chunker)
-    tmp_stats = shard.stats_path(cache_dir).with_suffix(".json.tmp")
+    tmp_stats = temporary_beside(shard.stats_path(cache_dir))
     schema = store_schema(task.fingerprint)
     try:
         with (
@@ -229,6 +230,7 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
                     break
             else:
                 stats.ledger.merge(reading.drops_before())  # rows dropped after the last document
+        _fsync(tmp)  # on disk before the stats file says it is finished
         tmp.replace(target)
         stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
         tmp_stats.write_text(json.dumps(stats.to_dict()), encoding="utf-8")
@@ -313,14 +315,33 @@ def _record_batch(batch: Batch, n: int, schema: pa.Schema) -> pa.RecordBatch:
 
 
 def cached_stats(shard: Shard, cache_dir: Path) -> ShardStats | None:
-    """The stats of a finished store file, or None when the shard still needs tokenizing."""
+    """The stats of a finished store file, or None when the shard still needs tokenizing: no stats
+    file, or a store file that is not whole (a crash before it reached the disk, a file damaged or
+    replaced: its footer unreadable or its documents not the ones the stats count)."""
     path = shard.stats_path(cache_dir)
     if not (path.is_file() and shard.path(cache_dir).is_file()):
         return None
     try:
-        return ShardStats.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError):
+        stats = ShardStats.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        with pa.memory_map(str(shard.path(cache_dir))) as source:
+            reader = pa.ipc.open_file(source)
+            documents = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (OSError, ValueError, KeyError, pa.ArrowException):
         return None
+    if documents != stats.kept:
+        log.warning(
+            "%s: holds %d documents, not the %d its stats count: tokenizing it again",
+            shard.path(cache_dir),
+            documents,
+            stats.kept,
+        )
+        return None
+    return stats
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def open_shard(shard: Shard, cache_dir: Path) -> pa.Table:

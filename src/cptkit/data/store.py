@@ -14,6 +14,7 @@ count the index lists, and each array file of the size its count implies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,9 @@ class TrainIndex:
         if not path.is_file():
             raise CptkitError(f"{path}: missing (the training rows' index); {PREPARE_AGAIN}")
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            self.identity = hashlib.sha256(raw).hexdigest()[:16]  # which preparation this index is
+            meta = json.loads(raw.decode("utf-8"))
             if meta.get("format") != TRAIN_FORMAT:
                 raise format_refusal(path, meta.get("format"))
             self.rows, self.segments = int(meta["rows"]), int(meta["segments"])

@@ -6,8 +6,9 @@ positions counting from 0 at each segment's start (`position_ids`) and one sourc
 gathered when asked for and nothing else is read, so a resumed run that skips the rows it trained on
 (the Trainer skips batches of indices) reads none of them, and the rows need no copy of the corpus.
 
-It pickles as its folder: a DataLoader worker or another accelerate process opens the store again, on
-its first row. The folder was checked when `Prepared.load` opened it (format, store files, tokenizer);
+It pickles as its folder and the identity of its index: a DataLoader worker or another accelerate
+process opens the store again, on its first row, and refuses an index that changed meanwhile (a
+prepare into the folder a run trains on). The folder was checked when `Prepared.load` opened it (format, store files, tokenizer);
 a reopening checks each store file again as it maps it.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from cptkit.data.store import TokenSpace, TrainIndex
+from cptkit.errors import CptkitError
 
 COLUMNS = ["input_ids", "position_ids", "source_ids"]
 
@@ -39,11 +41,19 @@ class PackedRows(torch.utils.data.Dataset):
     ):
         self.folder, self.train_dir = Path(folder), train_dir
         self._index, self._space = index, space
+        self._expected: str | None = None  # a copy's: the identity of the index its original opened
 
     @property
     def index(self) -> TrainIndex:
         if self._index is None:
-            self._index = TrainIndex(self.folder, self.train_dir)
+            index = TrainIndex(self.folder, self.train_dir)
+            if self._expected is not None and index.identity != self._expected:
+                raise CptkitError(
+                    f"{index.dir / 'index.json'} changed while a run read it (prepared again into the "
+                    "folder a run trains on): the rows would not be the ones the run started with; "
+                    "start the run again, and prepare into another folder while one trains"
+                )
+            self._index = index
         return self._index
 
     @property
@@ -93,10 +103,11 @@ class PackedRows(torch.utils.data.Dataset):
             yield from self.__getitems__(range(start, min(start + 256, len(self))))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"folder": self.folder, "train_dir": self.train_dir}
+        return {"folder": self.folder, "train_dir": self.train_dir, "identity": self.index.identity}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["folder"], state["train_dir"])
+        self._expected = state.get("identity")  # a copy reads the preparation its original read, or refuses
 
     def __repr__(self) -> str:
         return f"PackedRows({str(self.folder)!r}, rows={len(self)})"
