@@ -33,7 +33,7 @@ from cptkit.errors import CptkitError
 
 log = logging.getLogger(__name__)
 
-POLL_S = 10.0  # how often prepare looks at the cache while a Slurm job runs
+POLL_S = 10.0  # how often prepare looks at the store while a Slurm job runs
 ENGINE_DIR = "executor"  # inside the prepared folder: the engines' logs and markers, one folder per type
 _SET_BY_CPTKIT = {"pipeline", "tasks", "logging_dir", "workers", "local_tasks", "local_rank_offset"}
 
@@ -111,7 +111,7 @@ class Engine:
                 self.logging_dir,
             )
             self._run(self._build(TokenizeShards(mine, self.config.retries), len(world), len(mine)), mine)
-        _set_markers(self.logging_dir, share, done=lambda r: _done(world[r]))  # they agree with the cache
+        _set_markers(self.logging_dir, share, done=lambda r: _done(world[r]))  # they agree with the store
         # a failure record is this run's (they were removed before it): under --force an old stats file
         # may still be there for a shard that failed now
         failed = [t for t in mine.values() if failure_path(t.shard, t.cache_dir).is_file() or not _done(t)]
@@ -217,7 +217,7 @@ class Engine:
 
 
 def wait_for_slurm(job_id: str, tasks: list[ShardTask]) -> None:
-    """Poll the cache until every task is done or failed, or the job has left the queue."""
+    """Poll the store until every task is done or failed, or the job has left the queue."""
     log.info(
         "submitted Slurm job %s for %d shard(s); waiting for it (if this stops, the job goes on: run "
         "cptkit prepare again to pick up its shards)",

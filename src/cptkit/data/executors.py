@@ -114,7 +114,7 @@ def run_shard(task: ShardTask, retries: int, progress: Progress | None = None) -
 
 
 def failure_path(shard: Shard, cache_dir: Path) -> Path:
-    """Where a shard that failed leaves its record: `<cache>/<source>/<key>.failed.json`."""
+    """Where a shard that failed leaves its record: `<store>/<source>/<key>.failed.json`."""
     return cache_dir / shard.source / f"{shard.key}.failed.json"
 
 

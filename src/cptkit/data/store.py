@@ -171,7 +171,7 @@ def _open_shard(folder: Path, entry: ShardEntry, fingerprint: str) -> list[np.nd
     path = folder / entry.path
     if not path.is_file():
         raise CptkitError(
-            f"{path}: missing (a store file that train/{INDEX} lists; a removed cache?); {PREPARE_AGAIN}"
+            f"{path}: missing (a store file that train/{INDEX} lists; removed by hand?); {PREPARE_AGAIN}"
         )
     try:
         with pa.memory_map(str(path)) as source:

@@ -33,7 +33,7 @@ def usable_cores() -> int:
 
 @dataclass
 class Batch:
-    """What one batch of documents gave: the kept documents' columns for the cache, and the drops."""
+    """What one batch of documents gave: the kept documents' columns for the store, and the drops."""
 
     texts: list[str]
     wheres: list[str]
