@@ -6,19 +6,20 @@
 The base is real text the machine has: the domain corpora of ../shared/corpora (PostgreSQL and SQLite
 docs), Python's pydoc topics and standard-library docstrings, and the Debian documentation packages
 (install them first: `apt-get install manpages-dev python3.11-doc linux-doc-6.1 perl-doc git-doc
-python-django-doc debian-reference-en debian-policy python-sqlalchemy-doc sphinx-doc cmake-doc vim-doc`;
-a missing one is skipped and named): Python's and the kernel's reStructuredText sources, git's guides,
-perl's pods, GNU info nodes, Django's and the Debian reference's HTML pages, the Debian policy's,
-SQLAlchemy's, Sphinx's and CMake's sources, vim's help, and the man pages, in that order until
-`--base-mb` of text. Each document is
-kept once (exact copies across packages dropped).
+python-django-doc debian-reference-en debian-policy python-sqlalchemy-doc sphinx-doc cmake-doc vim-doc
+python-scipy-doc gnuplot-doc octave-doc`; a missing one is skipped and named): Python's and the kernel's
+reStructuredText sources, git's guides, perl's pods, GNU info nodes, Django's and the Debian reference's
+HTML pages, the Debian policy's, SQLAlchemy's, Sphinx's and CMake's sources, vim's help, SciPy's and
+gnuplot's HTML pages, the man pages and the packages' changelogs, in that order until `--base-mb` of
+text. Markup is taken off roughly (groff requests and escapes, pod codes, HTML tags); the text is what
+a reader of the page reads. Each document is kept once (exact copies across packages dropped).
 
 At K x, copy 0 of every document is the base document and copy k > 0 is the same document recombined:
 its paragraphs in a seeded order, the sentences (or lines) of each paragraph too, and one paragraph of
 another document put in. No two documents are equal (exact dedup keeps them all) and the word 5-grams
 that a copy shares with another copy of its document are few enough that near dedup at 0.8 keeps them
-too (`--check` measures that on a sample). Copy k is the same at every K, so the K x folder starts
-with the (K/4) x one: its shards are hard links, written once.
+too (`--check` measures that on a sample). Copy k is the same at every K, so each copy is written
+once (OUT/copies/) and the K x folder holds hard links to the files of copies 0 to K-1.
 
 Writes OUT/general/ (Austen and the KJV bible from ../shared/corpora, as they are: the small general
 source), OUT/<K>x/domain-<copy>-<part>.jsonl.gz (one JSON object with `text` a line, about
@@ -207,7 +208,7 @@ def groff_text(source: str) -> str | None:
 
 
 def man_pages() -> Iterator[str]:
-    """Sections 1-8 in English, in a seeded order (the base is cut here, so no section is cut whole)."""
+    """Sections 1-8 in English, in a seeded order (where the base is cut here, no section is cut whole)."""
     pages = [
         p
         for p in _files(Path("/usr/share/man"), "man[1-8]/*.gz")
@@ -218,6 +219,13 @@ def man_pages() -> Iterator[str]:
         text = _read(p)
         if text:
             yield groff_text(text) or ""
+
+
+def changelogs() -> Iterator[str]:
+    """The installed packages' changelogs and news, in a seeded order (the base is cut here)."""
+    files = _files(DOC, "*/changelog*.gz", "*/NEWS*.gz")
+    random.Random(0).shuffle(files)
+    yield from filter(None, map(_read, files))
 
 
 ORIGINS: dict[str, Callable[[], Iterator[str]]] = {
@@ -236,7 +244,10 @@ ORIGINS: dict[str, Callable[[], Iterator[str]]] = {
     "sphinx_docs": text_files(DOC / "sphinx-doc/html/_sources", "**/*.txt"),
     "cmake_docs": text_files(DOC / "cmake-data/html/_sources", "**/*.txt"),
     "vim_help": text_files(Path("/usr/share/vim"), "vim*/doc/*.txt", "vim*/doc/*.txt.gz"),
+    "scipy_docs": html_pages(DOC / "python-scipy-doc/html", "**/*.html"),
+    "gnuplot_docs": html_pages(DOC / "gnuplot/htmldocs", "*.html"),
     "man_pages": man_pages,
+    "changelogs": changelogs,
 }
 
 
