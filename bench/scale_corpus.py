@@ -15,10 +15,11 @@ text. Markup is taken off roughly (groff requests and escapes, pod codes, HTML t
 a reader of the page reads. Each document is kept once (exact copies across packages dropped).
 
 At K x, copy 0 of every document is the base document and copy k > 0 is the same document recombined:
-its paragraphs in a seeded order, the sentences (or lines) of each paragraph too, and one paragraph of
-another document put in. No two documents are equal (exact dedup keeps them all) and the word 5-grams
-that a copy shares with another copy of its document are few enough that near dedup at 0.8 keeps them
-too (`--check` measures that on a sample). Copy k is the same at every K, so each copy is written
+its paragraphs in a seeded order, the sentences (or lines) of each paragraph too, and paragraphs of
+other documents put in (30% of its length, at most 1,000 characters: a copy is a little longer than
+its document, so K x holds a little more than K times the base). No two documents are equal (exact
+dedup keeps them all) and the word 5-grams that a copy shares with another copy of its document are
+few enough that near dedup at 0.8 keeps them too (`--check` measures that on a sample). Copy k is the same at every K, so each copy is written
 once (OUT/copies/) and the K x folder holds hard links to the files of copies 0 to K-1.
 
 Writes OUT/general/ (Austen and the KJV bible from ../shared/corpora, as they are: the small general
@@ -282,25 +283,32 @@ def base_documents(max_bytes: int) -> tuple[list[str], dict[str, dict[str, int]]
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+# Text of other documents in a copy, as a share of its own: a short document shuffled alone keeps too
+# many of its word 5-grams (near dedup would drop it); a long one has enough pieces to shuffle.
+BORROW, BORROW_CAP = 0.3, 1000
 
 
 def recombined(docs: list[str], i: int, copy: int, seed: int) -> str:
     """Copy `copy` of document `i`: the document itself for copy 0, else its paragraphs in a seeded
-    order, each paragraph's sentences (or, with one sentence, its lines) too, plus one paragraph of
-    another document."""
+    order, the sentences or lines of each paragraph too (whichever cuts it finer), and paragraphs of
+    other documents put in until they hold BORROW of its length or BORROW_CAP characters, whichever is
+    less (at least one paragraph)."""
     if copy == 0:
         return docs[i]
     rng = random.Random(f"{seed}/{i}/{copy}")
     paragraphs = []
     for p in _PARAGRAPH.split(docs[i]):
-        pieces, sep = _SENTENCE.split(p), " "
-        if len(pieces) < 2:
-            pieces, sep = p.split("\n"), "\n"
+        sentences, lines = _SENTENCE.split(p), p.split("\n")
+        pieces, sep = (sentences, " ") if len(sentences) >= len(lines) else (lines, "\n")
         rng.shuffle(pieces)
         paragraphs.append(sep.join(pieces))
     rng.shuffle(paragraphs)
-    other = _PARAGRAPH.split(docs[(i + 1 + rng.randrange(len(docs) - 1)) % len(docs)])
-    paragraphs.insert(rng.randrange(len(paragraphs) + 1), rng.choice(other))
+    wanted, borrowed = min(BORROW * len(docs[i]), BORROW_CAP), 0
+    while not borrowed or borrowed < wanted:
+        other = _PARAGRAPH.split(docs[(i + 1 + rng.randrange(len(docs) - 1)) % len(docs)])
+        paragraph = rng.choice(other)
+        paragraphs.insert(rng.randrange(len(paragraphs) + 1), paragraph)
+        borrowed += len(paragraph) or 1
     return "\n\n".join(paragraphs)
 
 
