@@ -22,8 +22,8 @@ For each multiple K, one after another:
            where position_ids restart at 0 in a format-2 train/) packed best-fit decreasing all at once:
            the efficiency prepare's own packing is compared with.
 
-A child whose tree passes --max-rss-gb, or that leaves the machine less than --min-free-gb available, is
-stopped (the machine has no swap: the alternative is the kernel's OOM killer) and recorded as stopped.
+A child whose tree allocates more than --max-anon-gb, or that leaves the machine less than --min-free-gb
+available, is stopped (the machine has no swap: the alternative is the kernel's OOM killer) and recorded as stopped.
 Other work on the machine is recorded with each run: the load average, and the CPU cores others used
 on average while it ran (the machine's busy CPU time minus the child's); a run where others used more
 than --clean-cores is marked as under load, since its throughput is then not the code's own.
@@ -77,12 +77,12 @@ def proc_memory(pid: int) -> dict[str, int]:
 
 class TreeSampler(threading.Thread):
     """Samples the memory of a process and its descendants every `interval` s until `stop()`; stops the
-    tree (its process group) when it passes `max_rss` or the machine's available memory falls below
-    `min_available`."""
+    tree (its process group) when its anonymous memory passes `max_anon` or the machine's available
+    memory falls below `min_available` (file pages do not count: the kernel drops them first)."""
 
-    def __init__(self, pid: int, interval: float, max_rss: int, min_available: int):
+    def __init__(self, pid: int, interval: float, max_anon: int, min_available: int):
         super().__init__(daemon=True)
-        self.pid, self.interval, self.max_rss, self.min_available = pid, interval, max_rss, min_available
+        self.pid, self.interval, self.max_anon, self.min_available = pid, interval, max_anon, min_available
         self.start_time = time.perf_counter()
         self.samples: list[tuple[float, int, int, int]] = []  # (s, rss, anon, file + shmem)
         self.stopped_for: str | None = None
@@ -107,10 +107,10 @@ class TreeSampler(threading.Thread):
             file = sum(m.get("RssFile", 0) + m.get("RssShmem", 0) for m in mems)
             self.samples.append((time.perf_counter() - self.start_time, rss, anon, file))
             available = psutil.virtual_memory().available
-            if self.stopped_for is None and (rss > self.max_rss or available < self.min_available):
+            if self.stopped_for is None and (anon > self.max_anon or available < self.min_available):
                 self.stopped_for = (
-                    f"tree RSS {rss / GB:.1f} GB > {self.max_rss / GB:.1f} GB"
-                    if rss > self.max_rss
+                    f"tree's anonymous RSS {anon / GB:.1f} GB > {self.max_anon / GB:.1f} GB"
+                    if anon > self.max_anon
                     else f"machine's available memory {available / GB:.1f} GB < {self.min_available / GB:.1f} GB"
                 )
                 try:
@@ -170,7 +170,9 @@ def run_measured(cmd: list[str], log: Path, env: dict, args) -> dict:
     busy0, start = busy_cpu_s(), time.perf_counter()
     with log.open("w") as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        sampler = TreeSampler(child.pid, args.interval, int(args.max_rss_gb * GB), int(args.min_free_gb * GB))
+        sampler = TreeSampler(
+            child.pid, args.interval, int(args.max_anon_gb * GB), int(args.min_free_gb * GB)
+        )
         sampler.start()
         _, status, usage = os.wait4(child.pid, 0)  # this child's own usage (with its waited descendants)
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -559,8 +561,8 @@ def main() -> None:
         "--encode-mb", type=float, help="encode only the first this many MB of text (default: all)"
     )
     p.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
-    p.add_argument("--max-rss-gb", type=float, default=18.0)
-    p.add_argument("--min-free-gb", type=float, default=1.5)
+    p.add_argument("--max-anon-gb", type=float, default=16.0, help="stop a child whose tree allocates more")
+    p.add_argument("--min-free-gb", type=float, default=1.5, help="stop a child when less is available")
     p.add_argument("--clean-cores", type=float, default=0.25)
     p.add_argument("--keep", action="store_true", help="keep the prepared folders")
     p.add_argument("--out", default=str(RESULTS))

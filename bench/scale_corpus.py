@@ -313,27 +313,26 @@ def recombined(docs: list[str], i: int, copy: int, seed: int) -> str:
 
 
 def write_copy(docs: list[str], copy: int, seed: int, folder: Path, shard_bytes: int) -> list[dict]:
-    """Copy `copy` of every document as domain-<copy>-<part>.jsonl.gz files of about `shard_bytes`."""
+    """Copy `copy` of every document as domain-<copy>-<part>.jsonl.gz files of about `shard_bytes` of
+    text (the copy cut into parts of equal size)."""
+    texts = [recombined(docs, i, copy, seed) for i in range(len(docs))]
+    sizes = [len(t.encode("utf-8")) for t in texts]
+    parts = max(1, round(sum(sizes) / shard_bytes))
+    per_part = sum(sizes) / parts
     files: list[dict] = []
-    out, part = None, 0
-
-    def close() -> None:
-        if out is not None:
-            out.close()
-            tmp = folder / f".{files[-1]['name']}.tmp"
-            tmp.rename(folder / files[-1]["name"])
-
-    for i in range(len(docs)):
-        if out is None or files[-1]["text_bytes"] >= shard_bytes:
-            close()
-            files.append({"name": f"domain-{copy:03d}-{part:02d}.jsonl.gz", "documents": 0, "text_bytes": 0})
-            out = gzip.open(folder / f".{files[-1]['name']}.tmp", "wt", compresslevel=1, encoding="utf-8")
-            part += 1
-        text = recombined(docs, i, copy, seed)
-        out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        files[-1]["documents"] += 1
-        files[-1]["text_bytes"] += len(text.encode("utf-8"))
-    close()
+    done = 0
+    for part in range(parts):
+        name = f"domain-{copy:03d}-{part:02d}.jsonl.gz"
+        entry = {"name": name, "documents": 0, "text_bytes": 0}
+        tmp = folder / f".{name}.tmp"
+        with gzip.open(tmp, "wt", compresslevel=1, encoding="utf-8") as out:
+            while done < len(texts) and (part == parts - 1 or entry["text_bytes"] < per_part):
+                out.write(json.dumps({"text": texts[done]}, ensure_ascii=False) + "\n")
+                entry["documents"] += 1
+                entry["text_bytes"] += sizes[done]
+                done += 1
+        tmp.rename(folder / name)
+        files.append(entry)
     return files
 
 

@@ -23,7 +23,7 @@ import scale_corpus  # noqa: E402
 from cptkit.data.pack import best_fit_pack  # noqa: E402
 from cptkit.testing.tiny import sample_texts  # noqa: E402
 
-LIMITS = argparse.Namespace(interval=0.05, max_rss_gb=8.0, min_free_gb=0.2, clean_cores=0.25)
+LIMITS = argparse.Namespace(interval=0.05, max_anon_gb=8.0, min_free_gb=0.2, clean_cores=0.25)
 
 
 @pytest.mark.parametrize("capacity", [16, 64, 2048])
@@ -80,11 +80,11 @@ def test_sampler_sees_allocated_and_mapped_memory_apart(tmp_path):
 
 def test_watchdog_stops_a_child_past_its_limit(tmp_path):
     child = "import time\nheld = []\nwhile True:\n    held.append(bytearray(20 << 20)); time.sleep(0.01)\n"
-    limits = argparse.Namespace(**(vars(LIMITS) | {"max_rss_gb": 0.3}))
+    limits = argparse.Namespace(**(vars(LIMITS) | {"max_anon_gb": 0.3}))
     run = prepare_scale.run_measured(
         [sys.executable, "-c", child], tmp_path / "log", dict(os.environ), limits
     )
-    assert run["rc"] != 0 and "tree RSS" in run["stopped"]
+    assert run["rc"] != 0 and "anonymous RSS" in run["stopped"]
     assert run["_sampler"].summary()["peak_rss_gb"] < 1.0
 
 
