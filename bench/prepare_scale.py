@@ -387,6 +387,7 @@ def measure(k: int, corpus: dict, args) -> dict:
         "text_bytes": corpus["multiples"][str(k)]["text_bytes"] + corpus["general"]["text_bytes"],
     }
 
+    config = write_config(folder, corpus, k, args.tokenizer, args.seq_length)  # first: it marks the folder
     folders = [corpus["multiples"][str(k)]["path"], corpus["general"]["path"]]
     cmd = [
         sys.executable,
@@ -404,12 +405,11 @@ def measure(k: int, corpus: dict, args) -> dict:
         cmd += ["--encode-mb", str(args.encode_mb)]
     print(f"{k}x: the tokenizer's own encode on {threads} thread(s) ...", file=sys.stderr, flush=True)
     run = run_measured(cmd, folder / "encode.log", env, args)
-    run.pop("_sampler")
+    run["memory"] = {k: v for k, v in run.pop("_sampler").summary().items() if k != "timeline"}
     if run["rc"] == 0:
         run |= json.loads((folder / "encode.log").read_text().strip().splitlines()[-1])
     result["encode"] = run
 
-    config = write_config(folder, corpus, k, args.tokenizer, args.seq_length)
     print(f"{k}x: cptkit prepare ...", file=sys.stderr, flush=True)
     run = run_measured(
         [sys.executable, "-m", "cptkit", "prepare", str(config)], folder / "prepare.log", env, args
