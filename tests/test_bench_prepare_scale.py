@@ -1,6 +1,6 @@
-"""bench/prepare_scale.py and bench/scale_corpus.py: the all-at-once packing reference against cptkit's
-own packer, the memory sampler (anonymous and file pages apart, the watchdog), and the corpus's copies
-(distinct, not near duplicates of each other)."""
+"""The prepare scale benchmark (bench/prepare_scale.py, process_tree.py, scale_corpus.py): the all-at-once
+packing reference against cptkit's own packer, the memory sampler (anonymous and file pages apart, the
+watchdog), and the corpus's copies (distinct, not near duplicates of each other)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import prepare_scale  # noqa: E402
+import process_tree  # noqa: E402
 import scale_corpus  # noqa: E402
 
 from cptkit.data.pack import best_fit_pack  # noqa: E402
@@ -68,9 +69,7 @@ def test_sampler_sees_allocated_and_mapped_memory_apart(tmp_path):
         "total = sum(m[i] for i in range(0, len(m), 4096))\n"
         "time.sleep(0.5)\n"
     )
-    run = prepare_scale.run_measured(
-        [sys.executable, "-c", child], tmp_path / "log", dict(os.environ), LIMITS
-    )
+    run = process_tree.run_measured([sys.executable, "-c", child], tmp_path / "log", dict(os.environ), LIMITS)
     memory = run["_sampler"].summary()
     assert run["rc"] == 0 and run["stopped"] is None
     assert 0.19 <= memory["peak_anon_gb"] < 0.5
@@ -81,9 +80,7 @@ def test_sampler_sees_allocated_and_mapped_memory_apart(tmp_path):
 def test_watchdog_stops_a_child_past_its_limit(tmp_path):
     child = "import time\nheld = []\nwhile True:\n    held.append(bytearray(20 << 20)); time.sleep(0.01)\n"
     limits = argparse.Namespace(**(vars(LIMITS) | {"max_anon_gb": 0.3}))
-    run = prepare_scale.run_measured(
-        [sys.executable, "-c", child], tmp_path / "log", dict(os.environ), limits
-    )
+    run = process_tree.run_measured([sys.executable, "-c", child], tmp_path / "log", dict(os.environ), limits)
     assert run["rc"] != 0 and "anonymous RSS" in run["stopped"]
     assert run["_sampler"].summary()["peak_rss_gb"] < 1.0
 
