@@ -24,3 +24,11 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def paragraphs() -> list[str]:
+    """Unique real paragraphs that pass the default filters unchanged by normalisation."""
+    from cptkit.testing.tiny import clean_paragraphs
+
+    return clean_paragraphs()

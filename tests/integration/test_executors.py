@@ -28,7 +28,7 @@ from cptkit.errors import CptkitError
 from cptkit.train.optional import refusals_for_missing_packages
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_prepare import config, paragraphs, write_jsonl  # noqa: E402, F401 (paragraphs: a fixture)
+from test_prepare import config, write_jsonl  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 TOKENIZE_SHARD = shards.tokenize_shard

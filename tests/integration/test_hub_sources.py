@@ -13,17 +13,14 @@ import pytest
 
 from cptkit.commands import prepare
 from cptkit.config import Config, build_config
-from cptkit.config.data import FilterConfig, HubConfig
+from cptkit.config.data import HubConfig
 from cptkit.data.document import Ledger
-from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.hub import plan_hub, read_hub_shard
-from cptkit.data.normalize import normalize
 from cptkit.data.plan import make_plan
 from cptkit.data.prepare import prepare as prepare_data
 from cptkit.data.prepared import Prepared
 from cptkit.data.shards import open_shard, tokenize_shard
 from cptkit.errors import CptkitError
-from cptkit.testing.tiny import sample_texts
 
 README = """---
 configs:
@@ -56,20 +53,6 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # for processes started here
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-
-
-@pytest.fixture(scope="module")
-def paragraphs() -> list[str]:
-    """Unique real paragraphs that pass the default filters unchanged by normalisation."""
-    filters = build_filters(FilterConfig())
-    seen, out = set(), []
-    for text in sample_texts():
-        for p in text.split("\n\n"):
-            p = normalize(p)
-            if 60 <= len(p) and p not in seen and first_reason(p, filters) is None:
-                seen.add(p)
-                out.append(p)
-    return out
 
 
 def write_parquet(path, texts, **columns):

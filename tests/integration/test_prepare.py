@@ -16,36 +16,13 @@ import yaml
 from cptkit.cli import main as cli
 from cptkit.commands import prepare
 from cptkit.config import Config, build_config
-from cptkit.config.data import FilterConfig
 from cptkit.data.cache import STORE_DIR
-from cptkit.data.filters import build_filters, first_reason
 from cptkit.data.manifest import read_manifest
-from cptkit.data.normalize import normalize
 from cptkit.data.prepare import prepare as prepare_data
 from cptkit.data.shards import tokenize_shard
 from cptkit.errors import CptkitError
 from cptkit.testing.prepared import train_index, train_lists
-from cptkit.testing.tiny import sample_texts
-
-
-@pytest.fixture(scope="module")
-def paragraphs() -> list[str]:
-    """Unique real paragraphs that pass the default filters unchanged by normalisation."""
-    filters = build_filters(FilterConfig())
-    seen, out = set(), []
-    for text in sample_texts():
-        for p in text.split("\n\n"):
-            p = normalize(p)
-            if 60 <= len(p) and p not in seen and first_reason(p, filters) is None:
-                seen.add(p)
-                out.append(p)
-    return out
-
-
-def write_jsonl(path, texts):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    return path
+from cptkit.testing.tiny import write_jsonl
 
 
 def dom_and_gen(tmp_path, dom, gen) -> list[dict]:

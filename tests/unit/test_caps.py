@@ -3,22 +3,17 @@ source once its leading documents are all read."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from cptkit.config import Config, build_config
-from cptkit.config.data import FilterConfig
 from cptkit.data import shards as shards_mod
 from cptkit.data.caps import Cap, leading_documents
-from cptkit.data.filters import build_filters, first_reason
-from cptkit.data.normalize import normalize
 from cptkit.data.plan import make_plan
 from cptkit.data.prepare import prepare
 from cptkit.data.prepared import Prepared
 from cptkit.data.shards import open_shard, tokenize_shard
-from cptkit.testing.tiny import sample_texts
+from cptkit.testing.tiny import write_jsonl
 
 
 def leading_by_hand(lengths, max_documents, max_tokens) -> int:
@@ -46,24 +41,6 @@ def test_leading_documents_and_where_reading_may_stop():
         stop = next((k + 1 for k in range(len(lengths)) if cap.reached(k + 1, int(total[k]))), len(lengths))
         assert leading_documents(lengths[:stop], max_documents, max_tokens) == want
         assert stop == len(lengths) or stop >= want
-
-
-@pytest.fixture(scope="module")
-def paragraphs() -> list[str]:
-    filters = build_filters(FilterConfig())
-    seen, out = set(), []
-    for text in sample_texts():
-        for p in text.split("\n\n"):
-            p = normalize(p)
-            if 60 <= len(p) and p not in seen and first_reason(p, filters) is None:
-                seen.add(p)
-                out.append(p)
-    return out
-
-
-def write_jsonl(path, texts):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
 
 
 @pytest.fixture

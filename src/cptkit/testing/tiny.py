@@ -14,6 +14,34 @@ def sample_texts(limit: int | None = None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
+def clean_paragraphs() -> list[str]:
+    """Unique real paragraphs of the sample texts that pass the default filters unchanged by
+    normalisation: documents whose counts a test can predict."""
+    from cptkit.config.data import FilterConfig
+    from cptkit.data.filters import build_filters, first_reason
+    from cptkit.data.normalize import normalize
+
+    filters = build_filters(FilterConfig())
+    seen, out = set(), []
+    for text in sample_texts():
+        for p in text.split("\n\n"):
+            p = normalize(p)
+            if 60 <= len(p) and p not in seen and first_reason(p, filters) is None:
+                seen.add(p)
+                out.append(p)
+    return out
+
+
+def write_jsonl(path: Path, texts: Iterable[str]) -> Path:
+    """One `{"text": ...}` line per text."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """A byte-level BPE tokenizer with <s> added at the start (like Llama) and </s> as EOS and pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
