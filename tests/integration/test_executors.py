@@ -258,6 +258,7 @@ def slow(*args, **kwargs):  # the documents, then a reader that never ends
 
 shards.read_documents = slow
 shards.BATCH_DOCS = 4  # batches reach the file before the worker is killed
+shards.STORE_BATCH_BYTES = 1
 shards.tokenize_shard(task)
 """
 

@@ -516,3 +516,28 @@ def test_windowed_packing_keeps_the_mix_and_packs_nearly_as_well(tmp_path, tiny_
     run_with(config(tmp_path, tiny_tokenizer_dir, sources, pack_window=1024), executor=no_tokenizing)
     assert train_lists(out) == first  # the same seed again: the same rows
     print(f"{windowed['totals']['pack_windows']} windows of {n} segments: efficiency loss {loss:.4%}")
+
+
+def test_store_files_join_the_workers_batches_and_read_the_same(
+    tmp_path, tiny_tokenizer_dir, paragraphs, monkeypatch
+):
+    """The workers tokenize batches of a few documents; the store file joins them into record batches of
+    about STORE_BATCH_BYTES (few batches: fast to open, each column's values together). Joined or not,
+    the prepared rows and held-out sets are the same."""
+    import pyarrow as pa
+
+    from cptkit.data import shards
+
+    monkeypatch.setattr(shards, "BATCH_DOCS", 4)
+    sources = dom_and_gen(tmp_path, paragraphs[:80], paragraphs[80:160])
+    outputs = {}
+    for joined in (1, 1 << 30):  # every worker batch its own record batch; all in one
+        monkeypatch.setattr(shards, "STORE_BATCH_BYTES", joined)
+        cfg = config(tmp_path / str(joined), tiny_tokenizer_dir, sources, heldout_fraction=0.1)
+        out = cfg.stage_dir("prepare")
+        prepare_data(cfg.data, out)
+        files = sorted((out / STORE_DIR).glob("*/*.arrow"))
+        batches = [pa.ipc.open_file(pa.memory_map(str(f))).num_record_batches for f in files]
+        assert batches == ([20, 20] if joined == 1 else [1, 1]), batches
+        outputs[joined] = (train_rows(out), [list(heldout(out, n)) for n in ("dom", "gen")])
+    assert outputs[1] == outputs[1 << 30]

@@ -24,9 +24,12 @@ from cptkit.testing.prepared import read_rows, train_index
 FP = "0123456789abcdef"
 
 
-def store_shard(folder: Path, source: str, key: str, docs: list[np.ndarray], starts=None) -> StoreShard:
+def store_shard(
+    folder: Path, source: str, key: str, docs: list[np.ndarray], starts=None, batch_docs: int | None = None
+) -> StoreShard:
     """A store file of `docs` (their ids; each document's hash from its ids, so equal ids are duplicates)
-    written as tokenization writes one, opened as assembly opens one."""
+    written as tokenization writes one (in record batches of `batch_docs` documents; one batch when
+    None), opened as assembly opens one."""
     path = folder / "store" / source / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = store_schema(FP)
@@ -51,8 +54,10 @@ def store_shard(folder: Path, source: str, key: str, docs: list[np.ndarray], sta
         ],
         schema=schema,
     )
+    step = batch_docs or len(docs)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(batch)
+        for lo in range(0, len(docs), step):
+            writer.write_batch(batch.slice(lo, step))
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
     return StoreShard(path.relative_to(folder).as_posix(), table)
 
@@ -164,15 +169,17 @@ def test_caps_take_the_leading_documents_before_dedup(tmp_path):
 
 @pytest.mark.parametrize("chunking", ["packing", "sentences"])
 def test_assembly_allocates_nothing_the_size_of_the_corpus_tokens(tmp_path, chunking, monkeypatch):
-    """Assembly and the train/ write on a corpus of long documents (4M tokens, 16 MiB of int32 ids) stay
-    far below the token bytes: they read sizes and hashes, not ids (the held-out documents' alone).
+    """Assembly and the train/ write on a corpus of long documents (4M tokens, 16 MiB of int32 ids, in
+    a store file of 8 record batches, so each column is in chunks) stay far below the token bytes: they
+    read sizes and hashes, not ids (the held-out documents' alone, taken chunk by chunk: a take from
+    the whole chunked column would join its chunks into one copy of it first).
     Sentence starts are read a block of units at a time (here 4,096 units, about 80 bytes each while
     chunked: the default block is 1<<18)."""
     monkeypatch.setattr(assemble_mod, "_CHUNK_UNITS", 4096)
     rng = np.random.default_rng(3)
     docs = [rng.integers(0, 50_000, 1 << 16).astype(np.int32) for _ in range(64)]
     starts = [np.arange(0, 1 << 16, 50) for _ in docs] if chunking == "sentences" else None
-    store = {"long": [store_shard(tmp_path, "long", "k", docs, starts)]}
+    store = {"long": [store_shard(tmp_path, "long", "k", docs, starts, batch_docs=8)]}
     token_bytes = sum(d.nbytes for d in docs)
     del docs
     cfg = data_config([SourceConfig(name="long", path=".")], heldout_fraction=0.02, chunking=chunking)
@@ -192,3 +199,4 @@ def test_assembly_allocates_nothing_the_size_of_the_corpus_tokens(tmp_path, chun
     print(f"{chunking}: peaks {python_peak:,} (Python, numpy) and {pool.max_memory():,} (Arrow) bytes")
     assert python_peak < token_bytes / 16, python_peak  # numpy and Python objects: under 1 MiB
     assert pool.max_memory() < token_bytes / 16, pool.max_memory()  # Arrow's buffers
+    del result  # its held-out ids view buffers of `pool`: gone before the pool is

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from cptkit.config.data import DataConfig, SourceConfig
 from cptkit.data.caps import leading_documents
 from cptkit.data.chunk import Chunker, Segments
+from cptkit.data.columns import take_rows
 from cptkit.data.dedup import Deduper
 from cptkit.data.mix import mix_warning, sample, sampling_factors
 from cptkit.data.near_dedup import NearDeduper
@@ -166,10 +167,9 @@ def _segments(chunker: Chunker, column: pa.ChunkedArray, lengths: np.ndarray, do
 
 def _unit_starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray]:
     """The recorded unit starts (sentence or char-chunk starts) of documents `docs`, one array each."""
-    taken = column.take(pa.array(docs, pa.int64()))
+    taken = take_rows(column, docs)
     counts = pc.list_value_length(taken).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = [c.flatten().to_numpy(zero_copy_only=False) for c in taken.chunks]
-    flat = np.concatenate(values).astype(np.int32, copy=False) if values else np.empty(0, np.int32)
+    flat = taken.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     return np.split(flat, np.cumsum(counts)[:-1]) if len(docs) else []
 
 
@@ -292,21 +292,18 @@ def _heldout(
 ) -> HeldOut:
     """The held-out documents: their text, sizes and ids (read from the store for these rows only, or
     tokenized again whole where the stored ids are not whole documents')."""
-    take = pa.array(held, pa.int64())
-    texts = table.column("text").take(take).to_pylist() if len(held) else []
+    texts = take_rows(table.column("text"), held).to_pylist() if len(held) else []
     num_bytes = table.column("num_bytes").to_numpy()[held].tolist()
     if chunker.heldout_whole:  # the stored ids are not whole documents': evaluate on whole documents
         ids = encoder.encode(texts) if texts else []
     else:
-        ids = _document_ids(table.column("input_ids"), take, lengths[held])
+        ids = _document_ids(table.column("input_ids"), held, lengths[held])
     return HeldOut(texts=texts, ids=ids, num_bytes=num_bytes)
 
 
-def _document_ids(column: pa.ChunkedArray, rows: pa.Array, lengths: np.ndarray) -> list[np.ndarray]:
+def _document_ids(column: pa.ChunkedArray, rows: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     """The ids of documents `rows` (their token counts: `lengths`), one int32 array each."""
     if not len(rows):
         return []
-    taken = column.take(rows)
-    values = [c.flatten().to_numpy(zero_copy_only=False) for c in taken.chunks]
-    flat = np.concatenate(values).astype(np.int32, copy=False)
+    flat = take_rows(column, rows).flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     return np.split(flat, np.cumsum(lengths)[:-1])

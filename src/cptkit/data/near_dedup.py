@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cptkit.data.columns import take_rows
 from cptkit.data.steps import SourceDocs
 
 _WORD = re.compile(r"\w+")
@@ -175,11 +176,9 @@ class NearDeduper:
         block at a time."""
         if not self.enabled:
             return docs
-        import pyarrow as pa
-
         text = source.table.column("text")
         keep = np.ones(len(docs), dtype=bool)
         for lo in range(0, len(docs), _BLOCK):
             block = docs[lo : lo + _BLOCK]
-            keep[lo : lo + len(block)] = self.keep_mask(text.take(pa.array(block, pa.int64())).to_pylist())
+            keep[lo : lo + len(block)] = self.keep_mask(take_rows(text, block).to_pylist())
         return docs[keep]

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SHARD_BYTES = 256 << 20
 BATCH_CHARS = 1 << 18
 BATCH_DOCS = 1024
+STORE_BATCH_BYTES = 32 << 20  # a store file's record batches: the workers' batches joined to this size
 
 STORE_FORMAT = 2  # of a store file: its schema metadata's `cptkit_store_format`
 SCHEMA = pa.schema(
@@ -214,8 +215,9 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
         with (
             Workers(processor, task.num_proc, task.pool) as workers,
             pa.OSFile(str(tmp), "wb") as sink,
-            pa.ipc.new_file(sink, schema) as writer,
+            pa.ipc.new_file(sink, schema) as ipc_writer,
         ):
+            writer = _JoinedBatches(ipc_writer, STORE_BATCH_BYTES)
             for batch in workers.map(reading):
                 stats.ledger.merge(reading.drops_before())
                 stats.ledger.merge(batch.dropped)
@@ -230,6 +232,7 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
                     break
             else:
                 stats.ledger.merge(reading.drops_before())  # rows dropped after the last document
+            writer.flush()
         _fsync(tmp)  # on disk before the stats file says it is finished
         tmp.replace(target)
         stats.read = stats.kept + sum(stats.ledger.drops.values())  # rows dropped by readers count as read
@@ -240,6 +243,30 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
         tmp.unlink(missing_ok=True)
         tmp_stats.unlink(missing_ok=True)
     return stats
+
+
+class _JoinedBatches:
+    """Writes the workers' small record batches joined into batches of about `size` bytes: a file of
+    a few large batches opens fast and keeps each column's values together, so reading one column of
+    every document (the token counts, the hashes) reads that column alone, not a page of every batch."""
+
+    def __init__(self, writer: pa.ipc.RecordBatchFileWriter, size: int):
+        self.writer, self.size = writer, size
+        self.pending: list[pa.RecordBatch] = []
+        self.nbytes = 0
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self.pending.append(batch)
+        self.nbytes += batch.nbytes
+        if self.nbytes >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            joined = pa.Table.from_batches(self.pending).combine_chunks()
+            for batch in joined.to_batches():
+                self.writer.write_batch(batch)
+        self.pending, self.nbytes = [], 0
 
 
 class _ReadBatches:
