@@ -225,6 +225,26 @@ class ExecutorConfig:
 
 
 @dataclass
+class VocabularyConfig:
+    """Extend the base tokenizer for the domain (off unless `extend` > 0): the base tokenizer's BPE
+    training is continued on the domain sources' text (its own normaliser, pre-tokenizer and merges),
+    keeping the `extend` merges that save the most base tokens there, each at least `min_frequency`
+    times; the new tokens get ids after every existing one (special tokens and original ids unchanged).
+    The extended tokenizer is saved with the prepared dataset (`tokenizer/`, and `vocabulary.json`: each
+    new token's base pieces, for train to initialise its rows from) and prepare tokenizes with it."""
+
+    extend: int = opt(0, "new tokens to add (0: no extension)")
+    min_frequency: int = opt(5, "a new token must replace its pieces at least this many times in the sample")
+    sources: list[str] | None = opt(None, "the sources it learns from (default: every source of role domain)")
+    sample_chars: int = opt(
+        100_000_000, "characters read from those sources to learn from (their first documents, in order)"
+    )
+
+    def check(self, path: str):
+        return at_least(self, path, extend=0, min_frequency=1, sample_chars=1000)
+
+
+@dataclass
 class DataConfig:
     """`cptkit prepare`: raw corpora -> tokenized, chunked, mixed, packed dataset + held-out sets."""
 
@@ -277,6 +297,9 @@ class DataConfig:
         "segments packed best-fit together; a corpus with more is shuffled, cut into windows of this many "
         "and packed window by window (memory stays bounded; see the manifest's packing_efficiency)",
     )
+    vocabulary: VocabularyConfig = opt(
+        factory=VocabularyConfig, help="extend the tokenizer with domain tokens (off by default)"
+    )
     trust_remote_code: bool = opt(False, "allow tokenizers with custom code")
     prune_cache: bool = opt(
         False,
@@ -315,6 +338,14 @@ class DataConfig:
             )
         if self.chunk_tokens is not None and not 1 <= self.chunk_tokens <= self.seq_length:
             problems.append((f"{path}.chunk_tokens", f"must be between 1 and seq_length ({self.seq_length})"))
+        for i, name in enumerate(self.vocabulary.sources or []):
+            if name not in names:
+                problems.append(
+                    (
+                        f"{path}.vocabulary.sources[{i}]",
+                        f"{name!r} is not a source (sources: {', '.join(names)})",
+                    )
+                )
         return problems
 
     def generator_problems(self, path: str, default_model: str | None):

@@ -43,6 +43,26 @@ class LoraConfig:
 
 
 @dataclass
+class NewTokensConfig:
+    """The rows of the tokens data.vocabulary added (input embeddings and output head, tied or not)."""
+
+    init: Literal["mean", "mean_noise"] = opt(
+        "mean", "each new row the mean of the rows of its base pieces; mean_noise adds gaussian noise"
+    )
+    noise: float = opt(0.02, "mean_noise: the noise's std, as a fraction of the base rows' std")
+    train: Literal["new", "all"] = opt(
+        "new",
+        "new: only the new rows train (LoRA/QLoRA: peft's trainable tokens, saved with the adapter); all: "
+        "the whole input embeddings and head (LoRA/QLoRA: as lora.train_embeddings)",
+    )
+
+    def check(self, path: str):
+        if self.noise < 0:
+            return [(f"{path}.noise", f"{self.noise} must be 0 or more")]
+        return []
+
+
+@dataclass
 class QuantizationConfig:
     """Base-model quantisation for mode qlora (bitsandbytes)."""
 
@@ -150,6 +170,14 @@ class TrainingRun:
         None,
         "learning rate for the input embeddings and lm_head when they train (always in full mode; with "
         "lora.train_embeddings, where lora.embedding_lr takes precedence); default: the main lr",
+    )
+    new_tokens: NewTokensConfig = opt(
+        factory=NewTokensConfig, help="rows of the tokens data.vocabulary added: initialisation, training"
+    )
+    untrained_rows: Literal["report", "mean"] = opt(
+        "report",
+        "base embedding rows that look untrained (near zero, or all alike) yet occur in the training data: "
+        "report them (a warning and the run's records), or also set them to the mean of the trained rows",
     )
     gradient_checkpointing: bool | Literal["auto"] = opt(
         "auto",
