@@ -18,6 +18,7 @@ from cptkit.data.assemble import StoreShard, assemble
 from cptkit.data.chunk import CHUNKERS
 from cptkit.data.pack import best_fit_pack
 from cptkit.data.shards import store_schema
+from cptkit.data.steps import SourceDocs
 from cptkit.data.write import write_train
 from cptkit.testing.prepared import read_rows, train_index
 
@@ -59,7 +60,7 @@ def store_shard(
         for lo in range(0, len(docs), step):
             writer.write_batch(batch.slice(lo, step))
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    return StoreShard(path.relative_to(folder).as_posix(), table)
+    return StoreShard(path.relative_to(folder).as_posix(), table, path)
 
 
 def data_config(sources: list[SourceConfig], **kw) -> DataConfig:
@@ -132,13 +133,14 @@ def test_chunking_in_blocks_of_documents_equals_one_call(monkeypatch):
     column = pa.chunked_array(
         [pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(starts).astype(np.int32)))]
     )
+    source = SourceDocs("s", None, pa.table({"starts": column}))
     docs = np.sort(rng.choice(50, 40, replace=False))
     chunker = CHUNKERS["sentences"](seq_length=128, chunk_tokens=100)
     whole = chunker.segments(lengths[docs], [starts[d].astype(np.int32) for d in docs])
     for max_docs, max_units in ((7, 1 << 18), (1 << 16, 20), (1 << 16, 1)):
         monkeypatch.setattr(assemble_mod, "_CHUNK_DOCS", max_docs)
         monkeypatch.setattr(assemble_mod, "_CHUNK_UNITS", max_units)
-        blocks = assemble_mod._segments(chunker, column, lengths, docs)
+        blocks = assemble_mod._segments(chunker, source, lengths, docs)
         for x, y in zip(whole, blocks, strict=True):
             assert x.tolist() == y.tolist()
 
@@ -200,3 +202,28 @@ def test_assembly_allocates_nothing_the_size_of_the_corpus_tokens(tmp_path, chun
     assert python_peak < token_bytes / 16, python_peak  # numpy and Python objects: under 1 MiB
     assert pool.max_memory() < token_bytes / 16, pool.max_memory()  # Arrow's buffers
     del result  # its held-out ids view buffers of `pool`: gone before the pool is
+
+
+def _mapped_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/self/status (Linux)")
+def test_rows_read_through_shards_leave_no_store_pages_mapped(tmp_path):
+    """Held-out and near-dedup reads go through a fresh mapping of each shard file, closed once its rows
+    are copied: after reading a 1 MiB document of each of 8 shards, the process maps (almost) none of
+    the 8 MiB read, where the source's own table would keep every page it touched."""
+    shards = []
+    for k in range(8):
+        docs = [np.full(1 << 18, k, np.int32), np.full(8, k, np.int32)]  # 1 MiB of ids, then a short one
+        shards.append(store_shard(tmp_path, "s", f"k{k}", docs))
+    table = pa.concat_tables([s.table for s in shards])
+    source = SourceDocs("s", None, table, shards)
+    before = _mapped_file_bytes()
+    ids = source.take("input_ids", np.arange(0, 16, 2))  # each shard's long document
+    assert [int(v[0]) for v in ids.to_pylist()] == list(range(8))
+    grown = _mapped_file_bytes() - before
+    assert grown < 2 << 20, grown

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,6 @@ import pyarrow.compute as pc
 from cptkit.config.data import DataConfig, SourceConfig
 from cptkit.data.caps import leading_documents
 from cptkit.data.chunk import Chunker, Segments
-from cptkit.data.columns import take_rows
 from cptkit.data.dedup import Deduper
 from cptkit.data.mix import mix_warning, sample, sampling_factors
 from cptkit.data.near_dedup import NearDeduper
@@ -52,6 +53,20 @@ class StoreShard:
 
     path: str
     table: pa.Table
+    file: Path | None = None  # the file itself, for `reopened` (None: the table is all there is)
+
+    @contextmanager
+    def reopened(self) -> Iterator[pa.Table]:
+        """The file mapped again for a while: the pages read through it are unmapped when it closes."""
+        if self.file is None:
+            yield self.table
+            return
+        with pa.memory_map(str(self.file)) as source:
+            table = pa.ipc.open_file(source).read_all()
+            try:
+                yield table
+            finally:
+                del table
 
     @property
     def documents(self) -> int:
@@ -142,12 +157,13 @@ class Assembled:
     floors: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> its held-out floor, met?
 
 
-def _segments(chunker: Chunker, column: pa.ChunkedArray, lengths: np.ndarray, docs: np.ndarray) -> Segments:
+def _segments(chunker: Chunker, source: SourceDocs, lengths: np.ndarray, docs: np.ndarray) -> Segments:
     """`chunker.segments` of documents `docs` (their index in `docs`, offset, length), given the unit
-    starts tokenization recorded (`column`, all null when it recorded none). Documents are chunked a
+    starts tokenization recorded (the `starts` column, all null when it recorded none). Documents are chunked a
     block at a time (at most `_CHUNK_DOCS` documents and `_CHUNK_UNITS` units), their unit starts read
     for them alone, so the Python objects a chunker makes per document and unit live for one block; every
     strategy tiles each document on its own, so the segments are those of one call over them all."""
+    column = source.table.column("starts")
     if column.null_count == len(column):
         return chunker.segments(lengths[docs], None)
     units = np.cumsum(pc.list_value_length(column).to_numpy(zero_copy_only=False)[docs], dtype=np.int64)
@@ -157,7 +173,7 @@ def _segments(chunker: Chunker, column: pa.ChunkedArray, lengths: np.ndarray, do
         hi = int(np.searchsorted(units, before + _CHUNK_UNITS, side="right"))
         hi = max(lo + 1, min(hi, lo + _CHUNK_DOCS))
         block = docs[lo:hi]
-        doc, off, length = chunker.segments(lengths[block], _unit_starts(column, block))
+        doc, off, length = chunker.segments(lengths[block], _unit_starts(source, block))
         parts.append((doc + lo, off, length))
         lo = hi
     if not parts:
@@ -165,9 +181,9 @@ def _segments(chunker: Chunker, column: pa.ChunkedArray, lengths: np.ndarray, do
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
 
-def _unit_starts(column: pa.ChunkedArray, docs: np.ndarray) -> list[np.ndarray]:
+def _unit_starts(source: SourceDocs, docs: np.ndarray) -> list[np.ndarray]:
     """The recorded unit starts (sentence or char-chunk starts) of documents `docs`, one array each."""
-    taken = take_rows(column, docs)
+    taken = source.take("starts", docs)
     counts = pc.list_value_length(taken).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = taken.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     return np.split(flat, np.cumsum(counts)[:-1]) if len(docs) else []
@@ -209,7 +225,7 @@ def _assemble(
     for name, shards in store.items():
         table = _table(shards)
         src = by_name[name]
-        source = SourceDocs(name, src, table)
+        source = SourceDocs(name, src, table, shards)
         lengths = source.lengths
         capped = leading_documents(lengths, src.max_documents, src.max_tokens)
         exact_kept = exact.select(source, np.arange(capped))
@@ -217,8 +233,8 @@ def _assemble(
         held = split.select(source, kept)
         train = np.setdiff1d(kept, held, assume_unique=True)
         doc_start = base + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        heldout[name] = _heldout(table, held, lengths, chunker, encoder)
-        doc, off, length = _segments(chunker, table.column("starts"), lengths, train)
+        heldout[name] = _heldout(source, held, lengths, chunker, encoder)
+        doc, off, length = _segments(chunker, source, lengths, train)
         seg_starts[name] = doc_start[train][doc] + off
         seg_lens[name] = length
         base += int(lengths.sum())
@@ -288,22 +304,24 @@ def _assemble(
 
 
 def _heldout(
-    table: pa.Table, held: np.ndarray, lengths: np.ndarray, chunker: Chunker, encoder: Encoder
+    source: SourceDocs, held: np.ndarray, lengths: np.ndarray, chunker: Chunker, encoder: Encoder
 ) -> HeldOut:
     """The held-out documents: their text, sizes and ids (read from the store for these rows only, or
     tokenized again whole where the stored ids are not whole documents')."""
-    texts = take_rows(table.column("text"), held).to_pylist() if len(held) else []
-    num_bytes = table.column("num_bytes").to_numpy()[held].tolist()
+    texts = source.take("text", held).to_pylist() if len(held) else []
+    num_bytes = source.table.column("num_bytes").to_numpy()[held].tolist()
     if chunker.heldout_whole:  # the stored ids are not whole documents': evaluate on whole documents
         ids = encoder.encode(texts) if texts else []
     else:
-        ids = _document_ids(table.column("input_ids"), held, lengths[held])
+        ids = _document_ids(source, held, lengths[held])
     return HeldOut(texts=texts, ids=ids, num_bytes=num_bytes)
 
 
-def _document_ids(column: pa.ChunkedArray, rows: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+def _document_ids(source: SourceDocs, rows: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     """The ids of documents `rows` (their token counts: `lengths`), one int32 array each."""
     if not len(rows):
         return []
-    flat = take_rows(column, rows).flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    flat = (
+        source.take("input_ids", rows).flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    )
     return np.split(flat, np.cumsum(lengths)[:-1])

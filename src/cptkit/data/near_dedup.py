@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from cptkit.data.columns import take_rows
 from cptkit.data.steps import SourceDocs
 
 _WORD = re.compile(r"\w+")
@@ -176,9 +175,8 @@ class NearDeduper:
         block at a time."""
         if not self.enabled:
             return docs
-        text = source.table.column("text")
         keep = np.ones(len(docs), dtype=bool)
         for lo in range(0, len(docs), _BLOCK):
             block = docs[lo : lo + _BLOCK]
-            keep[lo : lo + len(block)] = self.keep_mask(take_rows(text, block).to_pylist())
+            keep[lo : lo + len(block)] = self.keep_mask(source.take("text", block).to_pylist())
         return docs[keep]

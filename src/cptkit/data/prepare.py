@@ -255,7 +255,9 @@ def _assemble(plan: Plan):
     store = {
         name: [
             StoreShard(
-                sh.path(plan.cache_dir).relative_to(plan.out).as_posix(), open_shard(sh, plan.cache_dir)
+                sh.path(plan.cache_dir).relative_to(plan.out).as_posix(),
+                open_shard(sh, plan.cache_dir),
+                sh.path(plan.cache_dir),
             )
             for sh in shards
         ]

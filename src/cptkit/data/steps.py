@@ -13,7 +13,7 @@ out). Sources go through it in config order, so a step may remember earlier sour
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
@@ -60,6 +60,34 @@ class SourceDocs:
     name: str
     config: Any  # its SourceConfig
     table: Any  # pyarrow.Table
+    shards: list[Any] = field(default_factory=list)  # its StoreShards, in order (the table's pieces)
+
+    def take(self, column: str, rows: np.ndarray) -> Any:
+        """Rows `rows` of `column` (a new pyarrow array, in the order asked), read through a mapping of each
+        shard file that is closed again once its rows are copied: the pages a read maps (a whole page
+        cache folio, often hundreds of KB, for each document) leave the process with the mapping, so
+        reading a few documents of every shard, or every document's text once, never holds the store."""
+        from cptkit.data.columns import take_rows
+
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.shards:
+            return take_rows(self.table.column(column), rows)
+        import pyarrow as pa
+
+        wanted, where = np.unique(rows, return_inverse=True)
+        bounds = np.cumsum([0, *(s.documents for s in self.shards)], dtype=np.int64)
+        cuts = np.searchsorted(wanted, bounds)
+        parts = []
+        for i, shard in enumerate(self.shards):
+            if cuts[i + 1] > cuts[i]:
+                with shard.reopened() as table:
+                    parts.append(take_rows(table.column(column), wanted[cuts[i] : cuts[i + 1]] - bounds[i]))
+        taken = pa.concat_arrays(parts) if parts else pa.array([], self.table.schema.field(column).type)
+        return (
+            taken.take(pa.array(where.ravel()))
+            if len(wanted) != len(rows) or not np.array_equal(wanted, rows)
+            else taken
+        )
 
     @property
     def num_documents(self) -> int:
