@@ -1,0 +1,103 @@
+"""Base embedding rows that look untrained yet occur in the training data (`train.untrained_rows`).
+
+Released models carry rows their pretraining never updated: reserved tokens, ids the released data
+never held. Such a row is zero or tiny (an initialisation shrunk by weight decay), or one of many
+identical rows (a placeholder value written to all of them). A token with such a row that occurs in
+the domain data starts training from nothing, which shows as loss spikes on those tokens; `report`
+says which they are, `mean` starts them at the mean of the trained rows instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+NORM_FRACTION = 0.01  # a row whose norm is below this fraction of the median row norm looks untrained
+DUPLICATES = 4  # a row identical to at least this many other rows looks untrained
+COUNT_ROWS = 20_000  # training rows counted (the first ones: prepare shuffled them), bounding the time
+CHUNK_ROWS = 256  # rows read at once while counting (bounded memory)
+EXAMPLES = 10
+
+
+@torch.no_grad()
+def suspect_rows(weight: torch.Tensor, base_size: int) -> torch.Tensor:
+    """Ids below `base_size` whose row of `weight` looks untrained: norm below NORM_FRACTION of the
+    median row norm, or exactly equal to DUPLICATES or more other rows. Bool mask of `base_size`."""
+    base = weight[:base_size].float()
+    norms = base.norm(dim=1)
+    low = norms < NORM_FRACTION * norms.median()
+    # rows equal everywhere project equally on any direction; a random projection groups them in
+    # O(rows) memory, and the candidates are then compared exactly
+    direction = torch.randn(base.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    keys = base.double() @ direction.to(base.device)
+    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    candidates = counts[inverse] > DUPLICATES
+    duplicated = torch.zeros_like(low)
+    for key in torch.unique(inverse[candidates]).tolist():
+        ids = (inverse == key).nonzero().flatten()
+        same = (base[ids] == base[ids[0]]).all(dim=1)
+        if int(same.sum()) > DUPLICATES:
+            duplicated[ids[same]] = True
+    return low | duplicated
+
+
+def token_counts(rows: Any, vocab_size: int, max_rows: int = COUNT_ROWS) -> np.ndarray:
+    """How often each id occurs in the first `max_rows` training rows, read CHUNK_ROWS at a time."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    total = min(len(rows), max_rows)
+    for start in range(0, total, CHUNK_ROWS):
+        batch = rows.__getitems__(list(range(start, min(start + CHUNK_ROWS, total))))
+        ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int64).ravel() for r in batch])
+        counts += np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
+    return counts
+
+
+def _matrices(model: Any) -> list[tuple[str, torch.Tensor]]:
+    embed = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    if out is None or out.weight is embed:
+        return [("input embeddings", embed)]
+    return [("input embeddings", embed), ("lm_head", out.weight)]
+
+
+@torch.no_grad()
+def check_untrained_rows(
+    model: Any, tokenizer: Any, rows: Any, base_size: int, action: str = "report"
+) -> dict:
+    """Find the base rows that look untrained and occur in `rows`; log them; with `action` mean, set
+    each to the mean of the trained rows of its matrix. Returns the record for run_meta.json."""
+    counted = min(len(rows), COUNT_ROWS)
+    counts = token_counts(rows, base_size)[:base_size]
+    occurs = torch.from_numpy(counts > 0)
+    record: dict[str, Any] = {"rows_counted": counted, "rows_total": len(rows), "action": action}
+    for name, weight in _matrices(model):
+        suspect = suspect_rows(weight, base_size).cpu()
+        found = (suspect & occurs).nonzero().flatten()
+        entry = {"looks_untrained": int(suspect.sum()), "in_data": int(found.numel())}
+        if found.numel():
+            order = sorted(found.tolist(), key=lambda i: -int(counts[i]))
+            examples = [[i, tokenizer.convert_ids_to_tokens(i), int(counts[i])] for i in order[:EXAMPLES]]
+            entry["examples"] = examples  # [id, token, occurrences]
+            log.warning(
+                "%s: %d base rows look untrained (tiny or duplicated) yet occur in the training data "
+                "(first %d of %d rows counted), e.g. %s; %s",
+                name,
+                found.numel(),
+                counted,
+                len(rows),
+                ", ".join(f"{i} {t!r} x{c}" for i, t, c in examples[:5]),
+                "set to the mean of the trained rows"
+                if action == "mean"
+                else "train.untrained_rows: mean starts them at the mean of the trained rows",
+            )
+            if action == "mean":
+                trained = ~suspect.to(weight.device)
+                mean = weight[:base_size][trained].float().mean(dim=0)
+                weight[found.to(weight.device)] = mean.to(weight.dtype)
+        record[name] = entry
+    return record
