@@ -213,9 +213,9 @@ def load_model_and_tokenizer(
 
     Used by `cptkit train` and `cptkit sft`. `run_shape` (sequence length and micro-batch) is what the
     memory plan sizes activations for. `vocabulary` (the prepared folder's added tokens) grows the
-    embeddings and head to the extended tokenizer and sets which of their rows train; with `train_rows`, base rows that look untrained yet occur in them
-    are reported (or set to the trained rows' mean: `untrained_rows`). Returns the model with the
-    memory plan, LoRA and the kernels
+    embeddings and head to the extended tokenizer and sets which of their rows train; with
+    `train_rows`, base rows that look untrained yet occur in them are reported (or set to the trained
+    rows' mean: `untrained_rows`). Returns the model with the memory plan, LoRA and the kernels
     applied as configured, use_cache off (a packed forward with a cache lets documents
     attend to each other), and what was chosen.
     """
