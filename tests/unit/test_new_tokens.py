@@ -233,7 +233,7 @@ def test_untrained_rows_that_occur_in_the_data_are_found(tiny_tokenizer, action,
     assert entry["looks_untrained"] == 9 and entry["in_data"] == 3
     assert [e[0] for e in entry["examples"]] == [40, 41, 60]  # most frequent first
     assert entry["examples"][0][1] == tiny_tokenizer.convert_ids_to_tokens(40)
-    assert record["rows_counted"] == 300 and "lm_head" not in record  # tied
+    assert record["counted"] == "the first 300 of 300 training rows" and "lm_head" not in record  # tied
     assert "look untrained" in caplog.text
     if action == "mean":
         trained = [i for i in range(len(tiny_tokenizer)) if i not in (40, 41, 42, *range(60, 66))]
@@ -241,3 +241,35 @@ def test_untrained_rows_that_occur_in_the_data_are_found(tiny_tokenizer, action,
         assert torch.equal(weight[42], torch.zeros(32)) and torch.equal(weight[61], torch.full((32,), 0.5))
     else:
         assert torch.equal(weight[40], torch.zeros(32))
+
+
+def test_trainable_tokens_land_in_the_embedding_learning_rate_group(tiny_tokenizer, vocabulary):
+    from peft import get_peft_model
+
+    from cptkit.train.build import _embedding_param_ids
+
+    train_cfg = _lora_train_cfg("new")
+    base = tiny_llama(len(tiny_tokenizer), tied=False)
+    add_new_token_rows(base, vocabulary, train_cfg.new_tokens)
+    model = get_peft_model(base, lora_config(train_cfg, base, vocabulary))
+    deltas = {id(p) for n, p in model.named_parameters() if "trainable_tokens" in n and p.requires_grad}
+    assert len(deltas) == 2 and deltas == _embedding_param_ids(model)
+
+
+def test_token_counts_of_a_store_sample_evenly_spaced_windows():
+    from cptkit.model.untrained_rows import token_counts
+
+    class Space:
+        num_tokens = 1000
+        tokens = np.arange(1000) % 50
+
+        def gather(self, start, length):
+            return self.tokens[start : start + length].astype(np.int32)
+
+    class StoreRows:
+        space = Space()
+
+    counts, what = token_counts(StoreRows(), 50)
+    assert what == "all 1,000 training tokens" and (counts == 20).all()
+    counts, what = token_counts(StoreRows(), 50, sample_tokens=640)
+    assert what == "640 of 1,000 training tokens (64 evenly spaced windows)" and counts.sum() == 640

@@ -58,7 +58,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tokenizer=checked["tokenizer"],
         run_shape=shape,
         vocabulary=checked["vocabulary"],
-        train_rows=rows,
+        train_rows=rows if resume_from is None else None,  # checked when the run started
         untrained_rows=train_cfg.untrained_rows,
     )
     eval_sets = load_heldout_sets(prepared, prepared.seq_length, train_cfg.eval_max_tokens)

@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 
 NORM_FRACTION = 0.01  # a row whose norm is below this fraction of the median row norm looks untrained
 DUPLICATES = 4  # a row identical to at least this many other rows looks untrained
-COUNT_ROWS = 20_000  # training rows counted (the first ones: prepare shuffled them), bounding the time
-CHUNK_ROWS = 256  # rows read at once while counting (bounded memory)
+SAMPLE_TOKENS = 256_000_000  # training tokens counted at most (bounding the time: about a second per 100M)
+WINDOWS = 64  # a larger store is counted in this many evenly spaced windows
+CHUNK_TOKENS = 16_000_000  # tokens read at once while counting (bounded memory)
+COUNT_ROWS = 20_000  # rows counted where there is no token store (the first ones: prepare shuffled them)
+CHUNK_ROWS = 256
 EXAMPLES = 10
 
 
@@ -46,15 +49,33 @@ def suspect_rows(weight: torch.Tensor, base_size: int) -> torch.Tensor:
     return low | duplicated
 
 
-def token_counts(rows: Any, vocab_size: int, max_rows: int = COUNT_ROWS) -> np.ndarray:
-    """How often each id occurs in the first `max_rows` training rows, read CHUNK_ROWS at a time."""
+def token_counts(rows: Any, vocab_size: int, sample_tokens: int = SAMPLE_TOKENS) -> tuple[np.ndarray, str]:
+    """How often each id occurs in the training data, and what was counted. From the token store
+    (`PackedRows.space`): every token when it holds at most `sample_tokens`, else WINDOWS evenly spaced
+    windows of `sample_tokens` in all (the store lies source after source: windows see each one); read
+    a window at a time, so memory stays bounded. Other row sets: their first COUNT_ROWS rows."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    total = min(len(rows), max_rows)
-    for start in range(0, total, CHUNK_ROWS):
-        batch = rows.__getitems__(list(range(start, min(start + CHUNK_ROWS, total))))
-        ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int64).ravel() for r in batch])
-        counts += np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
-    return counts
+
+    def add(ids: np.ndarray) -> None:
+        ids = ids.astype(np.int64, copy=False).ravel()
+        counts[:] += np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)[:vocab_size]
+
+    space = getattr(rows, "space", None)
+    if space is not None:
+        total = space.num_tokens
+        if total <= sample_tokens:
+            for start in range(0, total, CHUNK_TOKENS):
+                add(space.gather(start, min(CHUNK_TOKENS, total - start)))
+            return counts, f"all {total:,} training tokens"
+        window = sample_tokens // WINDOWS
+        for start in np.linspace(0, total - window, WINDOWS).astype(np.int64):
+            add(space.gather(int(start), window))
+        return counts, f"{WINDOWS * window:,} of {total:,} training tokens ({WINDOWS} evenly spaced windows)"
+    counted = min(len(rows), COUNT_ROWS)
+    for start in range(0, counted, CHUNK_ROWS):
+        batch = rows.__getitems__(list(range(start, min(start + CHUNK_ROWS, counted))))
+        add(np.concatenate([np.asarray(r["input_ids"]).ravel() for r in batch]))
+    return counts, f"the first {counted:,} of {len(rows):,} training rows"
 
 
 def _matrices(model: Any) -> list[tuple[str, torch.Tensor]]:
@@ -71,10 +92,9 @@ def check_untrained_rows(
 ) -> dict:
     """Find the base rows that look untrained and occur in `rows`; log them; with `action` mean, set
     each to the mean of the trained rows of its matrix. Returns the record for run_meta.json."""
-    counted = min(len(rows), COUNT_ROWS)
-    counts = token_counts(rows, base_size)[:base_size]
+    counts, counted = token_counts(rows, base_size)
     occurs = torch.from_numpy(counts > 0)
-    record: dict[str, Any] = {"rows_counted": counted, "rows_total": len(rows), "action": action}
+    record: dict[str, Any] = {"counted": counted, "action": action}
     for name, weight in _matrices(model):
         suspect = suspect_rows(weight, base_size).cpu()
         found = (suspect & occurs).nonzero().flatten()
@@ -85,11 +105,10 @@ def check_untrained_rows(
             entry["examples"] = examples  # [id, token, occurrences]
             log.warning(
                 "%s: %d base rows look untrained (tiny or duplicated) yet occur in the training data "
-                "(first %d of %d rows counted), e.g. %s; %s",
+                "(%s counted), e.g. %s; %s",
                 name,
                 found.numel(),
                 counted,
-                len(rows),
                 ", ".join(f"{i} {t!r} x{c}" for i, t, c in examples[:5]),
                 "set to the mean of the trained rows"
                 if action == "mean"
