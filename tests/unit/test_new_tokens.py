@@ -100,13 +100,14 @@ def test_noise_has_the_stated_std_and_is_seeded(tiny_tokenizer):
         assert diff.std().item() == pytest.approx(0.5 * base_std, rel=0.1)  # 40 rows x 32 draws
 
 
-def test_full_training_of_the_new_rows_leaves_the_base_rows_bit_identical(tiny_tokenizer, vocabulary):
-    model = tiny_llama(len(tiny_tokenizer), tied=False)
+@pytest.mark.parametrize("tied", [True, False])
+def test_full_training_of_the_new_rows_leaves_the_base_rows_bit_identical(tiny_tokenizer, vocabulary, tied):
+    model = tiny_llama(len(tiny_tokenizer), tied=tied)
     add_new_token_rows(model, vocabulary, NewTokensConfig())
     freeze_base_rows(model, vocabulary.base_size)
     before_in = model.get_input_embeddings().weight.detach().clone()
     before_out = model.get_output_embeddings().weight.detach().clone()
-    embeddings = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    embeddings = list({id(m.weight): m.weight for m in rows_modules(model)}.values())
     others = [p for p in model.parameters() if all(p is not e for e in embeddings)]
     optimizer = torch.optim.AdamW(
         [{"params": others, "weight_decay": 0.1}, {"params": embeddings, "weight_decay": 0.0}], lr=1e-2
@@ -122,6 +123,10 @@ def test_full_training_of_the_new_rows_leaves_the_base_rows_bit_identical(tiny_t
     new = slice(vocabulary.base_size, vocabulary.size)
     assert not torch.equal(model.get_input_embeddings().weight[new], before_in[new])
     assert not torch.equal(model.get_output_embeddings().weight[new], before_out[new])
+
+
+def rows_modules(model):
+    return [model.get_input_embeddings(), model.get_output_embeddings()]
 
 
 def _lora_train_cfg(train: str):

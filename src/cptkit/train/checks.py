@@ -34,9 +34,14 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def run_identity(train_cfg: TrainingRun, model_cfg: ModelConfig, data_hash: str) -> str:
-    """What makes two runs the same run (and a checkpoint resumable): base, mode, adapter, data."""
+def run_identity(
+    train_cfg: TrainingRun, model_cfg: ModelConfig, data_hash: str, new_tokens: bool = False
+) -> str:
+    """What makes two runs the same run (and a checkpoint resumable): base, mode, adapter, data, and
+    with added tokens (`new_tokens`) how their rows start and which rows train."""
+    extra = {"new_tokens": asdict(train_cfg.new_tokens)} if new_tokens else {}
     key = {
+        **extra,
         "base": model_cfg.name_or_path,
         "mode": train_cfg.mode,
         "data": data_hash,
@@ -283,7 +288,7 @@ def preflight(
     check_budget_sets(getattr(train_cfg, "forgetting_budget", None), prepared.heldout, prepared.folder)
     check_ewc(train_cfg, prepared)
     check_regularizers(train_cfg, model_cfg, prepared)
-    identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash)
+    identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash, vocabulary is not None)
     fresh = check_output_dir(output_dir, identity, train_cfg)
     return {
         "prepared": prepared,
