@@ -278,3 +278,15 @@ def test_token_counts_of_a_store_sample_evenly_spaced_windows():
     assert what == "all 1,000 training tokens" and (counts == 20).all()
     counts, what = token_counts(StoreRows(), 50, sample_tokens=640)
     assert what == "640 of 1,000 training tokens (64 evenly spaced windows)" and counts.sum() == 640
+
+
+def test_untrained_rows_are_found_the_same_read_in_chunks(tiny_tokenizer, monkeypatch):
+    from cptkit.model import untrained_rows
+
+    weight = tiny_llama(len(tiny_tokenizer), tied=True).get_input_embeddings().weight.detach().clone()
+    weight[[3, 200, 450]] = 0
+    weight[[10, 100, 300, 400, 500]] = 0.25  # duplicates spread over several chunks
+    whole = suspect_rows(weight, len(tiny_tokenizer))
+    monkeypatch.setattr(untrained_rows, "CHUNK_ROWS_NORM", 64)
+    assert torch.equal(suspect_rows(weight, len(tiny_tokenizer)), whole)
+    assert whole.nonzero().flatten().tolist() == [3, 10, 100, 200, 300, 400, 450, 500]

@@ -24,6 +24,7 @@ WINDOWS = 64  # a larger store is counted in this many evenly spaced windows
 CHUNK_TOKENS = 16_000_000  # tokens read at once while counting (bounded memory)
 COUNT_ROWS = 20_000  # rows counted where there is no token store (the first ones: prepare shuffled them)
 CHUNK_ROWS = 256
+CHUNK_ROWS_NORM = 8192  # embedding rows read at once while looking for untrained ones
 EXAMPLES = 10
 
 
@@ -31,13 +32,19 @@ EXAMPLES = 10
 def suspect_rows(weight: torch.Tensor, base_size: int) -> torch.Tensor:
     """Ids below `base_size` whose row of `weight` looks untrained: norm below NORM_FRACTION of the
     median row norm, or exactly equal to DUPLICATES or more other rows. Bool mask of `base_size`."""
-    base = weight[:base_size].float()
-    norms = base.norm(dim=1)
-    low = norms < NORM_FRACTION * norms.median()
+    base = weight[:base_size]
     # rows equal everywhere project equally on any direction; a random projection groups them in
-    # O(rows) memory, and the candidates are then compared exactly
+    # O(rows) memory, and the candidates are then compared exactly. Both read CHUNK_ROWS_NORM rows at a
+    # time, so no fp32 copy of a whole 128k-row matrix is made.
     direction = torch.randn(base.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    keys = base.double() @ direction.to(base.device)
+    direction = direction.to(base.device)
+    norms, keys = [], []
+    for start in range(0, base_size, CHUNK_ROWS_NORM):
+        part = base[start : start + CHUNK_ROWS_NORM].double()
+        norms.append(part.norm(dim=1))
+        keys.append(part @ direction)
+    norms, keys = torch.cat(norms), torch.cat(keys)
+    low = norms < NORM_FRACTION * norms.median()
     _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     candidates = counts[inverse] > DUPLICATES
     duplicated = torch.zeros_like(low)
