@@ -51,8 +51,16 @@ def run(cfg: Config) -> dict[str, Any]:
     shape = RunShape.of(train_cfg, prepared.seq_length)
     check_plan_fits(model_cfg, train_cfg, shape)
     set_seed(cfg.seed)
-    loaded = load_model_and_tokenizer(model_cfg, train_cfg, tokenizer=checked["tokenizer"], run_shape=shape)
     rows = prepared.train_rows()
+    loaded = load_model_and_tokenizer(
+        model_cfg,
+        train_cfg,
+        tokenizer=checked["tokenizer"],
+        run_shape=shape,
+        vocabulary=checked["vocabulary"],
+        train_rows=rows if resume_from is None else None,  # checked when the run started
+        untrained_rows=train_cfg.untrained_rows,
+    )
     eval_sets = load_heldout_sets(prepared, prepared.seq_length, train_cfg.eval_max_tokens)
     flops = flops_per_token(loaded.model, prepared.seq_length)
     trainer, callbacks = build_trainer(
@@ -81,6 +89,8 @@ def run(cfg: Config) -> dict[str, Any]:
         "causal_halving": False,
         "world_size": trainer.args.world_size,
         "memory_plan": loaded.memory_plan.to_json() if loaded.memory_plan else None,
+        "new_tokens": loaded.new_tokens,
+        "untrained_rows": loaded.untrained_rows,
     }
     if trainer.args.process_index == 0:
         write_config(output_dir, cfg)

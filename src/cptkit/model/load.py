@@ -14,8 +14,10 @@ import torch
 
 from cptkit.config.model import ModelConfig
 from cptkit.config.train import TrainConfig
+from cptkit.data.vocabulary_file import Vocabulary
 from cptkit.errors import CptkitError, load_refusals
-from cptkit.model import attention, fast_lora, kernels
+from cptkit.model import attention, fast_lora, kernels, new_tokens
+from cptkit.model.untrained_rows import check_untrained_rows
 from cptkit.train import checkpointing
 from cptkit.train.memory import RunShape
 
@@ -37,6 +39,8 @@ class LoadedModel:
     kernels: dict[str, Any] = field(
         default_factory=dict
     )  # kernel -> on (rms_norm, swiglu, rope, compile, fast_lora)
+    new_tokens: dict[str, Any] | None = None  # the rows added for data.vocabulary's tokens, or None
+    untrained_rows: dict[str, Any] | None = None  # base rows that look untrained and occur in the data
 
 
 def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
@@ -166,20 +170,32 @@ def _embedding_modules(model: Any) -> list[str]:
     return sorted(set(names))
 
 
-def lora_config(train_cfg: TrainConfig, model: Any) -> Any:
-    """peft LoraConfig from the `train.lora` section."""
+def lora_config(train_cfg: TrainConfig, model: Any, vocabulary: Vocabulary | None = None) -> Any:
+    """peft LoraConfig from the `train.lora` section. With added tokens, new_tokens.train=all trains the
+    embeddings and head in full (as lora.train_embeddings), new trains only their new rows (peft's
+    trainable tokens, saved with the adapter)."""
     from peft import LoraConfig
 
     lc = train_cfg.lora
+    whole = lc.train_embeddings or (vocabulary is not None and train_cfg.new_tokens.train == "all")
+    tokens: dict[str, Any] = {}
+    if vocabulary is not None and not whole and vocabulary.tokens:
+        if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
+            raise CptkitError(
+                "train.new_tokens.train: new needs peft >= 0.15 (trainable_token_indices); upgrade peft "
+                "or set train.new_tokens.train: all"
+            )
+        tokens["trainable_token_indices"] = new_tokens.trainable_token_indices(model, vocabulary)
     return LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
         target_modules=lc.target_modules,
         use_rslora=lc.use_rslora,
-        modules_to_save=_embedding_modules(model) if lc.train_embeddings else None,
+        modules_to_save=_embedding_modules(model) if whole else None,
         bias="none",
         task_type="CAUSAL_LM",
+        **tokens,
     )
 
 
@@ -189,11 +205,17 @@ def load_model_and_tokenizer(
     model_path: str | None = None,
     tokenizer: Any = None,
     run_shape: RunShape | None = None,
+    vocabulary: Vocabulary | None = None,
+    train_rows: Any = None,
+    untrained_rows: str = "report",
 ) -> LoadedModel:
     """Load `model_path` (default model.name_or_path) for training in train.mode.
 
     Used by `cptkit train` and `cptkit sft`. `run_shape` (sequence length and micro-batch) is what the
-    memory plan sizes activations for. Returns the model with the memory plan, LoRA and the kernels
+    memory plan sizes activations for. `vocabulary` (the prepared folder's added tokens) grows the
+    embeddings and head to the extended tokenizer and sets which of their rows train; with
+    `train_rows`, base rows that look untrained yet occur in them are reported (or set to the trained
+    rows' mean: `untrained_rows`). Returns the model with the memory plan, LoRA and the kernels
     applied as configured, use_cache off (a packed forward with a cache lets documents
     attend to each other), and what was chosen.
     """
@@ -222,6 +244,14 @@ def load_model_and_tokenizer(
     with _refusals(model_cfg, path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    base_size = vocabulary.base_size if vocabulary is not None else len(tokenizer)
+    untrained = None
+    if train_rows is not None:  # on the base rows, before they grow and before peft wraps them
+        untrained = check_untrained_rows(model, tokenizer, train_rows, base_size, untrained_rows)
+    if vocabulary is not None:  # before peft wraps the model; the embeddings are not quantised
+        rows = new_tokens.add_new_token_rows(model, vocabulary, train_cfg.new_tokens, torch.initial_seed())
+        if train_cfg.mode == "full" and train_cfg.new_tokens.train == "new":
+            new_tokens.freeze_base_rows(model, vocabulary.base_size)
     applied: dict[
         str, Any
     ] = {}  # which kernels are on (fast_lora: layers and MLPs routed), for run_meta.json
@@ -235,7 +265,7 @@ def load_model_and_tokenizer(
     if train_cfg.mode in ("lora", "qlora"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(train_cfg, model))
+        model = get_peft_model(model, lora_config(train_cfg, model, vocabulary))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log.info(
@@ -275,6 +305,8 @@ def load_model_and_tokenizer(
         dtype=dtype,
         memory_plan=plan,
         kernels={**applied, "compile": kernels.blocks_compiled(model)},
+        new_tokens=rows if vocabulary is not None else None,
+        untrained_rows=untrained,
     )
 
 

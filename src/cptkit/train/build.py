@@ -147,18 +147,24 @@ class CptTrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         lr = embedding_learning_rate(self.cpt)
-        if lr is None or getattr(self, "_embedding_group_done", False):
+        # only the new rows train (cptkit.model.new_tokens.freeze_base_rows): weight decay would still
+        # move the base rows, whose gradient is zero
+        frozen_rows = getattr(self.model, "_cptkit_frozen_base_rows", None) is not None
+        if (lr is None and not frozen_rows) or getattr(self, "_embedding_group_done", False):
             return optimizer
         embedding = _embedding_param_ids(self.model)
         for group in list(optimizer.param_groups):
             moved = [p for p in group["params"] if id(p) in embedding]
             if moved:
                 group["params"] = [p for p in group["params"] if id(p) not in embedding]
-                optimizer.add_param_group(
-                    {**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr": lr}
-                )
+                settings = {k: v for k, v in group.items() if k != "params"}
+                settings["lr"] = lr if lr is not None else group["lr"]
+                if frozen_rows:
+                    settings["weight_decay"] = 0.0
+                optimizer.add_param_group({**settings, "params": moved})
         self._embedding_group_done = True
-        log.info("embeddings/lm_head train at learning rate %g", lr)
+        if lr is not None:
+            log.info("embeddings/lm_head train at learning rate %g", lr)
         return optimizer
 
 
@@ -197,7 +203,8 @@ def embedding_learning_rate(train_cfg: TrainConfig) -> float | None:
 
 
 def _embedding_param_ids(model: Any) -> set[int]:
-    """Trainable parameters of the input embeddings and lm_head (also inside peft's modules_to_save)."""
+    """Trainable parameters of the input embeddings and lm_head (also inside peft's modules_to_save, and
+    peft's trainable tokens of the new rows, whose names run through the same modules)."""
     ids = set()
     for name, param in model.named_parameters():
         parts = name.split(".")

@@ -19,6 +19,7 @@ from cptkit.config.model import ModelConfig
 from cptkit.config.train import TrainingRun
 from cptkit.data.manifest import tokenizer_fingerprint
 from cptkit.data.prepared import Prepared
+from cptkit.data.vocabulary_file import TOKENIZER_DIR, Vocabulary, read_vocabulary
 from cptkit.errors import CptkitError
 from cptkit.locks import is_main_process
 from cptkit.model.kernels import check_kernels
@@ -33,9 +34,14 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def run_identity(train_cfg: TrainingRun, model_cfg: ModelConfig, data_hash: str) -> str:
-    """What makes two runs the same run (and a checkpoint resumable): base, mode, adapter, data."""
+def run_identity(
+    train_cfg: TrainingRun, model_cfg: ModelConfig, data_hash: str, new_tokens: bool = False
+) -> str:
+    """What makes two runs the same run (and a checkpoint resumable): base, mode, adapter, data, and
+    with added tokens (`new_tokens`) how their rows start and which rows train."""
+    extra = {"new_tokens": asdict(train_cfg.new_tokens)} if new_tokens else {}
     key = {
+        **extra,
         "base": model_cfg.name_or_path,
         "mode": train_cfg.mode,
         "data": data_hash,
@@ -71,6 +77,43 @@ def check_tokenizer(tokenizer: Any, prepared: Prepared) -> None:
             f"but the model's tokenizer has fingerprint {ours}: the token ids would mean different things. "
             "Set data.tokenizer to the model and rerun `cptkit prepare`"
         )
+
+
+def extended_tokenizer(base: Any, model_cfg: ModelConfig, prepared: Prepared, vocabulary: Vocabulary) -> Any:
+    """The tokenizer a prepared folder with added tokens trains with (its `tokenizer/`), after checking
+    that the model's own tokenizer (`base`) is the one it was extended from and that the model has a
+    row for every base token (the new rows follow them)."""
+    from transformers import AutoTokenizer
+
+    from cptkit.model.load import load_model_config
+    from cptkit.model.new_tokens import check_rows_cover_base
+
+    ours = tokenizer_fingerprint(base)
+    if ours != vocabulary.base_fingerprint:
+        raise CptkitError(
+            f"{prepared.folder}: its tokenizer was extended from {vocabulary.base_name} (fingerprint "
+            f"{vocabulary.base_fingerprint}), but {model_cfg.name_or_path}'s tokenizer has fingerprint {ours}: "
+            "the base ids would mean different things. Set data.tokenizer to the model and rerun `cptkit prepare`"
+        )
+    config = load_model_config(model_cfg)
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if rows is not None:
+        check_rows_cover_base(rows, len(base), f"model.name_or_path: {model_cfg.name_or_path}")
+    folder = prepared.folder / TOKENIZER_DIR
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise CptkitError(
+            f"{folder}: cannot load the extended tokenizer ({e}); run `cptkit prepare --force`"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) != vocabulary.size:
+        raise CptkitError(
+            f"{folder}: {len(tokenizer)} tokens, but {prepared.folder / 'vocabulary.json'} says {vocabulary.size}; "
+            "run `cptkit prepare --force`"
+        )
+    return tokenizer
 
 
 def check_positions(model_cfg: ModelConfig, prepared: Prepared) -> None:
@@ -222,7 +265,8 @@ def preflight(
 ) -> dict[str, Any]:
     """Run every check that needs no model weights. Returns the prepared dataset (`prepared`), its
     manifest and the manifest's hash, the run identity, the tokenizer (loaded once here, to be passed
-    to the model loader) and the checkpoint to resume from."""
+    to the model loader: the prepared folder's extended one where data.vocabulary added tokens), the
+    added tokens (`vocabulary`, or None) and the checkpoint to resume from."""
     from cptkit.model.load import load_tokenizer
 
     check_optional_dependencies(train_cfg, model_cfg)
@@ -236,12 +280,15 @@ def preflight(
         raise CptkitError(
             f"model.name_or_path: cannot load a tokenizer from {model_cfg.name_or_path}: {e}"
         ) from None
+    vocabulary = read_vocabulary(prepared.folder)
+    if vocabulary is not None:
+        tokenizer = extended_tokenizer(tokenizer, model_cfg, prepared, vocabulary)
     check_tokenizer(tokenizer, prepared)
     check_positions(model_cfg, prepared)
     check_budget_sets(getattr(train_cfg, "forgetting_budget", None), prepared.heldout, prepared.folder)
     check_ewc(train_cfg, prepared)
     check_regularizers(train_cfg, model_cfg, prepared)
-    identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash)
+    identity = run_identity(train_cfg, model_cfg, prepared.manifest_hash, vocabulary is not None)
     fresh = check_output_dir(output_dir, identity, train_cfg)
     return {
         "prepared": prepared,
@@ -249,6 +296,7 @@ def preflight(
         "manifest_hash": prepared.manifest_hash,
         "identity": identity,
         "tokenizer": tokenizer,
+        "vocabulary": vocabulary,
         "resume_from": None if fresh else resume_checkpoint(train_cfg, output_dir),
     }
 
