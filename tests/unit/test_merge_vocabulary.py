@@ -209,3 +209,24 @@ def test_full_model_with_resized_embeddings_merged_part_of_the_way(tmp_path, tok
         torch.testing.assert_close(w[n:], t[key][n:])
     with pytest.raises(CptkitError, match="nothing to merge"):
         merge.run(config(tmp_path, base, tmp_path / "full"))
+
+
+def test_qlora_adapter_with_new_tokens_compared_on_the_resized_nf4_base(tmp_path, tokenizers):
+    """QLoRA: both merges are compared with the adapter on the 4-bit base resized to the adapter's rows
+    (eval's loader grows the vocabulary before peft loads the saved matrices)."""
+    from cptkit.paths import RUN_META
+    from cptkit.testing.stages import write_prepared
+    from cptkit.testing.tiny import sample_texts
+
+    base_tok, ext_tok = tokenizers
+    base = make_base(tmp_path / "base", base_tok, tied=True)
+    adapter = make_adapter(base, ext_tok, tmp_path / "adapter", "tokens", tied=True)
+    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    (adapter / RUN_META).write_text(json.dumps({"mode": "qlora", "quantization": quant}))
+    texts = [f"{TEXT} {t}" for t in sample_texts(4)]
+    write_prepared(tmp_path / "run/data", {"docs": ("domain", texts[:2])}, ext_tok)
+    report = merge.run(config(tmp_path, base, adapter, compare_tokens=128))
+    assert set(report["comparison"]["candidates"]) == {"bf16", "dequantized"}
+    assert report["kept"] == "dequantized"
+    merged = json.loads((tmp_path / "run/merged/config.json").read_text())
+    assert merged["vocab_size"] == len(ext_tok) and merged["tie_word_embeddings"] is True

@@ -83,6 +83,7 @@ def load_model(
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise CptkitError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+        _grow_vocabulary(model, adapter)
         try:
             with load_refusals(f"{adapter}: the adapter", None):
                 model = PeftModel.from_pretrained(model, str(adapter))
@@ -90,6 +91,16 @@ def load_model(
             raise CptkitError(f"{adapter}: this adapter does not fit the model {path}: {e}") from None
     model.eval()
     return model
+
+
+def _grow_vocabulary(model, adapter: str | Path) -> None:
+    """Resize the embeddings (and head) to the rows of an adapter trained with an extended vocabulary, so
+    that peft loads the resized matrices it saved; a base with as many rows is left as it is."""
+    from cptkit.merge.rows import adapter_embedding_rows
+
+    rows = adapter_embedding_rows(adapter)
+    if rows is not None and rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +104,24 @@ def check_tokenizer_fits(tokenizer_dir: Path, rows: int | None, where: Path) -> 
         "without the extended vocabulary: train again on the prepared dataset whose tokenizer this is "
         "(train resizes the embeddings to it), or put the tokenizer the adapter was trained with beside it"
     )
+
+
+def adapter_embedding_rows(adapter_dir: str | Path) -> int | None:
+    """Rows of the input embedding an adapter was trained with, read from its weights file's header
+    (no tensor loaded): more than its base's when training extended the vocabulary (peft then saves the
+    resized embedding); None when the adapter holds no embedding matrix."""
+    from cptkit.merge.checkpoint import read_header
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    header, _ = read_header(path)
+    rows = [
+        v["shape"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+        and len(v["shape"]) == 2
+        and any(f".{e[:-7]}." in k for e in INPUT_EMBEDDINGS)
+        and not re.search(r"lora_|trainable_tokens_delta", k)
+    ]
+    return max(rows) if rows else None
