@@ -230,3 +230,27 @@ def test_qlora_adapter_with_new_tokens_compared_on_the_resized_nf4_base(tmp_path
     assert report["kept"] == "dequantized"
     merged = json.loads((tmp_path / "run/merged/config.json").read_text())
     assert merged["vocab_size"] == len(ext_tok) and merged["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trained_token_rows_merged_part_of_the_way(tmp_path, tokenizers, tied):
+    """merge.scale 0.5 moves each trained row halfway from its start, as eval's `adapter_at_scale` does
+    to the peft model in memory: the two agree to fp32 round-off, and differ from the full merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cptkit.merge.scale import adapter_at_scale
+
+    base_tok, ext_tok = tokenizers
+    base = make_base(tmp_path / "base", base_tok, tied)
+    adapter = make_adapter(base, ext_tok, tmp_path / "adapter", "tokens", tied)
+    merge.run(config(tmp_path, base, adapter, scale=0.5))
+    ids = ext_tok(TEXT, return_tensors="pt").input_ids
+    merged = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "run/merged")), ids)
+    reference = PeftModel.from_pretrained(resized_base(base, len(ext_tok)), str(adapter)).eval()
+    full = logits(reference, ids)
+    with adapter_at_scale(reference, 0.5):
+        half = logits(reference, ids)
+    assert (full - half).abs().max() > 1e-3
+    assert (merged - half).abs().max() < 1e-5
+    assert (logits(reference, ids) - full).abs().max() == 0  # restored on exit
