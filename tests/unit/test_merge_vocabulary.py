@@ -68,7 +68,8 @@ def resized_base(base: Path, size: int):
 
 def make_adapter(base: Path, tokenizer, folder: Path, kind: str, tied: bool, steps: int = 3) -> Path:
     """A LoRA adapter trained a few steps on the resized base: new rows as trainable tokens (of the
-    embedding, and of an untied head) or as whole trained copies of embedding and head."""
+    embedding, and of an untied head), as whole trained copies of embedding and head, or (`lora`) as a
+    LoRA update of the grown embedding beside a trained copy of the head."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
@@ -77,11 +78,12 @@ def make_adapter(base: Path, tokenizer, folder: Path, kind: str, tied: bool, ste
     if kind == "tokens":
         indices = {"embed_tokens": new_ids} if tied else {"embed_tokens": new_ids, "lm_head": new_ids}
         extra = {"trainable_token_indices": indices}
+    elif kind == "lora":  # LoRA on the grown embedding (peft saves the resized matrix it started from)
+        extra = {"modules_to_save": ["lm_head"]}
     else:
         extra = {"modules_to_save": ["embed_tokens", "lm_head"]}
-    peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **extra)
-    )
+    targets = ["q_proj", "v_proj"] + (["embed_tokens"] if kind == "lora" else [])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra))
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
     for _ in range(steps):
@@ -114,8 +116,11 @@ def tokenizers(tiny_tokenizer):
     return tiny_tokenizer, extended_tokenizer(tiny_tokenizer)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("kind", ["tokens", "copies"])
+@pytest.mark.parametrize(
+    "kind, tied",
+    [("tokens", False), ("tokens", True), ("copies", False), ("copies", True), ("lora", False)],
+    ids=["tokens-untied", "tokens-tied", "copies-untied", "copies-tied", "lora-untied"],
+)
 def test_merged_extended_vocabulary_equals_the_adapter(tmp_path, tokenizers, kind, tied):
     """The merged model (plain transformers) computes the adapter's logits on the resized base to fp32
     round-off, on text that uses the new tokens; the adapter itself moves them far more."""
@@ -254,3 +259,17 @@ def test_trained_token_rows_merged_part_of_the_way(tmp_path, tokenizers, tied):
     assert (full - half).abs().max() > 1e-3
     assert (merged - half).abs().max() < 1e-5
     assert (logits(reference, ids) - full).abs().max() == 0  # restored on exit
+
+
+def test_full_model_with_fewer_rows_than_its_tokenizer_is_refused(tmp_path, tokenizers):
+    """A fully fine-tuned model of the base vocabulary saved with the extended tokenizer: refused."""
+    from transformers import AutoModelForCausalLM
+
+    base_tok, ext_tok = tokenizers
+    base = make_base(tmp_path / "base", base_tok, tied=False)
+    AutoModelForCausalLM.from_pretrained(str(base)).save_pretrained(str(tmp_path / "full"))
+    ext_tok.save_pretrained(str(tmp_path / "full"))
+    with pytest.raises(
+        CptkitError, match=r"has \d+ tokens but the trained input embedding has only \d+ rows"
+    ):
+        merge.run(config(tmp_path, base, tmp_path / "full", scale=0.5))

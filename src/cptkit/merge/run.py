@@ -22,7 +22,7 @@ from cptkit.merge.checkpoint import Checkpoint, read_checkpoint, resolve_model_f
 from cptkit.merge.compare import compare_candidates, heldout_token_docs
 from cptkit.merge.full import check_same_model, is_full_model, write_interpolated
 from cptkit.merge.qlora import choose_variant, plan_variants
-from cptkit.merge.rows import check_tokenizer_fits
+from cptkit.merge.rows import check_tokenizer_fits, is_input_embedding
 from cptkit.merge.stream import (
     Variant,
     check_adapter_fits,
@@ -53,6 +53,9 @@ def merge_full(
     trained = read_checkpoint(trained_dir)
     base = read_checkpoint(resolve_model_folder(base_name))
     check_same_model(base, trained)
+    embedding = [t for k, t in trained.tensors.items() if is_input_embedding(k)]
+    rows = embedding[0].shape[0] if len(embedding) == 1 else None
+    check_tokenizer_fits(tokenizer_folder([trained_dir, base.folder]), rows, trained_dir)
     with atomic_folder(out_dir) as tmp:
         stats = write_interpolated(
             base, trained, tmp, mc.scale, getattr(torch, mc.dtype), parse_size(mc.max_shard_size)
