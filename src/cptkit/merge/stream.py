@@ -140,13 +140,12 @@ def output_specs(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype) -> 
         t = adapter.replacements.get(key)
         shape = tuple(t.shape) if t is not None else start_shape(base, adapter, key)
         specs.append(TensorSpec(key, out if info.dtype in FLOAT_DTYPES else info.dtype, shape))
-    for key in extra_keys(base, adapter):
+    for key in extra_keys(base, adapter):  # a head the base ties: shaped like the (grown) input embedding
         t = adapter.replacements.get(key)
-        specs.append(
-            TensorSpec(
-                key, out, tuple(t.shape) if t is not None else tuple(_extra_start(base, adapter, key).shape)
-            )
+        shape = start_shape(base, adapter, key) or start_shape(
+            base, adapter, _input_embedding_key(base) or ""
         )
+        specs.append(TensorSpec(key, out, tuple(t.shape) if t is not None else shape))
     return specs
 
 
@@ -274,7 +273,8 @@ def _extra_start(base: Checkpoint, adapter: LoraAdapter, key: str) -> torch.Tens
 
 def write_model_files(folder: Path, base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype) -> str:
     """config.json (dtype updated), generation_config.json, and the tokenizer; returns the tokenizer's source."""
-    untie = bool(extra_keys(base, adapter))  # a trained head of its own, written apart from the embedding
+    # a trained head of its own: written apart from the embedding (or stored by the base beside it)
+    untie = bool(extra_keys(base, adapter)) or any(k.startswith("lm_head") for k in adapter.replacements)
     write_config_files(folder, base, dtype, untie=untie, vocab_size=output_vocab_size(base, adapter))
     return copy_tokenizer(folder, [adapter.folder, base.folder])
 
