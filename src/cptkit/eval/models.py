@@ -83,7 +83,7 @@ def load_model(
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise CptkitError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
-        _fit_vocabulary(model, adapter, trust_remote_code)
+        _grow_vocabulary(model, adapter)
         try:
             with load_refusals(f"{adapter}: the adapter", None):
                 model = PeftModel.from_pretrained(model, str(adapter))
@@ -93,16 +93,14 @@ def load_model(
     return model
 
 
-def _fit_vocabulary(model, adapter: str | Path, trust_remote_code: bool) -> None:
-    """An adapter trained with an extended vocabulary (`data.vocabulary`) saves its tokenizer and the
-    new rows (peft's trainable tokens or modules_to_save copies); the base gets that many rows first, so
-    the adapter's rows load into place (their values all come from the adapter)."""
-    folder = Path(adapter)
-    if not (folder / "tokenizer.json").is_file():
-        return
-    size = len(load_tokenizer(folder, trust_remote_code=trust_remote_code))
-    if size > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(size, mean_resizing=False)
+def _grow_vocabulary(model, adapter: str | Path) -> None:
+    """Resize the embeddings (and head) to the rows of an adapter trained with an extended vocabulary, so
+    that peft loads the resized matrices it saved; a base with as many rows is left as it is."""
+    from cptkit.merge.rows import adapter_embedding_rows
+
+    rows = adapter_embedding_rows(adapter)
+    if rows is not None and rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
 
 
 @torch.no_grad()

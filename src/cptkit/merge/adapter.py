@@ -2,7 +2,11 @@
 
 peft saves `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (Linear),
 `<module>.lora_embedding_A` / `_B` (Embedding), full copies of `modules_to_save` under the module's own
-name, and with `save_embedding_layers` a copy of the base embedding as `<module>.base_layer.weight`.
+name (and `<module>.modules_to_save.weight`), trained token rows (`trainable_token_indices`) as
+`<module>.token_adapter.trainable_tokens_delta` (the rows' values, not a difference), and with
+`save_embedding_layers` (peft sets it when the vocabulary was resized) copies of the base embedding and head
+as training started from them: `<module>.base_layer.weight`, `.token_adapter.base_layer.weight`,
+`.original_module.weight`, or a plain `<module>.weight` for an untouched resized head.
 Reading the tensors directly (instead of `PeftModel.merge_and_unload`) is what lets the merge stream the
 base one shard at a time instead of holding a whole model in memory.
 """
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from cptkit.errors import CptkitError, load_refusals
+from cptkit.merge.rows import TokenRows, token_indices
 from cptkit.paths import CONFIG, RUN_META
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,8 @@ class LoraAdapter:
     config: dict[str, Any]
     modules: dict[str, LoraModule] = field(default_factory=dict)  # keyed by base weight key
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save, by base key
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)  # trained rows (trainable tokens), by key
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)  # the base tensors trained on, by key
 
     @property
     def base_name(self) -> str | None:
@@ -99,11 +106,7 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA":
         raise CptkitError(f"{folder}: peft_type {config.get('peft_type')}: only LoRA adapters can be merged")
-    for flag, why in (
-        ("use_dora", "DoRA"),
-        ("lora_bias", "lora_bias"),
-        ("trainable_token_indices", "trainable tokens"),
-    ):
+    for flag, why in (("use_dora", "DoRA"), ("lora_bias", "lora_bias")):
         if config.get(flag):
             raise CptkitError(
                 f"{folder}: {why} adapters are not supported by the streaming merge; "
@@ -113,10 +116,18 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
     adapter = LoraAdapter(folder=folder, config=config)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     embedding: set[str] = set()
+    token_values: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        name = re.sub(r"\.(modules_to_save|original_module)\.default", "", name)
-        name = re.sub(r"\.default(?=\.weight$|$)", "", name)  # some tools keep peft's adapter name
+        name = re.sub(r"\.default(?=\.|$)", "", name)  # some tools keep peft's adapter name
+        name = re.sub(r"\.modules_to_save(?=\.weight$)", "", name)
+        copy = re.sub(r"\.(token_adapter\.base_layer|base_layer|original_module)(?=\.weight$)", "", name)
+        if copy != name:  # the base tensor as training started from it (resized when the vocabulary grew)
+            adapter.base_copies[copy] = tensor
+            continue
+        if name.endswith(".token_adapter.trainable_tokens_delta"):
+            token_values[name[: -len(".token_adapter.trainable_tokens_delta")]] = tensor
+            continue
         for suffix, part, emb in (
             (".lora_A.weight", "a", False),
             (".lora_B.weight", "b", False),
@@ -132,9 +143,8 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
         else:
             if ".lora_" in name or name.endswith("lora_magnitude_vector"):
                 raise CptkitError(f"{folder}: unexpected adapter tensor {key}; merge with peft instead")
-            if name.endswith(".base_layer.weight"):  # a saved copy of the base embedding: the base has it
-                continue
             adapter.replacements[name] = tensor
+    adapter.token_rows = _token_rows(folder, config, token_values)
     for module, parts in sorted(factors.items()):
         if set(parts) != {"a", "b"}:
             raise CptkitError(
@@ -152,15 +162,35 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
             fan_in_fan_out=bool(config.get("fan_in_fan_out")) and module not in embedding,
         )
         adapter.modules[lm.weight_key] = lm
-    if not adapter.modules and not adapter.replacements:
+    if not adapter.modules and not adapter.replacements and not adapter.token_rows:
         raise CptkitError(f"{folder}: the adapter holds no LoRA weights")
     log.info(
-        "adapter %s: %d LoRA modules, %d replaced tensors",
+        "adapter %s: %d LoRA modules, %d replaced tensors, %d with trained token rows",
         folder,
         len(adapter.modules),
         len(adapter.replacements),
+        len(adapter.token_rows),
     )
     return adapter
+
+
+def _token_rows(folder: Path, config: dict, values: dict[str, torch.Tensor]) -> dict[str, TokenRows]:
+    """Each trained-token module's rows: its values with the indices the config names for it. A head tied
+    to the input embedding is not named in the config; peft saves it with the embedding's rows, so it
+    takes the config's one list of indices."""
+    spec = config.get("trainable_token_indices") or []
+    lists = list(spec.values()) if isinstance(spec, dict) else [spec]
+    only = list(lists[0]) if len(lists) == 1 else None
+    rows: dict[str, TokenRows] = {}
+    for module, tensor in values.items():
+        indices = token_indices(config, module) or only
+        if indices is None or len(indices) != tensor.shape[0]:
+            raise CptkitError(
+                f"{folder}: {module} has {tensor.shape[0]} trained token rows but adapter_config.json's "
+                f"trainable_token_indices names {len(indices or [])} for it; the adapter is inconsistent"
+            )
+        rows[f"{module}.weight"] = TokenRows(list(indices), tensor)
+    return rows
 
 
 def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 from cptkit.errors import CptkitError
 from cptkit.merge.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, TensorReader
-from cptkit.merge.scale import interpolated
+from cptkit.merge.rows import grows_rows, interpolated_rows
 from cptkit.merge.stream import copy_tokenizer, write_config_files
 from cptkit.merge.write import ShardWriter, TensorSpec, check_disk_space, plan_shards
 
@@ -27,13 +27,16 @@ def is_full_model(folder: str | Path) -> bool:
 
 
 def check_same_model(base: Checkpoint, trained: Checkpoint) -> None:
-    """Refuse a trained model that is not the base fine-tuned: the same tensor names and shapes."""
+    """Refuse a trained model that is not the base fine-tuned: the same tensor names and shapes, except
+    embedding and head rows that training added (an extended vocabulary)."""
     problems = [f"{k}: only in the trained model" for k in trained.tensors if k not in base.tensors]
     problems += [f"{k}: only in the base" for k in base.tensors if k not in trained.tensors]
     problems += [
         f"{k}: base {list(base.tensors[k].shape)}, trained {list(t.shape)}"
         for k, t in trained.tensors.items()
-        if k in base.tensors and tuple(base.tensors[k].shape) != tuple(t.shape)
+        if k in base.tensors
+        and tuple(base.tensors[k].shape) != tuple(t.shape)
+        and not grows_rows(tuple(base.tensors[k].shape), tuple(t.shape))
     ]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -46,12 +49,13 @@ def check_same_model(base: Checkpoint, trained: Checkpoint) -> None:
 def interpolated_tensors(
     base: Checkpoint, trained: Checkpoint, scale: float
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, base + scale * (trained - base)) for every tensor of `trained`, in its file order."""
+    """(name, base + scale * (trained - base)) for every tensor of `trained`, in its file order; rows the
+    base lacks (an extended vocabulary) are the trained ones."""
     with TensorReader(base) as base_tensors, TensorReader(trained) as trained_tensors:
         for key in trained.tensors:
             trained_value = trained_tensors.read(key)
             base_value = base_tensors.read(key) if scale != 1 else trained_value
-            yield key, interpolated(base_value, trained_value, scale)
+            yield key, interpolated_rows(base_value, trained_value, scale)
 
 
 def write_interpolated(

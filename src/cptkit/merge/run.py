@@ -22,7 +22,17 @@ from cptkit.merge.checkpoint import Checkpoint, read_checkpoint, resolve_model_f
 from cptkit.merge.compare import compare_candidates, heldout_token_docs
 from cptkit.merge.full import check_same_model, is_full_model, write_interpolated
 from cptkit.merge.qlora import choose_variant, plan_variants
-from cptkit.merge.stream import Variant, check_adapter_fits, merge_stream, output_specs, write_model_files
+from cptkit.merge.rows import check_tokenizer_fits, is_input_embedding
+from cptkit.merge.stream import (
+    Variant,
+    check_adapter_fits,
+    keep_head_tied,
+    merge_stream,
+    output_specs,
+    output_vocab_size,
+    tokenizer_folder,
+    write_model_files,
+)
 from cptkit.merge.write import atomic_folder, check_disk_space, parse_size, promote
 from cptkit.outputs import now, versions, write_json
 from cptkit.paths import MERGE_REPORT
@@ -43,6 +53,9 @@ def merge_full(
     trained = read_checkpoint(trained_dir)
     base = read_checkpoint(resolve_model_folder(base_name))
     check_same_model(base, trained)
+    embedding = [t for k, t in trained.tensors.items() if is_input_embedding(k)]
+    rows = embedding[0].shape[0] if len(embedding) == 1 else None
+    check_tokenizer_fits(tokenizer_folder([trained_dir, base.folder]), rows, trained_dir)
     with atomic_folder(out_dir) as tmp:
         stats = write_interpolated(
             base, trained, tmp, mc.scale, getattr(torch, mc.dtype), parse_size(mc.max_shard_size)
@@ -87,7 +100,11 @@ def merge_adapter(
     start = time.perf_counter()
     adapter = read_adapter(adapter_dir)
     base = read_checkpoint(resolve_model_folder(base_name))
+    keep_head_tied(base, adapter)
     check_adapter_fits(base, adapter)
+    check_tokenizer_fits(
+        tokenizer_folder([adapter.folder, base.folder]), output_vocab_size(base, adapter), adapter_dir
+    )
     mode, quant = training_mode(adapter_dir, fallback=None if mc.mode == "auto" else mc.mode)
     mode = mc.mode if mc.mode != "auto" else mode
     dtype, device = getattr(torch, mc.dtype), pick_device(mc.device)

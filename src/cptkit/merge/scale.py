@@ -24,9 +24,15 @@ def interpolated(base: torch.Tensor, trained: torch.Tensor, scale: float) -> tor
 @contextlib.contextmanager
 def adapter_at_scale(model, scale: float) -> Iterator[None]:
     """A peft LoRA model as `merge.scale: scale` merges it: every LoRA layer's scaling times `scale`, every
-    trained module copy (modules_to_save) at base + scale * (trained - base); all restored on exit."""
+    trained module copy (modules_to_save) and trained token row (trainable_token_indices) at base + scale *
+    (trained - base); all restored on exit."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
+
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:  # a peft without trainable tokens: no such rows to scale
+        TrainableTokensLayer = ()  # noqa: N806 - isinstance(x, ()) is always False
 
     scalings: list[tuple[dict[str, float], dict[str, float]]] = []
     weights: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -43,6 +49,13 @@ def adapter_at_scale(model, scale: float) -> Iterator[None]:
                         for name, p in copy.named_parameters():
                             weights.append((p, p.detach().clone()))
                             p.copy_(interpolated(base[name], p, scale).to(p.dtype))
+                elif isinstance(module, TrainableTokensLayer) and scale != 1:
+                    for name, p in module.trainable_tokens_delta.items():
+                        if any(p is q for q, _ in weights):  # a tied head shares the embedding's rows
+                            continue
+                        start = module.base_layer.weight[module.token_indices[name]]
+                        weights.append((p, p.detach().clone()))
+                        p.copy_(interpolated(start, p, scale).to(p.dtype))
         yield
     finally:
         with torch.no_grad():
