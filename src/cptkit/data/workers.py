@@ -19,6 +19,7 @@ import numpy as np
 
 from cptkit.data.chunk import Chunker
 from cptkit.data.document import Document, Ledger
+from cptkit.data.fertility import count_words
 from cptkit.data.steps import DocumentStep, run_steps
 from cptkit.data.tokenize import Encoder
 
@@ -42,6 +43,8 @@ class Batch:
     ids: Flat
     starts: Flat | None
     dropped: Ledger
+    words: int = 0  # whitespace-separated words of the kept documents (`cptkit.data.fertility`)
+    spaceless: int = 0  # their characters of scripts written without spaces
 
 
 @dataclass
@@ -58,6 +61,7 @@ class BatchProcessor:
         texts = [d.text for d in kept]
         data = [t.encode("utf-8") for t in texts]
         ids, starts = self.chunker.encode(self.encoder, texts)
+        words, spaceless = count_words(texts)
         return Batch(
             texts=texts,
             wheres=[d.where for d in kept],
@@ -66,6 +70,8 @@ class BatchProcessor:
             ids=_flatten(ids),
             starts=_flatten(starts) if starts is not None else None,
             dropped=dropped,
+            words=words,
+            spaceless=spaceless,
         )
 
 

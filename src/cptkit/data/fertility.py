@@ -1,0 +1,87 @@
+"""Fertility: how many tokens a tokenizer spends on a source's text, per 1,000 characters and per word.
+
+A domain whose text costs more tokens than general text fits less of itself in every row and trains
+slower per character; extending the vocabulary (`data.vocabulary`) is the remedy, and fertility is how
+one sees the need and the gain. Words are whitespace-separated; scripts written without spaces (Han,
+kana, Thai, Lao, Khmer, Myanmar) have no such words, so for a source mostly in them the unit is the
+character and tokens per word is not given (it would count sentences, not words).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+# Scripts written without spaces between words. Hangul is left out: Korean separates words by spaces.
+_SPACELESS = re.compile(
+    "[\u0e00-\u0eff"  # Thai, Lao
+    "\u1000-\u109f"  # Myanmar
+    "\u1780-\u17ff"  # Khmer
+    "\u3040-\u30ff"  # Hiragana, Katakana
+    "\u3400-\u4dbf"  # CJK Extension A
+    "\u4e00-\u9fff"  # CJK Unified Ideographs
+    "\uf900-\ufaff"  # CJK Compatibility Ideographs
+    "\U00020000-\U0003134f]"  # CJK Extensions B-G
+)
+# a source whose characters are at least this share spaceless-script characters is counted per character
+CHARACTER_UNIT_SHARE = 0.3
+
+
+def count_words(texts: Sequence[str]) -> tuple[int, int]:
+    """(whitespace-separated words, characters of spaceless scripts) in `texts`. ASCII text (most of
+    an English corpus) is never searched for spaceless scripts: `str.isascii` answers at memory speed."""
+    words = spaceless = 0
+    for t in texts:
+        words += len(t.split())
+        if not t.isascii():
+            spaceless += len(_SPACELESS.findall(t))
+    return words, spaceless
+
+
+def fertility(characters: int, tokens: int, words: int | None, spaceless: int | None) -> dict[str, Any]:
+    """The manifest's per-source `fertility`: tokens per 1,000 characters and per character, tokens per
+    word where words are the unit, and the unit. `words` / `spaceless` None (stats written before they
+    were counted): per word and the unit are not known, so null, never a guess. `tokens` are the
+    tokens as stored, BOS and EOS of each document included: what training pays for the text."""
+    per_char = tokens / characters if characters else None
+    if spaceless is None or words is None:
+        unit = None
+    else:
+        unit = "character" if characters and spaceless >= CHARACTER_UNIT_SHARE * characters else "word"
+    per_word = tokens / words if unit == "word" and words else None
+    return {
+        "tokens_per_1k_chars": None if per_char is None else round(1000 * per_char, 3),
+        "tokens_per_word": None if per_word is None else round(per_word, 4),
+        "tokens_per_char": None if per_char is None else round(per_char, 5),
+        "unit": unit,
+    }
+
+
+def headline(f: dict[str, Any] | None) -> str:
+    """`f` (a source's `fertility`) in a few words: '215.4 tokens / 1k chars, 1.32 tokens / word'
+    (a spaceless script: '/ char' instead of '/ word'); '-' where there is none (an older manifest)."""
+    if not f or f.get("tokens_per_1k_chars") is None:
+        return "-"
+    text = f"{f['tokens_per_1k_chars']:.1f} tokens / 1k chars"
+    if f.get("unit") == "character":
+        return f"{text}, {f['tokens_per_char']:.3f} tokens / char"
+    if f.get("tokens_per_word") is not None:
+        return f"{text}, {f['tokens_per_word']:.2f} tokens / word"
+    return text
+
+
+def before_after(vocabulary: dict[str, Any] | None, source: str) -> str | None:
+    """The vocabulary extension's fertility on `source`, 'before -> after (change)' in tokens per 1k
+    chars, from a `fertility` mapping of source -> {before, after}; None where it has no such entry."""
+    entry = ((vocabulary or {}).get("fertility") or {}).get(source)
+    if not entry or entry.get("before") is None or entry.get("after") is None:
+        return None
+    before, after = _per_1k(entry["before"]), _per_1k(entry["after"])
+    change = f" ({after / before - 1:+.1%})" if before else ""
+    return f"{before:.1f} -> {after:.1f}{change}"
+
+
+def _per_1k(value: Any) -> float:
+    """Tokens per 1k chars from a number or from a fertility entry (`tokens_per_1k_chars`)."""
+    return float(value["tokens_per_1k_chars"] if isinstance(value, dict) else value)
