@@ -11,7 +11,7 @@ from rich.console import Console
 
 from cptkit.commands import report
 from cptkit.data.document import Document
-from cptkit.data.fertility import count_words, fertility
+from cptkit.data.fertility import SCRIPT_SAMPLE_CHARS, count_words, fertility
 from cptkit.data.prepared import Prepared
 from cptkit.data.shards import ShardStats
 from cptkit.data.summary import print_summary
@@ -30,10 +30,15 @@ CHINESE = [
 
 
 def test_counts_words_and_spaceless_characters():
-    assert count_words(ENGLISH) == (6 + 7, 0)
+    assert count_words(ENGLISH) == (6 + 7, 0, sum(map(len, ENGLISH)))
     han = sum(1 for t in CHINESE for c in t if "\u4e00" <= c <= "\u9fff")
-    assert count_words(CHINESE) == (3, han)  # one "word" per line: why words are not the unit there
-    assert count_words(["日本語のテキスト", "ภาษาไทย", "한국어 문장"]) == (4, 8 + 7)  # Hangul has spaces
+    # one "word" per line: why words are not the unit there
+    assert count_words(CHINESE) == (3, han, sum(map(len, CHINESE)))
+    assert count_words(["日本語のテキスト", "ภาษาไทย", "한국어 문장"])[:2] == (4, 8 + 7)  # Hangul has spaces
+    # the script is judged on each document's start; words are counted in all of it
+    long = "word " * (SCRIPT_SAMPLE_CHARS // 5) + "中文" * 10 + " 高血压" * 3
+    assert count_words([long]) == (SCRIPT_SAMPLE_CHARS // 5 + 1 + 3, 0, SCRIPT_SAMPLE_CHARS)
+    assert count_words([long[-30:]])[1] == 18 + 9
 
 
 def test_fertility_unit_follows_the_script():
@@ -47,6 +52,8 @@ def test_fertility_unit_follows_the_script():
     chinese = fertility(characters=1000, tokens=900, words=40, spaceless=800)
     assert chinese["unit"] == "character" and chinese["tokens_per_word"] is None
     assert chinese["tokens_per_char"] == 0.9 and chinese["tokens_per_1k_chars"] == 900.0
+    sampled = fertility(characters=10_000, tokens=9000, words=40, spaceless=700, sampled=1000)
+    assert sampled["unit"] == "character"  # the share is of the characters searched
     unknown = fertility(characters=1000, tokens=250, words=None, spaceless=None)  # an older stats file
     assert unknown["unit"] is None and unknown["tokens_per_word"] is None
     assert unknown["tokens_per_1k_chars"] == 250.0
@@ -54,13 +61,13 @@ def test_fertility_unit_follows_the_script():
 
 
 def test_older_stats_files_load_and_leave_words_unknown():
-    new = ShardStats(read=2, kept=2, characters=10, tokens=4, words=3, spaceless=0)
+    new = ShardStats(read=2, kept=2, characters=10, tokens=4, words=3, spaceless=0, sampled=10)
     assert ShardStats.from_dict(json.loads(json.dumps(new.to_dict()))) == new
     old = new.to_dict()
-    del old["words"], old["spaceless"]
+    del old["words"], old["spaceless"], old["sampled"]
     total = ShardStats()
     total.add(new)
-    assert (total.words, total.spaceless) == (3, 0)
+    assert (total.words, total.spaceless, total.sampled) == (3, 0, 10)
     total.add(ShardStats.from_dict(old))
     assert total.words is None and total.spaceless is None and total.tokens == 8
 
@@ -78,7 +85,7 @@ def test_batch_counts_the_kept_documents(tiny_tokenizer):
     processor = BatchProcessor(Encoder(tiny_tokenizer), [drop_short], CHUNKERS["packing"](64))
     batch = processor(docs)
     assert batch.dropped.drops["too_short"] == 1
-    assert (batch.words, batch.spaceless) == count_words([*ENGLISH, *CHINESE])
+    assert (batch.words, batch.spaceless, batch.sampled) == count_words([*ENGLISH, *CHINESE])
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ def _source_entry(source: Any, plan: Plan, read: ShardStats, assembled: dict[str
         "characters": assembled["characters"],
         "tokens": assembled["tokens"],
         # what the tokenizer costs on the source's kept text, before dedup and the held-out split
-        "fertility": fertility(read.characters, read.tokens, read.words, read.spaceless),
+        "fertility": fertility(read.characters, read.tokens, read.words, read.spaceless, read.sampled),
         "drops": dict(read.ledger.drops),
         "repairs": dict(read.ledger.repairs),
         "ignored_files": len(ignored),

@@ -92,8 +92,8 @@ class Shard:
 class ShardStats:
     """What reading a shard found: documents read and kept, characters, tokens, words, and the ledger.
 
-    `words` (whitespace-separated) and `spaceless` (characters of scripts without spaces) of the kept
-    documents give the source's fertility; None in a stats file written before they were counted, and
+    `words` (whitespace-separated) of the kept documents, and `spaceless` (characters of scripts without
+    spaces) of the `sampled` characters at their starts, give the source's fertility; None in a stats file written before they were counted, and
     then in any sum it is part of (fertility per word is then absent, never wrong)."""
 
     read: int = 0  # documents (files or rows) found, including those dropped
@@ -103,6 +103,7 @@ class ShardStats:
     ledger: Ledger = field(default_factory=Ledger)
     words: int | None = 0
     spaceless: int | None = 0
+    sampled: int | None = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +113,7 @@ class ShardStats:
             "tokens": self.tokens,
             "words": self.words,
             "spaceless": self.spaceless,
+            "sampled": self.sampled,
             **self.ledger.to_dict(),
         }
 
@@ -125,6 +127,7 @@ class ShardStats:
             Ledger.from_dict(d),
             words=d.get("words"),
             spaceless=d.get("spaceless"),
+            sampled=d.get("sampled"),
         )
 
     def add(self, other: ShardStats) -> None:
@@ -135,6 +138,7 @@ class ShardStats:
         self.tokens += other.tokens
         self.words = _plus(self.words, other.words)
         self.spaceless = _plus(self.spaceless, other.spaceless)
+        self.sampled = _plus(self.sampled, other.sampled)
         self.ledger.merge(other.ledger)
 
 
@@ -250,6 +254,7 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
                 stats.tokens += int(batch.ids[1][-1])
                 stats.words += batch.words
                 stats.spaceless += batch.spaceless
+                stats.sampled += batch.sampled
                 if n:
                     writer.write_batch(_record_batch(batch, n, schema))
                 if task.cap is not None and task.cap.reached(stats.kept, stats.tokens):

@@ -44,7 +44,8 @@ class Batch:
     starts: Flat | None
     dropped: Ledger
     words: int = 0  # whitespace-separated words of the kept documents (`cptkit.data.fertility`)
-    spaceless: int = 0  # their characters of scripts written without spaces
+    spaceless: int = 0  # characters of scripts written without spaces, in their first characters
+    sampled: int = 0  # the characters searched for those (`fertility.SCRIPT_SAMPLE_CHARS` of each)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class BatchProcessor:
         texts = [d.text for d in kept]
         data = [t.encode("utf-8") for t in texts]
         ids, starts = self.chunker.encode(self.encoder, texts)
-        words, spaceless = count_words(texts)
+        words, spaceless, sampled = count_words(texts)
         return Batch(
             texts=texts,
             wheres=[d.where for d in kept],
@@ -72,6 +73,7 @@ class BatchProcessor:
             dropped=dropped,
             words=words,
             spaceless=spaceless,
+            sampled=sampled,
         )
 
 
