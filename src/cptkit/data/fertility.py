@@ -69,19 +69,6 @@ def fertility(
     }
 
 
-def headline(f: dict[str, Any] | None) -> str:
-    """`f` (a source's `fertility`) in a few words: '215.4 tokens / 1k chars, 1.32 tokens / word'
-    (a spaceless script: '/ char' instead of '/ word'); '-' where there is none (an older manifest)."""
-    if not f or f.get("tokens_per_1k_chars") is None:
-        return "-"
-    text = f"{f['tokens_per_1k_chars']:.1f} tokens / 1k chars"
-    if f.get("unit") == "character":
-        return f"{text}, {f['tokens_per_char']:.3f} tokens / char"
-    if f.get("tokens_per_word") is not None:
-        return f"{text}, {f['tokens_per_word']:.2f} tokens / word"
-    return text
-
-
 def before_after(vocabulary: dict[str, Any] | None, source: str) -> str | None:
     """The vocabulary extension's fertility on `source`, 'before -> after (change)' in tokens per 1k
     chars, from a `fertility` mapping of source -> {before, after}; None where it has no such entry."""
