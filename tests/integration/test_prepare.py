@@ -310,6 +310,11 @@ def test_cli_prepare_and_inspect(tmp_path, tiny_tokenizer_dir, paragraphs, capsy
     assert "sources (chunking: sentences" in shown and "packing efficiency" in shown
     assert cli(["inspect", str(out), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
+    fertility = manifest["sources"]["dom"]["fertility"]
+    assert fertility["unit"] == "word" and fertility["tokens_per_word"] > 1  # a 512-token vocabulary
+    assert (
+        f"{fertility['tokens_per_1k_chars']:,.1f}" in shown and f"{fertility['tokens_per_word']:.3f}" in shown
+    )
     assert manifest["status"] == "complete" and manifest["inputs"][0]["sha256"]
     for key in (
         "format_version",

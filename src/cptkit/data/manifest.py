@@ -2,7 +2,8 @@
 
 Layout of a folder written by `cptkit prepare`:
     manifest.json            counts, inputs, tokenizer, resolved config, source_index (source -> id),
-                             heldout_floor (source -> min_documents, min_tokens, met)
+                             heldout_floor (source -> min_documents, min_tokens, met), each source's
+                             fertility (tokens_per_1k_chars, tokens_per_word, tokens_per_char, unit)
     config.yaml              the resolved config
     store/<source>/<key>.arrow  the token store: one Arrow IPC file per shard of input files (hash,
                              where, num_chars, num_bytes, text, input_ids, starts per document; schema
@@ -29,6 +30,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cptkit.data.fertility import fertility
 from cptkit.data.hashing import file_size
 from cptkit.errors import CptkitError
 from cptkit.paths import MANIFEST
@@ -183,6 +185,8 @@ def _source_entry(source: Any, plan: Plan, read: ShardStats, assembled: dict[str
         "documents": assembled["documents"],
         "characters": assembled["characters"],
         "tokens": assembled["tokens"],
+        # what the tokenizer costs on the source's kept text, before dedup and the held-out split
+        "fertility": fertility(read.characters, read.tokens, read.words, read.spaceless, read.sampled),
         "drops": dict(read.ledger.drops),
         "repairs": dict(read.ledger.repairs),
         "ignored_files": len(ignored),

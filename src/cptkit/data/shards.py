@@ -90,13 +90,20 @@ class Shard:
 
 @dataclass
 class ShardStats:
-    """What reading a shard found: documents read and kept, characters, tokens, and the ledger."""
+    """What reading a shard found: documents read and kept, characters, tokens, words, and the ledger.
+
+    `words` (whitespace-separated) of the kept documents, and `spaceless` (characters of scripts without
+    spaces) of the `sampled` characters at their starts, give the source's fertility; None in a stats file written before they were counted, and
+    then in any sum it is part of (fertility per word is then absent, never wrong)."""
 
     read: int = 0  # documents (files or rows) found, including those dropped
     kept: int = 0
     characters: int = 0
     tokens: int = 0
     ledger: Ledger = field(default_factory=Ledger)
+    words: int | None = 0
+    spaceless: int | None = 0
+    sampled: int | None = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,12 +111,24 @@ class ShardStats:
             "kept": self.kept,
             "characters": self.characters,
             "tokens": self.tokens,
+            "words": self.words,
+            "spaceless": self.spaceless,
+            "sampled": self.sampled,
             **self.ledger.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardStats:
-        return cls(d["read"], d["kept"], d["characters"], d["tokens"], Ledger.from_dict(d))
+        return cls(
+            d["read"],
+            d["kept"],
+            d["characters"],
+            d["tokens"],
+            Ledger.from_dict(d),
+            words=d.get("words"),
+            spaceless=d.get("spaceless"),
+            sampled=d.get("sampled"),
+        )
 
     def add(self, other: ShardStats) -> None:
         """Count `other` (another shard of the same source) in."""
@@ -117,7 +136,15 @@ class ShardStats:
         self.kept += other.kept
         self.characters += other.characters
         self.tokens += other.tokens
+        self.words = _plus(self.words, other.words)
+        self.spaceless = _plus(self.spaceless, other.spaceless)
+        self.sampled = _plus(self.sampled, other.sampled)
         self.ledger.merge(other.ledger)
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    """a + b, unknown (None) where either is."""
+    return None if a is None or b is None else a + b
 
 
 def plan_shards(
@@ -225,6 +252,9 @@ def tokenize_shard(task: ShardTask, progress: Progress | None = None) -> ShardSt
                 stats.kept += n
                 stats.characters += sum(len(t) for t in batch.texts)
                 stats.tokens += int(batch.ids[1][-1])
+                stats.words += batch.words
+                stats.spaceless += batch.spaceless
+                stats.sampled += batch.sampled
                 if n:
                     writer.write_batch(_record_batch(batch, n, schema))
                 if task.cap is not None and task.cap.reached(stats.kept, stats.tokens):

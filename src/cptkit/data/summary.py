@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cptkit.data.fertility import before_after
 from cptkit.data.mix import mix_warning
 
 
@@ -143,6 +144,42 @@ def skips_table(manifest: dict[str, Any]) -> Table | None:
     return t if rows else None
 
 
+def fertility_table(manifest: dict[str, Any]) -> Table | None:
+    """Tokens the tokenizer spends per source's text (per 1k characters, per word or, for a script
+    without spaces, per character), so a domain that costs more than general text shows before
+    training; with a vocabulary extension, its tokens per 1k characters before -> after too. None
+    for a manifest made before fertility was counted."""
+    sources = manifest["sources"]
+    if not any(s.get("fertility") for s in sources.values()):
+        return None
+    vocabulary = manifest.get("vocabulary")
+    changes = {name: before_after(vocabulary, name) for name in sources}
+    t = Table(title="fertility (tokens the tokenizer spends on each source's kept text)")
+    t.add_column("source", overflow="fold")
+    for col in ("role", "tokens / 1k chars", "tokens / word", "tokens / char"):
+        t.add_column(col, justify="left" if col == "role" else "right", no_wrap=col != "role")
+    extended = any(changes.values())
+    if extended:
+        t.add_column("tokens / 1k chars: base -> extended vocabulary", justify="right")
+    for name, s in sources.items():
+        f = s.get("fertility") or {}
+        per_word = f.get("tokens_per_word")
+        if f.get("unit") == "character":
+            word_cell = "- (no spaces)"
+        else:
+            word_cell = "-" if per_word is None else f"{per_word:.3f}"
+        cells = [name, str(s.get("role", "")), _fixed(f.get("tokens_per_1k_chars"), 1), word_cell]
+        cells.append(_fixed(f.get("tokens_per_char"), 4))
+        if extended:
+            cells.append(changes[name] or "-")
+        t.add_row(*cells)
+    return t
+
+
+def _fixed(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
 def totals_table(manifest: dict[str, Any]) -> Table:
     tot = manifest["totals"]
     t = Table(title=f"training set: {manifest['train_dir']}/")
@@ -194,6 +231,9 @@ def print_summary(manifest: dict[str, Any], console: Console | None = None) -> N
     )
     for table in sources_tables(manifest):
         console.print(table)
+    fertility = fertility_table(manifest)
+    if fertility is not None:
+        console.print(fertility)
     skips = skips_table(manifest)
     if skips is not None:
         console.print(skips)

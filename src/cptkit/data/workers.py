@@ -19,6 +19,7 @@ import numpy as np
 
 from cptkit.data.chunk import Chunker
 from cptkit.data.document import Document, Ledger
+from cptkit.data.fertility import count_words
 from cptkit.data.steps import DocumentStep, run_steps
 from cptkit.data.tokenize import Encoder
 
@@ -42,6 +43,9 @@ class Batch:
     ids: Flat
     starts: Flat | None
     dropped: Ledger
+    words: int = 0  # whitespace-separated words of the kept documents (`cptkit.data.fertility`)
+    spaceless: int = 0  # characters of scripts written without spaces, in their first characters
+    sampled: int = 0  # the characters searched for those (`fertility.SCRIPT_SAMPLE_CHARS` of each)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class BatchProcessor:
         texts = [d.text for d in kept]
         data = [t.encode("utf-8") for t in texts]
         ids, starts = self.chunker.encode(self.encoder, texts)
+        words, spaceless, sampled = count_words(texts)
         return Batch(
             texts=texts,
             wheres=[d.where for d in kept],
@@ -66,6 +71,9 @@ class BatchProcessor:
             ids=_flatten(ids),
             starts=_flatten(starts) if starts is not None else None,
             dropped=dropped,
+            words=words,
+            spaceless=spaceless,
+            sampled=sampled,
         )
 
 

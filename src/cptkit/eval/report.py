@@ -14,7 +14,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cptkit.data.fertility import before_after
 from cptkit.data.prepared import Prepared
+from cptkit.data.vocabulary_file import read_vocabulary
 from cptkit.eval.results import (
     REPORT_WORDING,
     SUMMARY_KEYS,
@@ -104,6 +106,7 @@ def data_summary(prepared: Prepared) -> dict[str, Any]:
         sources[name] = {k: s.get(k) for k in _SOURCE_KEYS}
         sources[name]["dropped"] = sum((s.get("drops") or {}).values())
         sources[name]["drops"] = s.get("drops") or {}
+        sources[name]["fertility"] = s.get("fertility")  # absent from manifests made before it was counted
     mixed = sum(s.get("mixed_tokens") or 0 for s in sources.values())
     for s in sources.values():
         s["mix_share"] = (s.get("mixed_tokens") or 0) / mixed if mixed else None
@@ -113,7 +116,56 @@ def data_summary(prepared: Prepared) -> dict[str, Any]:
         "seq_length": prepared.seq_length,
         "chunking": prepared.chunking,
         "tokenizer": prepared.tokenizer.get("name_or_path"),
+        **({"vocabulary": vocabulary} if (vocabulary := vocabulary_summary(prepared)) else {}),
     }
+
+
+def vocabulary_summary(prepared: Prepared) -> dict[str, Any] | None:
+    """The vocabulary extension the prepared folder holds (`vocabulary.json`): the base and extended
+    sizes, the tokens added and each source's tokens per 1k chars before -> after; None without one."""
+    vocabulary = read_vocabulary(prepared.folder)
+    if vocabulary is None:
+        return None
+    return {
+        "base": vocabulary.base_name,
+        "base_size": vocabulary.base_size,
+        "size": vocabulary.size,
+        "added": len(vocabulary.tokens),
+        "fertility": vocabulary.fertility,
+    }
+
+
+def fertility_markdown(data: dict[str, Any]) -> list[str]:
+    """Tokens the tokenizer spends per source (per 1k chars, per word or, without spaces, per char), and
+    with a vocabulary extension its tokens per 1k chars before -> after; nothing for an older manifest."""
+    sources = data["sources"]
+    if not any(s.get("fertility") for s in sources.values()):
+        return []
+    vocabulary = data.get("vocabulary")
+    head = ["source", "tokens / 1k chars", "tokens / word", "tokens / char"]
+    if vocabulary:
+        head.append("tokens / 1k chars: base -> extended")
+    rows = []
+    for name, s in sources.items():
+        f = s.get("fertility") or {}
+        no_words = f.get("unit") == "character"
+        row = [
+            name,
+            _num(f.get("tokens_per_1k_chars"), ".1f"),
+            "- (no spaces)" if no_words else _num(f.get("tokens_per_word"), ".3f"),
+            _num(f.get("tokens_per_char"), ".4f"),
+        ]
+        if vocabulary:
+            row.append(before_after(vocabulary, name) or "-")
+        rows.append(row)
+    out = ["### Fertility", ""]
+    if vocabulary:
+        out += [
+            f"The vocabulary of `{vocabulary['base']}` extended by {_num(vocabulary['added'])} tokens "
+            f"({_num(vocabulary['base_size'])} -> {_num(vocabulary['size'])}).",
+            "",
+        ]
+    return out + markdown_table(head, rows, [False] + [True] * (len(head) - 1)) + [""]
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -300,7 +352,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                 f"{_num(s['mixed_tokens'])} | {_num(s['mix_share'], '.1%')} | {_num(s['heldout_documents'])} | "
                 f"{_num(s['duplicates'])} | {drops} |"
             )
-        out.append("")
+        out += [""] + fertility_markdown(d)
     if "train" in report:
         t = report["train"]
         out += [
