@@ -73,7 +73,7 @@ def _naive_merges(base, words: Counter, extend: int, min_frequency: int) -> list
     while len(merges) < extend:
         counts: Counter = Counter()
         for w, seg in segs.items():
-            for pair in zip(seg, seg[1:]):
+            for pair in zip(seg, seg[1:], strict=False):
                 counts[pair] += words[w]
         candidates = [(-c, p) for p, c in counts.items() if p not in banned]
         if not candidates:

@@ -123,7 +123,7 @@ class _Merger:
         self.counts: dict[tuple[int, int], int] = defaultdict(int)
         self.where: dict[tuple[int, int], set[int]] = defaultdict(set)
         for i, w in enumerate(words):
-            for pair in zip(w, w[1:]):
+            for pair in zip(w, w[1:], strict=False):
                 self.counts[pair] += freqs[i]
                 self.where[pair].add(i)
         self.heap = [self._entry(p, c) for p, c in self.counts.items()]
@@ -164,9 +164,9 @@ class _Merger:
             if not n:
                 continue
             made += n * f
-            for p in zip(w, w[1:]):
+            for p in zip(w, w[1:], strict=False):
                 changed[p] -= f
-            for p in zip(merged, merged[1:]):
+            for p in zip(merged, merged[1:], strict=False):
                 changed[p] += f
                 self.where[p].add(i)
             self.words[i] = merged
@@ -292,7 +292,9 @@ def _pieces(i: int, pieces: dict[int, tuple[int, ...]]) -> tuple[int, ...]:
     return pieces.get(i, (i,))
 
 
-def _fertility(words: Counter, final: dict[str, list[int]], base_model: Any, characters: int) -> dict[str, float]:
+def _fertility(
+    words: Counter, final: dict[str, list[int]], base_model: Any, characters: int
+) -> dict[str, float]:
     """Tokens per 1,000 characters on a source's sample, base and extended (the words' tokens)."""
     after = sum(len(final[w]) * c for w, c in words.items())
     saved = sum((len(base_model.tokenize(w)) - len(final[w])) * c for w, c in words.items())
@@ -306,7 +308,9 @@ def _verify(base: Any, tok: Any, final: dict[str, list[int]], documents: list[st
     ext_vocab = tok.get_vocab()
     moved = [s for s, i in base_vocab.items() if ext_vocab.get(s) != i]
     if moved:
-        raise CptkitError(f"{WHERE}: the extended tokenizer changed base ids (e.g. {moved[:3]}); please report this")
+        raise CptkitError(
+            f"{WHERE}: the extended tokenizer changed base ids (e.g. {moved[:3]}); please report this"
+        )
     model = tok.backend_tokenizer.model
     for word in list(final)[:_CHECKED_WORDS]:
         got = [t.id for t in model.tokenize(word)]
