@@ -38,9 +38,24 @@ def test_fixture_is_byte_level_bpe(tiny_tokenizer):
     assert spec["pre_tokenizer"]["type"] == "ByteLevel"
 
 
-@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def _ignoring_merges(base):
+    """The same byte-level BPE with ignore_merges (as Llama-3's): a word in the vocabulary is one token."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(base.backend_tokenizer.to_str())
+    spec["model"]["ignore_merges"] = True
+    return _fast(Tokenizer.from_str(json.dumps(spec)))
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace", "ignore_merges"])
 def test_extension_keeps_ids_saves_what_it_says_and_loses_nothing(kind, tiny_tokenizer, paragraphs):
-    base = tiny_tokenizer if kind == "byte_level" else _metaspace_tokenizer(paragraphs)
+    base = {
+        "byte_level": tiny_tokenizer,
+        "metaspace": None,
+        "ignore_merges": _ignoring_merges(tiny_tokenizer),
+    }[kind] or _metaspace_tokenizer(paragraphs)
     ext = learn_extension(base, {"domain": paragraphs}, extend=40, min_frequency=2)
     tok = ext.tokenizer
     assert len(tok) == len(base) + 40 and ext.base_size == len(base)

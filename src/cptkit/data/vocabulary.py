@@ -178,6 +178,17 @@ class _Merger:
         self.counts.pop(pair, None)
         return made
 
+    def collapse(self, i: int, new: int) -> int:
+        """Word `i` becomes the one token `new` (a BPE with `ignore_merges` maps a word found whole in
+        its vocabulary straight to it); returns the tokens saved (weighted)."""
+        w, f = self.words[i], self.freqs[i]
+        if w == [new]:
+            return 0
+        for p in zip(w, w[1:], strict=False):
+            self.counts[p] -= f
+        self.words[i] = [new]
+        return (len(w) - 1) * f
+
 
 def learn_merges(
     base: Any, words: Counter, extend: int, min_frequency: int
@@ -194,6 +205,8 @@ def learn_merges(
     types = list(words)
     segmented = [[t.id for t in model.tokenize(w)] for w in types]
     merger = _Merger(segmented, [words[w] for w in types], strings)
+    # a BPE with ignore_merges takes a word found whole in the vocabulary as one token, merges or not
+    whole = {w: i for i, w in enumerate(types)} if _ignores_merges(base) else {}
     known = set(vocab)
     merges: list[tuple[str, str, str]] = []
     made: list[int] = []
@@ -211,8 +224,15 @@ def learn_merges(
         strings.append(text)
         known.add(text)
         merges.append((strings[pair[0]], strings[pair[1]], text))
-        made.append(merger.merge(pair, new))
+        saved = merger.merge(pair, new)
+        if text in whole:
+            saved += merger.collapse(whole[text], new)
+        made.append(saved)
     return merges, made, dict(zip(types, merger.words, strict=True)), strings
+
+
+def _ignores_merges(base: Any) -> bool:
+    return bool(json.loads(base.backend_tokenizer.to_str())["model"].get("ignore_merges"))
 
 
 def extended_tokenizer(base: Any, spec: dict[str, Any], merges: list[tuple[str, str, str]]) -> Any:
