@@ -152,16 +152,8 @@ class _Merger:
         changed: dict[tuple[int, int], int] = defaultdict(int)
         for i in self.where.pop(pair, ()):
             w, f = self.words[i], self.freqs[i]
-            merged, j, n = [], 0, 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    merged.append(new)
-                    j += 2
-                    n += 1
-                else:
-                    merged.append(w[j])
-                    j += 1
-            if not n:
+            merged, n = _merged(w, a, b, new)
+            if not n:  # a word that held the pair once, before an earlier merge took it
                 continue
             made += n * f
             for p in zip(w, w[1:], strict=False):
@@ -188,6 +180,27 @@ class _Merger:
             self.counts[p] -= f
         self.words[i] = [new]
         return (len(w) - 1) * f
+
+
+def _merged(w: list[int], a: int, b: int, new: int) -> tuple[list[int], int]:
+    """`w` with each (a, b) left to right replaced by `new`, and how many were (list.index skips in C)."""
+    merged: list[int] = []
+    j = n = 0
+    last = len(w) - 1
+    while True:
+        try:
+            k = w.index(a, j, last)
+        except ValueError:
+            merged.extend(w[j:])
+            return merged, n
+        if w[k + 1] == b:
+            merged.extend(w[j:k])
+            merged.append(new)
+            j = k + 2
+            n += 1
+        else:
+            merged.extend(w[j : k + 1])
+            j = k + 1
 
 
 def learn_merges(
