@@ -130,6 +130,7 @@ def build_manifest(
         "inputs": [entry for name, source in plan.sources.items() for entry in _inputs(name, source, plan)],
         "config": dataclasses.asdict(data),
         "versions": versions(),
+        **({"vocabulary": plan.extended.summary()} if plan.extended is not None else {}),
     }
 
 

@@ -13,6 +13,7 @@ from cptkit.config.data import DataConfig, SourceConfig
 from cptkit.data.cache import FILE_HASHES, STORE_DIR
 from cptkit.data.caps import Cap
 from cptkit.data.chunk import Chunker
+from cptkit.data.extension import Extended, extension_for
 from cptkit.data.hashing import digest, hash_files
 from cptkit.data.hub import plan_hub
 from cptkit.data.manifest import FORMAT_VERSION
@@ -20,6 +21,7 @@ from cptkit.data.readers import SourcePlan, plan_source
 from cptkit.data.self_replay import PREFIX, generated_inputs
 from cptkit.data.shards import Shard, ShardTask, plan_shards, settings_for
 from cptkit.data.tokenize import describe, load_tokenizer
+from cptkit.data.vocabulary_file import TOKENIZER_DIR
 from cptkit.data.workers import PoolKind, usable_cores
 
 # Everything after tokenization that changes the output (a change re-assembles, never re-tokenizes).
@@ -54,6 +56,7 @@ class Plan:
     chunker: Chunker
     fingerprint: str
     generated: dict[str, dict[str, Any]] = field(default_factory=dict)  # self-replay sources' records
+    extended: Extended | None = None  # data.vocabulary's extension: `tokenizer` is its tokenizer
 
     @property
     def cache_dir(self) -> Path:
@@ -90,14 +93,20 @@ class Plan:
 
 def make_plan(data: DataConfig, out: Path) -> Plan:
     """List and hash the inputs, load the tokenizer, key the shards; raises CptkitError when a source
-    has nothing to read or the tokenizer cannot be loaded."""
+    has nothing to read or the tokenizer cannot be loaded. With `data.vocabulary.extend`, the extension
+    is learnt here (or reused from `out`) and the plan tokenizes with the extended tokenizer."""
     tok = load_tokenizer(data.tokenizer, data.trust_remote_code)
-    info = describe(tok, data.tokenizer)
     paths, generated = generated_inputs(data, out / STORE_DIR)  # a self_replay source's path is written here
     sources = {
         s.name: _plan_source(s, paths[s.name], f"data.sources[{i}]") for i, s in enumerate(data.sources)
     }
     sha = hash_files([p for plan in sources.values() for p in plan.files], out / STORE_DIR / FILE_HASHES)
+    extended = extension_for(data, out, tok, sources, sha) if data.vocabulary.extend > 0 else None
+    if extended is None:
+        info = describe(tok, data.tokenizer)
+    else:
+        tok = extended.tokenizer
+        info = describe(tok, str(out / TOKENIZER_DIR)) | {"base": extended.base_info}
     chunker = Chunker.from_config(data)
     filters = dataclasses.asdict(data.filters)
     shards = {
@@ -110,7 +119,7 @@ def make_plan(data: DataConfig, out: Path) -> Plan:
         for s in data.sources
     }
     fingerprint = digest([sh.key for v in shards.values() for sh in v], _assembly_settings(data))
-    return Plan(data, out, tok, info, sources, sha, shards, chunker, fingerprint, generated)
+    return Plan(data, out, tok, info, sources, sha, shards, chunker, fingerprint, generated, extended)
 
 
 def _plan_source(source: SourceConfig, path: str | None, where: str) -> SourcePlan:

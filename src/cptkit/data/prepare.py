@@ -23,6 +23,7 @@ from typing import Any
 from cptkit.config.data import DataConfig
 from cptkit.data.cache import clear_leftovers, prune_cache
 from cptkit.data.executors import Executor, ShareDone, executor_for, require_engine
+from cptkit.data.extension import save_extension
 from cptkit.data.manifest import MANIFEST, build_manifest
 from cptkit.data.owned import check_writable, mark_started
 from cptkit.data.plan import Plan, make_plan
@@ -125,6 +126,7 @@ def _prepare(
         return current
     _note_old_cache(out)
     mark_started(out)
+    save_extension(out, plan.extended)  # the extended tokenizer beside the data (none: an old one removed)
     timings: dict[str, float] = {}
     phase("tokenize")
     with _timed(timings, "tokenize_s"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cptkit.data.manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from cptkit.data.vocabulary_file import TOKENIZER_DIR, Vocabulary, read_vocabulary
 from cptkit.errors import CptkitError
 
 if TYPE_CHECKING:  # numpy, pyarrow and torch load when a store is opened, not with every command
@@ -108,6 +109,17 @@ class Prepared:
     def tokenizer(self) -> dict[str, Any]:
         """name_or_path, fingerprint, vocab_size and the special token ids it was made with."""
         return self.manifest.get("tokenizer") or {}
+
+    @property
+    def vocabulary(self) -> Vocabulary | None:
+        """The vocabulary extension its tokenizer was made with (`vocabulary.json`); None: not extended."""
+        return read_vocabulary(self.folder)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The extended tokenizer saved with the data (`tokenizer/`); None: the data uses `data.tokenizer`."""
+        folder = self.folder / TOKENIZER_DIR
+        return folder if folder.is_dir() else None
 
     @property
     def fingerprint(self) -> str | None:
