@@ -53,6 +53,17 @@ def _read(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
+def pieces(text: str, size: int = 3000) -> list[str]:
+    """`text` cut at paragraph ends into pieces of about `size` characters (general text to score on)."""
+    out, current = [], ""
+    for para in text.split("\n\n"):
+        current = f"{current}\n\n{para}" if current else para
+        if len(current) >= size:
+            out.append(current)
+            current = ""
+    return out + ([current] if current else [])
+
+
 def render_manpage(path: Path) -> str:
     """One manual page as plain text: groff's UTF-8 rendering without overstrikes, blank runs squeezed."""
     raw = gzip.decompress(path.read_bytes())
@@ -78,7 +89,7 @@ def make_data(out: Path) -> None:
     _write(out / "zh.jsonl.gz", zh)
     en = _read(SHARED / "sqlite_docs.jsonl.gz") + _read(SHARED / "postgresql15_docs.jsonl.gz")
     _write(out / "en.jsonl.gz", en)
-    _write(out / "austen.jsonl.gz", _read(SHARED / "austen.jsonl.gz"))
+    _write(out / "austen.jsonl.gz", [p for t in _read(SHARED / "austen.jsonl.gz") for p in pieces(t)][:400])
     for name, texts in (("zh", zh), ("en", en)):
         print(f"{name}: {len(texts)} documents, {sum(map(len, texts)):,} characters")
 
@@ -136,7 +147,7 @@ def fertility(args) -> dict[str, Any]:
 
 
 def run_config(args, domain: str, variant: str) -> dict[str, Any]:
-    work = Path(args.out) / f"{domain}-{variant}"
+    work = Path(args.out) / f"{domain}-{variant}-{args.init}-{args.epochs}"
     extend = EXTEND[domain] if variant == "extended" else 0
     train: dict[str, Any] = {
         "mode": "lora",
@@ -147,7 +158,7 @@ def run_config(args, domain: str, variant: str) -> dict[str, Any]:
         "hf": {
             "learning_rate": 1e-4,
             "per_device_train_batch_size": BATCH,
-            "num_train_epochs": 1,
+            "num_train_epochs": args.epochs,
             "logging_steps": 10,
             "save_strategy": "no",
             "bf16": True,
@@ -205,6 +216,7 @@ def run_one(args, domain: str, variant: str) -> dict[str, Any]:
         "variant": variant,
         "extend": raw["data"]["vocabulary"]["extend"],
         "init": args.init if variant == "extended" else None,
+        "epochs": args.epochs,
         "tokens_per_1k_chars": round(per_1k, 1),
         "trained_tokens": final.get("trained_tokens"),
         "tokens_per_second": final.get("tokens_per_second"),
@@ -234,14 +246,15 @@ def run(args) -> None:
 
 def print_table(done: dict[str, Any]) -> None:
     print(
-        "| domain | vocabulary | tokens / 1k chars | domain bpb base -> CPT | general bpb base -> CPT | tokens/s | chars/s | train s |"
+        "| domain | vocabulary | epochs | tokens / 1k chars | domain bpb base -> CPT | general bpb base -> CPT | tokens/s | chars/s | train s |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in done["runs"]:
         b = r["bpb"]
         d, g = r["domain"], "austen"
         print(
-            f"| {d} | {r['variant']}{' +' + str(r['extend']) if r['extend'] else ''} | {r['tokens_per_1k_chars']} "
+            f"| {d} | {r['variant']}{' +' + str(r['extend']) + ' ' + r['init'] if r['extend'] else ''} "
+            f"| {r.get('epochs', 1)} | {r['tokens_per_1k_chars']} "
             f"| {b.get(f'base/{d}')} -> {b.get(f'adapted/{d}')} | {b.get(f'base/{g}')} -> {b.get(f'adapted/{g}')} "
             f"| {r['tokens_per_second']} | {r['chars_per_second']} | {r['seconds']['train']} |"
         )
@@ -262,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", required=True)
     r.add_argument("--out", default="/tmp/cptkit-vocab")
     r.add_argument("--init", default="mean", choices=["mean", "mean_noise"])
+    r.add_argument(
+        "--epochs", type=int, default=1, help="epochs over the domain (the same for every variant)"
+    )
+    r.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
+    r.add_argument("--variants", nargs="+", default=["base", "extended"], choices=["base", "extended"])
     r.add_argument("--results", default=str(RESULTS))
     t = sub.add_parser("table")
     t.add_argument("--results", default=str(RESULTS))
