@@ -232,12 +232,13 @@ def run_one(args, domain: str, variant: str) -> dict[str, Any]:
 def run(args) -> None:
     path = Path(args.results)
     done = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-    for domain in DOMAINS:
-        for variant in ("base", "extended"):
+    for domain in args.domains:
+        for variant in args.variants:
             record = run_one(args, domain, variant)
-            done["runs"] = [r for r in done["runs"] if (r["domain"], r["variant"]) != (domain, variant)] + [
-                record
-            ]
+            key = (domain, variant, record["init"], args.epochs)
+            done["runs"] = [
+                r for r in done["runs"] if (r["domain"], r["variant"], r["init"], r.get("epochs", 1)) != key
+            ] + [record]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(done, indent=1, ensure_ascii=False))
             print(json.dumps(record, ensure_ascii=False), flush=True)

@@ -48,10 +48,11 @@ def piece_means(matrix: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
 def _noisy(
     means: torch.Tensor, base: torch.Tensor, fraction: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """means + N(0, (fraction * std of the base rows)^2), drawn from `generator` (reproducible)."""
+    """means + N(0, (fraction * std of the base rows)^2), drawn on the CPU from `generator` (reproducible,
+    the same on any device), then moved to the rows' device."""
     std = base.float().std().item()
     noise = torch.randn(means.shape, generator=generator, dtype=torch.float32) * (fraction * std)
-    return means + noise
+    return means + noise.to(means.device)
 
 
 @torch.no_grad()
