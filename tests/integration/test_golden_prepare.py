@@ -58,6 +58,7 @@ def _config(corpus: Path, out: Path, overrides: list[str]) -> Config:
 
 # manifest entries that format 3 added; the recorded outputs predate them (and they are checked apart)
 _NEW_SOURCE_KEYS = {"capped_documents", "capped_tokens"}
+_NEW_SOURCE_ENTRIES = {"fertility"}  # per source, added later still (checked in test_fertility.py)
 _NEW_TOTALS = {"pack_windows"}
 
 
@@ -78,7 +79,7 @@ def _digest(prepared: Path) -> dict[str, object]:
         for row in held:
             h.update(json.dumps([row["text"], list(row["input_ids"]), row["num_bytes"]]).encode())
         out[f"heldout/{name}"] = h.hexdigest()
-    drop = {"path", "examples"} | _NEW_SOURCE_KEYS  # absolute paths of this machine
+    drop = {"path", "examples"} | _NEW_SOURCE_KEYS | _NEW_SOURCE_ENTRIES  # paths: of this machine
     assert all(s[k] == 0 for s in manifest["sources"].values() for k in _NEW_SOURCE_KEYS)  # no caps
     out["sources"] = {
         n: {k: v for k, v in s.items() if k not in drop} for n, s in manifest["sources"].items()
