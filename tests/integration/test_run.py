@@ -35,15 +35,14 @@ def write_instructions(path: Path, n: int = 24) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("pipeline")
+def pipeline_config(root: Path, model_dir: Path) -> dict:
+    """The tiny pipeline's config (prepare, LoRA train, merge, eval) on `write_corpus(root)`."""
     domain, general = write_corpus(root)
-    config = {
+    return {
         "run_dir": str(root / "run"),
-        "model": {"name_or_path": str(tiny_model_dir)},
+        "model": {"name_or_path": str(model_dir)},
         "data": {
-            "tokenizer": str(tiny_model_dir),
+            "tokenizer": str(model_dir),
             "seq_length": 128,
             "heldout_fraction": 0.2,
             "num_proc": 1,
@@ -67,6 +66,14 @@ def pipeline(tmp_path_factory, tiny_model_dir):
         },
         "merge": {"dtype": "float32"},
         "eval": {"batch_size": 4, "max_documents": 4},
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("pipeline")
+    config = pipeline_config(root, tiny_model_dir)
+    config |= {
         "sft": {
             "data": str(write_instructions(root / "instructions.jsonl")),
             "mode": "lora",

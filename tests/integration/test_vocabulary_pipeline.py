@@ -18,41 +18,12 @@ from cptkit.data.vocabulary_file import read_vocabulary
 
 @pytest.fixture(scope="module")
 def extended_run(tmp_path_factory, tiny_model_dir):
-    from test_run import write_corpus  # the same small corpus as the pipeline test
+    from test_run import pipeline_config  # the pipeline test's corpus and settings
 
     root = tmp_path_factory.mktemp("vocabulary")
-    domain, general = write_corpus(root)
-    config = {
-        "run_dir": str(root / "run"),
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {
-            "tokenizer": str(tiny_model_dir),
-            "seq_length": 128,
-            "heldout_fraction": 0.2,
-            "num_proc": 1,
-            "sources": [
-                {"name": "docs", "path": str(domain), "role": "domain", "weight": 0.7},
-                {"name": "general", "path": str(general), "role": "general", "weight": 0.3},
-            ],
-            "vocabulary": {"extend": 24, "min_frequency": 3},
-        },
-        "train": {
-            "mode": "lora",
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "embedding_lr": 1e-2,
-            "gradient_checkpointing": False,
-            "report_to": ["none"],
-            "eval_steps": 1000,
-            "hf": {
-                "max_steps": 4,
-                "per_device_train_batch_size": 4,
-                "learning_rate": 1e-3,
-                "logging_steps": 1,
-            },
-        },
-        "merge": {"dtype": "float32"},
-        "eval": {"batch_size": 4, "max_documents": 4},
-    }
+    config = pipeline_config(root, tiny_model_dir)
+    config["data"]["vocabulary"] = {"extend": 24, "min_frequency": 3}
+    config["train"]["embedding_lr"] = 1e-2
     path = root / "vocabulary.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli(["run", str(path)]) == 0
