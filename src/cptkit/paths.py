@@ -36,6 +36,9 @@ MERGE_REPORT = "merge_report.json"
 RESULTS = "results.json"
 RESULTS_MD = "results.md"
 SFT_DATA = "sft_data.json"
+GRPO_PROMPTS = "grpo_prompts.json"
+GRPO_SCORES = "grpo_scores.json"
+EXPORT_REPORT = "export_report.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 STAGE_RECORDS = ".cptkit/stages.json"
@@ -48,6 +51,8 @@ DEFAULT_FOLDERS = {
     "eval": "eval",
     "sft": "sft",
     "sft_eval": "sft/eval",
+    "grpo": "grpo",
+    "export": "export",
     "report": "report",
 }
 # `cptkit run`'s stage names -> the Paths field of the folder each writes
@@ -58,6 +63,8 @@ STAGE_FOLDERS = {
     "eval": "eval",
     "sft": "sft",
     "sft-eval": "sft_eval",
+    "grpo": "grpo",
+    "export": "export",
     "report": "report",
 }
 RECORD_KEY = "paths"  # the block of config.yaml that holds the resolved paths
@@ -95,6 +102,17 @@ class Paths:
     """Where `cptkit sft` writes: sft.output_dir, else RUN_DIR/sft."""
     sft_eval: Path | None = None
     """Where the evaluation of the SFT model goes: `sft`/eval."""
+    grpo_base: str | None = None
+    """The model GRPO starts from: grpo.model, else the SFT output (an sft section), else `sft_base`
+    (the merged or fully trained CPT model, else model.name_or_path)."""
+    grpo: Path | None = None
+    """Where `cptkit grpo` writes: grpo.output_dir, else RUN_DIR/grpo."""
+    export_source: str | None = None
+    """The model `cptkit export` writes out: export.model, else the last stage's model (grpo, sft,
+    merged, or the fully trained CPT model), else model.name_or_path; an adapter is merged first."""
+    export: Path | None = None
+    """Where `cptkit export` writes the .gguf file and export_report.json: export.output_dir, else
+    RUN_DIR/export."""
     report: Path | None = None
     """Where `cptkit report` writes: RUN_DIR/report."""
 
@@ -157,6 +175,26 @@ class Paths:
         return _in(self.sft_eval, RESULTS)
 
     @property
+    def grpo_meta(self) -> Path | None:
+        return _in(self.grpo, RUN_META)
+
+    @property
+    def grpo_metrics(self) -> Path | None:
+        return _in(self.grpo, METRICS)
+
+    @property
+    def grpo_prompts(self) -> Path | None:
+        return _in(self.grpo, GRPO_PROMPTS)
+
+    @property
+    def grpo_scores(self) -> Path | None:
+        return _in(self.grpo, GRPO_SCORES)
+
+    @property
+    def export_report(self) -> Path | None:
+        return _in(self.export, EXPORT_REPORT)
+
+    @property
     def report_json(self) -> Path | None:
         return _in(self.report, REPORT_JSON)
 
@@ -191,7 +229,15 @@ class Paths:
         import yaml
 
         default = cls.under(run_dir)
-        for name in ("data", "train", "merged", "eval", "sft"):  # each holds the run's whole config
+        for name in (
+            "data",
+            "train",
+            "merged",
+            "eval",
+            "sft",
+            "grpo",
+            "export",
+        ):  # each holds the run's whole config
             written = getattr(default, name) / CONFIG
             if not written.is_file():
                 continue
@@ -210,7 +256,12 @@ class Paths:
             if value is None:
                 values[f.name] = getattr(default, f.name)
                 continue
-            if f.name in ("merge_base", "sft_base"):  # model names; a path under the run moves with it
+            if f.name in (
+                "merge_base",
+                "sft_base",
+                "grpo_base",
+                "export_source",
+            ):  # model names; a path under the run moves with it
                 rebased = _moved(Path(value), recorded_run, run_dir)
                 values[f.name] = str(rebased) if rebased is not None else value
                 continue
@@ -235,7 +286,9 @@ def resolve(cfg: Config) -> Paths:
     train_dir = own(train, "train")
     merged = own(merge, "merged")
     sft_dir = own(sft, "sft")
+    grpo_dir = own(cfg.grpo, "grpo")
     base_model = cfg.model.name_or_path if cfg.model is not None else None
+    sft_base = _sft_base(cfg, merged, train_dir, base_model)
     return Paths(
         run_dir=run_dir,
         data=data,
@@ -247,9 +300,13 @@ def resolve(cfg: Config) -> Paths:
         merged=merged,
         eval=own(cfg.eval, "eval"),
         eval_dataset=Path(cfg.eval.dataset) if cfg.eval is not None and cfg.eval.dataset else prepared,
-        sft_base=_sft_base(cfg, merged, train_dir, base_model),
+        sft_base=sft_base,
         sft=sft_dir,
         sft_eval=sft_dir / "eval" if sft_dir is not None else None,
+        grpo_base=_grpo_base(cfg, sft_dir, sft_base),
+        grpo=grpo_dir,
+        export_source=_export_source(cfg, grpo_dir, sft_dir, merged, train_dir, base_model),
+        export=own(cfg.export, "export"),
         report=run_dir / DEFAULT_FOLDERS["report"] if run_dir is not None else None,
     )
 
@@ -261,6 +318,35 @@ def _sft_base(cfg: Config, merged: Path | None, train: Path | None, base_model: 
     if cfg.merge is not None and not full:
         return _text(merged)
     if full:
+        return _text(train)
+    return base_model
+
+
+def _grpo_base(cfg: Config, sft: Path | None, sft_base: str | None) -> str | None:
+    if cfg.grpo is not None and cfg.grpo.model:
+        return cfg.grpo.model
+    if cfg.sft is not None:
+        return _text(sft)  # a LoRA SFT output is an adapter folder: GRPO loads it on its base
+    return sft_base
+
+
+def _export_source(
+    cfg: Config,
+    grpo: Path | None,
+    sft: Path | None,
+    merged: Path | None,
+    train: Path | None,
+    base_model: str | None,
+) -> str | None:
+    if cfg.export is not None and cfg.export.model:
+        return cfg.export.model
+    if cfg.grpo is not None:
+        return _text(grpo)
+    if cfg.sft is not None:
+        return _text(sft)
+    if cfg.merge is not None and not (cfg.train is not None and cfg.train.mode == "full"):
+        return _text(merged)
+    if cfg.train is not None and cfg.train.mode == "full":
         return _text(train)
     return base_model
 

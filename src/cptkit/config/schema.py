@@ -8,8 +8,10 @@ from typing import ClassVar
 
 from cptkit.config.data import DataConfig
 from cptkit.config.evaluate import EvalConfig, MergeConfig
+from cptkit.config.export import ExportConfig
 from cptkit.config.fields import opt
 from cptkit.config.forgetting import forgetting_problems
+from cptkit.config.grpo import GrpoConfig
 from cptkit.config.model import ModelConfig
 from cptkit.config.sft import SftConfig
 from cptkit.config.train import TrainConfig
@@ -29,6 +31,8 @@ class Config:
     merge: MergeConfig | None = opt(None, "cptkit merge")
     eval: EvalConfig | None = opt(None, "cptkit eval")
     sft: SftConfig | None = opt(None, "cptkit sft")
+    grpo: GrpoConfig | None = opt(None, "cptkit grpo")
+    export: ExportConfig | None = opt(None, "cptkit export")
 
     # blocks cptkit writes into each output's config.yaml for readers of the folder (the resolved
     # `paths:`); loading such a config.yaml back skips them, so it runs as the original did
@@ -42,6 +46,8 @@ class Config:
             ("merge", self.merge),
             ("eval", self.eval),
             ("sft", self.sft),
+            ("grpo", self.grpo),
+            ("export", self.export),
         ):
             if section is not None and getattr(section, "output_dir", None) is None and self.run_dir is None:
                 problems.append(
