@@ -127,3 +127,10 @@ class GrpoConfig(TrainingRun):
             self, path, num_generations=2, max_completion_length=1, max_prompt_length=1, heldout_max=0
         )
         return problems
+
+    def hf_problems(self, path: str):
+        """`grpo.hf` goes to trl.GRPOConfig: checked against its fields, and the batch against TRL's rule
+        that a generation batch holds whole groups (imported here: trl is slow to import)."""
+        from cptkit.grpo.trainer import grpo_hf_problems
+
+        return grpo_hf_problems(self, path)

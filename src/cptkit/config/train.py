@@ -237,11 +237,15 @@ class TrainingRun:
                     f"{self.lora.dropout}): set {path}.lora.dropout: 0, or fast_lora: auto",
                 )
             )
-        # TrainingArguments as the run will build them (imported here: transformers is slow to import
-        # and only configs that train need it)
+        return problems + self.hf_problems(path)
+
+    def hf_problems(self, path: str):
+        """The problems of `<path>.hf` against the arguments class the run builds (here
+        TrainingArguments; a section that builds another overrides this)."""
+        # imported here: transformers is slow to import and only configs that train need it
         from cptkit.train.arguments import hf_problems
 
-        return problems + hf_problems(self, path)
+        return hf_problems(self, path)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Collection
 from functools import cached_property
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -110,19 +111,27 @@ _RANGES: dict[str, tuple[Any, str]] = {
 _SCALARS = (int, float, bool, str)
 
 
-def hf_problems(train_cfg: TrainingRun, path: str) -> list[tuple[str, str]]:
+def hf_problems(
+    train_cfg: TrainingRun,
+    path: str,
+    arguments: type = TrainingArguments,
+    settings: dict[str, Any] | None = None,
+    owned: Collection[str] = (),
+) -> list[tuple[str, str]]:
     """Every problem of `<path>.hf`: unknown fields, wrong types, values out of range, and what
-    TrainingArguments itself refuses, each with its YAML path."""
-    fields = _fields()
+    `arguments` (TrainingArguments, or a subclass such as trl.GRPOConfig) itself refuses, each with its
+    YAML path. `settings`: what the run builds `arguments` from (default: train's `hf_settings`);
+    `owned`: keys besides OWNED_BY that the section's own check refuses."""
+    fields = _fields(arguments)
+    label = _label(arguments)
     problems: list[tuple[str, str]] = []
+    owned = {*OWNED_BY, *owned}
     for key, value in train_cfg.hf.items():
         sub = f"{path}.hf.{key}"
-        if key in OWNED_BY:
-            continue  # reported by TrainingRun.check, with the key to use instead
+        if key in owned:
+            continue  # reported by the section's check, with the key to use instead
         if key not in fields:
-            problems.append(
-                (sub, f"not a transformers.TrainingArguments field{nearest_hint(key, list(fields))}")
-            )
+            problems.append((sub, f"not a {label} field{nearest_hint(key, list(fields))}"))
             continue
         typed = _type_problems(fields[key], value, sub)
         problems += typed
@@ -134,17 +143,22 @@ def hf_problems(train_cfg: TrainingRun, path: str) -> list[tuple[str, str]]:
                 problems.append((sub, f"{value} does not exist (expected a DeepSpeed JSON config file)"))
     if problems:  # TrainingArguments' own checks assume the types are right
         return problems
-    settings = hf_settings(train_cfg, on_gpu=False, dtype=torch.float32)
+    if settings is None:
+        settings = hf_settings(train_cfg, on_gpu=False, dtype=torch.float32)
+    settings = dict(settings)
     # checked above, or settings of the machine that trains (tf32 needs an Ampere GPU there, not here)
-    for left_to_training in ("deepspeed", "tf32", "use_cpu", *OWNED_BY):
+    for left_to_training in ("deepspeed", "tf32", "use_cpu", "output_dir", "report_to", *OWNED_BY):
         settings.pop(left_to_training, None)
     try:
-        _ArgumentsWithoutDevice(output_dir="unused", report_to="none", use_cpu=True, **settings)
+        _without_device(arguments)(output_dir="unused", report_to="none", use_cpu=True, **settings)
     except (ValueError, TypeError, NotImplementedError) as e:
-        problems.append(
-            (_field_named(str(e), train_cfg.hf, f"{path}.hf"), f"transformers.TrainingArguments: {e}")
-        )
+        problems.append((_field_named(str(e), train_cfg.hf, f"{path}.hf"), f"{label}: {e}"))
     return problems
+
+
+def _label(arguments: type) -> str:
+    """How messages name the arguments class: transformers.TrainingArguments, trl.GRPOConfig."""
+    return f"{arguments.__module__.split('.')[0]}.{arguments.__name__}"
 
 
 class _ArgumentsWithoutDevice(TrainingArguments):
@@ -159,10 +173,21 @@ class _ArgumentsWithoutDevice(TrainingArguments):
 
 
 @functools.cache
-def _fields() -> dict[str, Any]:
-    """TrainingArguments' init fields and their annotations."""
-    hints = get_type_hints(TrainingArguments)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+def _without_device(arguments: type) -> type:
+    """`arguments` with `_ArgumentsWithoutDevice`'s device choice (a subclass of both)."""
+    if arguments is TrainingArguments:
+        return _ArgumentsWithoutDevice
+    # one process: the subclass's own checks (GRPOConfig's batch rule) read world_size, which asks the
+    # distributed state that is never set up here
+    one_process = {"world_size": property(lambda self: 1)}
+    return type(f"_{arguments.__name__}WithoutDevice", (_ArgumentsWithoutDevice, arguments), one_process)
+
+
+@functools.cache
+def _fields(arguments: type = TrainingArguments) -> dict[str, Any]:
+    """The init fields of `arguments` (TrainingArguments or a subclass) and their annotations."""
+    hints = get_type_hints(arguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(arguments) if f.init}
 
 
 def _is_simple(tp: Any) -> bool:

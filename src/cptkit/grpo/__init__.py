@@ -1,0 +1,1 @@
+"""GRPO after SFT: prompts, rewards, TRL's GRPOTrainer, held-out scoring."""
