@@ -23,7 +23,18 @@ from cptkit.data.vocabulary_file import TOKENIZER_DIR, Vocabulary, read_vocabula
 from cptkit.errors import CptkitError
 from cptkit.locks import is_main_process
 from cptkit.model.kernels import check_kernels
-from cptkit.paths import CONFIG, EWC_FISHER, METRICS, REGULARIZE_DIR, RESULTS, RESULTS_MD, RUN_META, SFT_DATA
+from cptkit.paths import (
+    CONFIG,
+    EWC_FISHER,
+    GRPO_PROMPTS,
+    GRPO_SCORES,
+    METRICS,
+    REGULARIZE_DIR,
+    RESULTS,
+    RESULTS_MD,
+    RUN_META,
+    SFT_DATA,
+)
 from cptkit.train.budget import check_budget_sets
 from cptkit.train.ewc import check_ewc
 from cptkit.train.optional import check_optional_dependencies
@@ -199,6 +210,10 @@ RUN_OUTPUTS = (
     METRICS,
     CONFIG,
     SFT_DATA,
+    GRPO_PROMPTS,
+    GRPO_SCORES,
+    "grpo_before.json",
+    "start",
     "*.safetensors",
     "*.safetensors.index.json",
     "training_args.bin",
