@@ -217,8 +217,9 @@ def build_prompt_sets(
     skipped = Counter(read.skipped)
     prompts = usable_prompts(read, tokenizer, template, grpo_cfg, skipped)
     if not prompts:
+        reasons = ", ".join(f"{n} {r}" for r, n in skipped.items())
         raise CptkitError(
-            f"grpo.prompts: {grpo_cfg.prompts}: no prompt is usable ({', '.join(f'{n} {r}' for r, n in skipped.items())}); "
+            f"grpo.prompts: {grpo_cfg.prompts}: no prompt is usable ({reasons}); "
             "add the fields the rewards compare with, or raise grpo.max_prompt_length"
         )
     random.Random(seed).shuffle(prompts)

@@ -289,7 +289,8 @@ def load_function(spec: str, setting: str) -> Callable:
     source, sep, attr = spec.rpartition(":")
     if not sep or not source or not attr:
         raise CptkitError(
-            f"{setting}: {spec!r} is not module:function or path/to/file.py:function (e.g. mypkg.rewards:score)"
+            f"{setting}: {spec!r} is not module:function or path/to/file.py:function "
+            "(e.g. mypkg.rewards:score)"
         )
     if source.endswith(".py") or "/" in source or "\\" in source:
         module = _module_from_file(Path(source), setting)
@@ -362,7 +363,8 @@ def _checked(result: Any, count: int, who: str) -> Rewards:
         values = list(result)
     except TypeError:
         raise CptkitError(
-            f"{who} returned a {type(result).__name__}; expected a list of {count} numbers (None: not applicable)"
+            f"{who} returned a {type(result).__name__}; expected a list of {count} numbers "
+            "(None: not applicable)"
         ) from None
     if len(values) != count:
         raise CptkitError(f"{who} returned {len(values)} values for {count} completions (one per completion)")
@@ -374,7 +376,8 @@ def _checked(result: Any, count: int, who: str) -> Rewards:
             rewards.append(float(value))
         else:
             raise CptkitError(
-                f"{who} returned {value!r} ({type(value).__name__}) for completion {k}; expected a number or None"
+                f"{who} returned {value!r} ({type(value).__name__}) for completion {k}; "
+                "expected a number or None"
             )
     return rewards
 
