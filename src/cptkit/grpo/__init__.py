@@ -1,1 +1,1 @@
-"""GRPO after SFT: prompts, rewards, TRL's GRPOTrainer, held-out scoring."""
+"""GRPO after SFT: prompt sets rendered as SFT renders them, rewards built from the config, TRL's trainer."""

@@ -41,24 +41,34 @@ class ReadResult:
 def iter_records(path: str | Path, where: str = "sft.data") -> Iterator[Any]:
     """Records of a .jsonl file (one JSON value a line) or a .json file holding a list (`where`: the
     setting that names the file, for messages)."""
+    for _, record in numbered_records(path, where):
+        yield record
+
+
+def numbered_records(
+    path: str | Path, where: str = "sft.data", expected: str = "instruction records"
+) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of a .jsonl file, (1-based index, record) of a .json list; a line that is
+    not JSON comes as None, for the caller to count."""
     path = Path(path)
     if not path.is_file():
-        raise CptkitError(
-            f"{where}: {path} does not exist (expected a .jsonl or .json file of instruction records)"
-        )
+        raise CptkitError(f"{where}: {path} does not exist (expected a .jsonl or .json file of {expected})")
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CptkitError(f"{where}: {path} is not valid JSON: {e}") from None
         if not isinstance(data, list):
             raise CptkitError(f"{where}: {path} holds a {type(data).__name__}; expected a list of records")
-        yield from data
+        yield from enumerate(data, start=1)
         return
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield number, json.loads(line)
                 except json.JSONDecodeError:
-                    yield None  # counted as "not JSON" by the caller
+                    yield number, None  # counted as "not JSON" by the caller
 
 
 def detect_format(record: Any) -> str | None:

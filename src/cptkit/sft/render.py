@@ -36,12 +36,12 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def choose_template(tokenizer: Any, template: Template) -> str:
-    """`chat` or `seed`: auto takes the tokenizer's chat template when it has one."""
+def choose_template(tokenizer: Any, template: Template, where: str = "sft.template") -> str:
+    """`chat` or `seed`: auto takes the tokenizer's chat template when it has one (`where`: the setting)."""
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has_chat:
         raise CptkitError(
-            "sft.template: chat, but the tokenizer has no chat template; use template: seed "
+            f"{where}: chat, but the tokenizer has no chat template; use template: seed "
             "(###System/###Question/###Answer) or a tokenizer that has one"
         )
     if template == "auto":
@@ -56,16 +56,30 @@ def render_seed(messages: list[dict[str, str]], eos_token: str) -> tuple[str, li
     text, spans = "", []
     for turn in messages:
         role, content = turn["role"], turn["content"].strip()
-        if role == "system":
-            text += f"###System: {content}\n"
-        elif role == "user":
-            text += f"###Question: {content}\n###Answer:"
+        if role != "assistant":
+            text += seed_prompt_turn(role, content)
         else:
             start = len(text)
             text += f" {content}{eos_token}"
             spans.append((start, len(text)))
             text += "\n"
     return text, spans
+
+
+def seed_prompt_turn(role: str, content: str) -> str:
+    """The seed's text for a system or user turn; a user turn ends with `###Answer:`, where the answer
+    starts (the prompt a model generates from)."""
+    if role == "system":
+        return f"###System: {content}\n"
+    return f"###Question: {content}\n###Answer:"
+
+
+def render_seed_prompt(messages: list[dict[str, str]], eos_token: str) -> str:
+    """The seed text of a conversation that ends with a user turn: exactly what `render_seed` writes
+    before the answer to that turn (earlier answers included)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a prompt ends with a user turn")
+    return render_seed(messages, eos_token)[0]
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
