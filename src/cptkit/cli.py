@@ -16,6 +16,7 @@ CONFIG_COMMANDS = {
     "merge": "merge a LoRA adapter into its base model",
     "eval": "perplexity and bits-per-byte of models on the held-out sets",
     "sft": "supervised fine-tuning on instruction data (loss on responses only)",
+    "grpo": "reinforcement learning with group-relative rewards (TRL's GRPO) after SFT",
     "run": "every configured stage in order: prepare -> train -> merge -> eval -> sft -> report",
     "config": "validate a config and print it as cptkit resolves it (defaults, presets, overrides, folders)",
     "plan": "before a run: tokens, steps, the memory plan on a GPU, predicted speed and time, warnings",

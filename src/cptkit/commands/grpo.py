@@ -57,9 +57,10 @@ def run(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     require_trl()
     grpo_cfg, output_dir = cfg.grpo, resolve(cfg).folder("grpo")
-    read_prompts(grpo_cfg.prompts)  # data errors first, before any model loads
+    system = grpo_cfg.system_prompt if grpo_cfg.system_prompt is not None else _default_system_prompt(cfg)
+    read = read_prompts(grpo_cfg.prompts, system)  # data errors first, before any model loads
     if grpo_cfg.heldout_prompts:
-        read_prompts(grpo_cfg.heldout_prompts)
+        read_prompts(grpo_cfg.heldout_prompts, system, where="grpo.heldout_prompts")
     functions = rewards.build_rewards(grpo_cfg.rewards)  # a user function that does not import: now
     weights = rewards.reward_weights(grpo_cfg.rewards)
     start = grpo_start_model(cfg)
@@ -83,7 +84,7 @@ def run(cfg: Config) -> dict[str, Any]:
     model_cfg = dataclasses.replace(model_cfg, name_or_path=loads)
     set_seed(cfg.seed)
     loaded = load_model_and_tokenizer(model_cfg, policy, run_shape=shape)
-    sets = build_prompt_sets(grpo_cfg, loaded.tokenizer, cfg.seed, _default_system_prompt(cfg))
+    sets = build_prompt_sets(grpo_cfg, loaded.tokenizer, cfg.seed, _default_system_prompt(cfg), read=read)
     train_prompts = score.tokenized_once(sets.train, loaded.tokenizer)
     heldout = score.tokenized_once(sets.heldout, loaded.tokenizer)
     trainer, callbacks = build_grpo_trainer(

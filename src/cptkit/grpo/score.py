@@ -4,6 +4,7 @@ trained policy): greedy completions, so the two numbers differ only by the model
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from statistics import fmean
 from typing import Any
@@ -62,11 +63,17 @@ def score_heldout(
     scored = score_completions(list(functions), list(weights), texts, completions, columns)
     return {
         "reward": fmean(scored.total),
-        "rewards": {name: fmean(values) for name, values in scored.per_function.items()},
+        "rewards": {name: _mean_of_scored(values) for name, values in scored.per_function.items()},
         "completion_chars": fmean(len(c) for c in completions),
         "completions": completions,
         "totals": list(scored.total),
     }
+
+
+def _mean_of_scored(values: list[float]) -> float | None:
+    """The mean over the completions a reward applied to (NaN: it returned None), as TRL's logs."""
+    kept = [v for v in values if not math.isnan(v)]
+    return fmean(kept) if kept else None
 
 
 def _columns(prompts: list[dict]) -> list[str]:

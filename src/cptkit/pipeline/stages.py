@@ -98,6 +98,23 @@ def _sft_eval(cfg: Config) -> dict[str, Any]:
     return _eval(sft_eval_config(cfg))
 
 
+def _grpo(cfg: Config) -> dict[str, Any]:
+    from cptkit.commands import grpo
+
+    return grpo.run(cfg)
+
+
+def _grpo_inputs(cfg: Config) -> list[Path | str]:
+    """The prompt files, and the marker of the stage whose model GRPO starts from (SFT's run_meta, or
+    the merge report / trained run's meta when there is no sft section)."""
+    p = resolve(cfg)
+    files = [cfg.grpo.prompts, *([cfg.grpo.heldout_prompts] if cfg.grpo.heldout_prompts else [])]
+    if cfg.grpo.model:
+        return files
+    start = [p.sft_meta] if cfg.sft is not None else [p.merge_report, p.train_meta]
+    return [*files, *_files(*start)]
+
+
 # one-line accounts
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) else "?"
@@ -113,6 +130,11 @@ def describe_train(s: dict[str, Any]) -> str:
         f"{s.get('steps', '?')} steps, loss {_fmt(s.get('train_loss'))}, "
         f"{_fmt(s.get('tokens_per_second'), '.0f')} tokens/s"
     )
+
+
+def describe_grpo(s: dict[str, Any]) -> str:
+    before, after = s.get("heldout_reward_before"), s.get("heldout_reward_after")
+    return f"{s.get('steps', '?')} steps, held-out reward {_fmt(before)} -> {_fmt(after)}"
 
 
 def describe_eval(r: dict[str, Any]) -> str:
@@ -228,6 +250,16 @@ STAGES: list[Stage] = [
         marker=lambda c: resolve(c).sft_eval_results,
         run=_sft_eval,
         describe=describe_eval,
+    ),
+    Stage(
+        name="grpo",
+        why_not=lambda c: None if c.grpo else "no grpo section",
+        sections=lambda c: {"seed": c.seed, "model": c.model, "sft": c.sft, "grpo": c.grpo},
+        inputs=_grpo_inputs,
+        marker=lambda c: resolve(c).grpo_meta,
+        run=_grpo,
+        describe=describe_grpo,
+        resumes_from=lambda c: resolve(c).grpo,
     ),
     Stage(
         name="report",
