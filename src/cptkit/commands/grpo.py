@@ -72,6 +72,9 @@ def run(cfg: Config) -> dict[str, Any]:
     identity = run_identity(policy, model_cfg, _data_hash(grpo_cfg))
     fresh = check_output_dir(output_dir, identity, policy, section="grpo")
     resume_from = None if fresh else resume_checkpoint(policy, output_dir)
+    done = None if fresh else _finished(output_dir, identity, grpo_cfg)
+    if done is not None:
+        return done
     settings = grpo_settings(grpo_cfg, on_gpu=False, dtype=resolve_dtype(model_cfg))
     shape = RunShape(
         seq_length=grpo_cfg.max_prompt_length + grpo_cfg.max_completion_length,
@@ -125,13 +128,12 @@ def run(cfg: Config) -> dict[str, Any]:
         (str(output_dir), after),
         grpo_cfg.max_completion_length,
     )
-    seconds = round(time.perf_counter() - started, 1)
-    if main_process:
-        write_json(output_dir / GRPO_SCORES, scores)
-        write_run_meta(output_dir, seconds=seconds)
     summary.update(
         heldout_reward_before=scores["before"]["reward"], heldout_reward_after=scores["after"]["reward"]
     )
+    if main_process:
+        write_json(output_dir / GRPO_SCORES, scores)
+        write_run_meta(output_dir, seconds=round(time.perf_counter() - started, 1), final=summary)
     log.info(
         "grpo: %s steps on %s; held-out reward %s -> %s; policy in %s",
         summary["steps"],
@@ -196,6 +198,25 @@ def _before(output_dir: Path, resume_from: str | None) -> dict[str, Any] | None:
     if resume_from is None or not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def _finished(output_dir: Path, identity: str, grpo_cfg) -> dict[str, Any] | None:
+    """The summary of this same run when it already completed its steps (GRPOTrainer resumed from its
+    last checkpoint would train one step more); None when there is something to train."""
+    from cptkit.paths import RUN_META
+
+    try:
+        meta = json.loads((output_dir / RUN_META).read_text())
+    except (OSError, ValueError):
+        return None
+    final = meta.get("final") or {}
+    max_steps = grpo_cfg.hf.get("max_steps", -1)
+    if meta.get("identity") != identity or meta.get("status") != "complete" or not final:
+        return None
+    if not (output_dir / GRPO_SCORES).is_file() or (max_steps > 0 and final.get("steps", 0) < max_steps):
+        return None
+    log.info("grpo: %s already holds this run, complete after %s steps", output_dir, final.get("steps"))
+    return final
 
 
 def _rounded(value: float | None) -> str:
