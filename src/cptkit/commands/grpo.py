@@ -163,11 +163,21 @@ def grpo_start_model(cfg: Config) -> str:
 
 
 def _model_config(cfg: Config, start: str) -> ModelConfig:
-    """The model section (attention, dtype) pointed at the model GRPO starts from."""
+    """The model section (attention, dtype) pointed at the model GRPO starts from. GRPO's batches are
+    padded prompts and completions, not packed documents: auto attention is sdpa here, and varlen (which
+    reads the packed documents' boundaries that cptkit's collator adds) is refused."""
     if cfg.model is None:
-        return ModelConfig(name_or_path=start)
+        return ModelConfig(name_or_path=start, attention="sdpa")
+    if cfg.model.attention == "varlen":
+        raise CptkitError(
+            "model.attention: varlen attends within packed documents, and GRPO's batches are padded "
+            "prompts and completions; use auto (sdpa), sdpa, flex or flash_attention_2 for grpo"
+        )
     same = start == cfg.model.name_or_path
-    return dataclasses.replace(cfg.model, name_or_path=start, gguf_file=cfg.model.gguf_file if same else None)
+    attention = "sdpa" if cfg.model.attention == "auto" else cfg.model.attention
+    return dataclasses.replace(
+        cfg.model, name_or_path=start, gguf_file=cfg.model.gguf_file if same else None, attention=attention
+    )
 
 
 def _default_system_prompt(cfg: Config) -> str | None:
