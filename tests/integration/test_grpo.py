@@ -115,3 +115,21 @@ def test_grpo_stage_is_left_out_without_a_grpo_section(tmp_path, tiny_model_dir)
     assert "grpo" not in [stage.name for stage, _ in plan(loaded, None, None)]
     with pytest.raises(CptkitError, match="no grpo section"):
         plan(loaded, None, "grpo")
+
+
+def test_grpo_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir):
+    """Extended from 2 to 4 steps, the run continues at its checkpoint: each step logged once, the
+    held-out `before` kept from the start model, not the resumed policy."""
+    config = grpo_config(tmp_path, tiny_model_dir, steps=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["grpo"]["hf"]["save_steps"] = 2
+    config.write_text(yaml.safe_dump(cfg))
+    assert cli(["grpo", str(config)]) == 0
+    out = tmp_path / "run" / "grpo"
+    before = json.loads((out / "grpo_scores.json").read_text())["before"]
+    assert cli(["grpo", str(config), "grpo.hf.max_steps=4"]) == 0
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["resumed_from"] == str(out / "checkpoint-2") and meta["final"]["steps"] == 4
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r.get("type") == "train"] == [1, 2, 3, 4]
+    assert json.loads((out / "grpo_scores.json").read_text())["before"] == before
