@@ -244,8 +244,24 @@ def policy_run(grpo_cfg: GrpoConfig) -> GrpoConfig:
     fast LoRA (its fused autograd assumes a training forward; generation runs the same layers under
     no_grad with a growing cache) and regional compilation (every generated length is a new shape, so
     it would recompile each step). liger's RMSNorm/SwiGLU/RoPE stay as configured: they serve both."""
+    asked = [
+        f"grpo.{k}: on"
+        for k in ("kernels.fast_lora", "kernels.compile", "fused_cross_entropy")
+        if _on(grpo_cfg, k)
+    ]
+    if asked:
+        log.warning(
+            "%s: off for GRPO, whose completions are generated with the policy itself", ", ".join(asked)
+        )
     kernels = dataclasses.replace(grpo_cfg.kernels, fast_lora="off", compile="off")
     return dataclasses.replace(grpo_cfg, fused_cross_entropy="off", kernels=kernels)
+
+
+def _on(cfg: Any, dotted: str) -> bool:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value == "on"
 
 
 def ready_tokenizer(tokenizer: Any) -> Any:
