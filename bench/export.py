@@ -14,8 +14,9 @@ and shrinks the embeddings instead).
 `run` writes one config per (model, type) and runs `cptkit export CONFIG --to gguf --type TYPE` on it
 (each into its own folder), timing the command; it reads export_report.json: bytes, seconds, the check by
 transformers' GGUF loader (max / mean absolute logit difference, top-1 agreement, the tolerance) and
-llama.cpp's where it ran. `--no-verify-8b` skips the 8B's check (loading it back takes ~50 GB of memory);
-the 8B's .gguf files are deleted once measured (they are 8.5-16 GB each) unless --keep.
+llama.cpp's where it ran. `--no-verify-8b` skips the 8B's check (the HF model and the file loaded back:
+tens of GB of memory); the 8B's .gguf files are deleted once measured (they are 8.5-16 GB each) unless
+--keep.
 Results go to --results (JSON) and a table is printed.
 """
 
