@@ -152,7 +152,17 @@ def _report_why_not(cfg: Config) -> str | None:
 
 def _report_inputs(cfg: Config) -> list[Path]:
     p = resolve(cfg)
-    return _files(p.manifest, p.train_meta, p.merge_report, p.eval_results, p.sft_meta, p.sft_eval_results)
+    return _files(
+        p.manifest,
+        p.train_meta,
+        p.merge_report,
+        p.eval_results,
+        p.sft_meta,
+        p.sft_eval_results,
+        p.grpo_meta,
+        p.grpo_scores,
+        p.export_report,
+    )
 
 
 def _describe_merge(r: dict[str, Any]) -> str:
