@@ -159,6 +159,56 @@ def _export_plain(folder: Path, tmp_path: Path) -> Path:
     return out
 
 
+def _spm_style_tokenizer(texts, vocab_size=512):
+    """A Llama-2-style BPE: Metaspace pre-tokenizer, byte fallback through <0xXX> tokens in the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    trained = spec["model"]["vocab"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for t, _ in sorted(trained.items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    bpe = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    bpe.add_special_tokens(["<unk>", "<s>", "</s>"])
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    bpe.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_vocabulary_round_trips(tmp_path):
+    import gguf
+
+    from cptkit.testing.tiny import sample_texts
+
+    tok = _spm_style_tokenizer(sample_texts())
+    tok.pad_token = tok.unk_token
+    assert "<0xC3>" in tok.tokenize("w\u00f6rld")  # byte fallback in use
+    folder = _tiny("llama", tmp_path / "tiny-spm", tok)
+    out = tmp_path / "out" / "m.f16.gguf"
+    report = export(str(folder), ExportConfig(verify_tokens=256), out, None, "test")
+    assert report["tokenizer"]["model"] == "llama" and report["verify"]["passed"], report["verify"]
+    fields = gguf.GGUFReader(out).fields
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[3 + 0xC3] == 6 and types[0] == 2  # BYTE, UNKNOWN
+    scores = fields["tokenizer.ggml.scores"].contents()
+    assert len(scores) == len(tok) and min(scores) < 0
+
+
 def test_refuses_unsupported_architecture(tmp_path, tiny_tokenizer):
     import transformers
 
