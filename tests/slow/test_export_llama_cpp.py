@@ -32,3 +32,4 @@ def test_llama_cpp_agrees_with_hf(tmp_path, tiny_tokenizer, kind, type_name):
     assert c is not None and c["tokens"] == 256
     assert c["top1_agreement"] >= TOP1_BAR[type_name], c
     assert c["relative_max_diff"] <= RELATIVE_TOLERANCE[type_name], c
+    assert c["tokenizer_ids_equal"], c  # llama.cpp's tokenizer (gpt-2 pre-tokenizer) gives the HF ids

@@ -76,8 +76,10 @@ def export(
         )
         report["verify"], report["llama_cpp"] = None, None
         if ec.verify:
-            report["verify"], ids, reference = verify_gguf(folder, output, ec.type, dataset, ec.verify_tokens)
-            report["llama_cpp"] = llama_cpp_check(output, ids, reference)
+            report["verify"], text, ids, reference = verify_gguf(
+                folder, output, ec.type, dataset, ec.verify_tokens
+            )
+            report["llama_cpp"] = llama_cpp_check(output, text, ids, reference)
             _log_check(report)
     report = {"created": now(), **report, "versions": versions()}
     write_json(output.parent / EXPORT_REPORT, report)

@@ -67,9 +67,10 @@ def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
 
 def verify_gguf(
     folder: Path, gguf_path: Path, type_name: str, dataset: str | Path | None, max_tokens: int
-) -> tuple[dict[str, Any], list[int], torch.Tensor]:
-    """Compare the GGUF file with the HF model in `folder` on the first `max_tokens` tokens of `text`;
-    returns the verify entry of export_report.json, the token ids and the HF logits (for llama.cpp's check)."""
+) -> tuple[dict[str, Any], str, list[int], torch.Tensor]:
+    """Compare the GGUF file with the HF model in `folder` on the first `max_tokens` tokens of held-out
+    text; returns the verify entry of export_report.json, and the text, its token ids and the HF logits
+    (for llama.cpp's check)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(folder)
@@ -98,4 +99,4 @@ def verify_gguf(
         "tokenizer_first_difference": first_diff,
         "passed": same_ids and stats["relative_max_diff"] <= tolerance,
     }
-    return entry, ids, reference
+    return entry, text, ids, reference
