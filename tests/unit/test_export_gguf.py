@@ -256,3 +256,23 @@ def test_cli_exports_a_model_folder(models, tmp_path):
     assert main(["export", str(models["qwen2"]), "--type", "q8_0", "--output", str(out)]) == 0
     report = json.loads((tmp_path / "export_report.json").read_text())
     assert report["type"] == "q8_0" and report["verify"]["passed"] and out.is_file()
+
+
+def test_export_stage_runs_before_report_and_writes_its_marker(models, tmp_path):
+    import yaml
+
+    from cptkit.config import Config, load_config
+    from cptkit.paths import resolve
+    from cptkit.pipeline.stages import NAMES, STAGES
+
+    assert NAMES.index("export") == NAMES.index("report") - 1
+    path = tmp_path / "run.yaml"
+    export_section = {"model": str(models["llama"]), "type": "bf16", "verify": False}
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "export": export_section}))
+    cfg = load_config(Config, path, [])
+    stage = next(s for s in STAGES if s.name == "export")
+    assert stage.why_not(cfg) is None
+    result = stage.run(cfg)
+    assert stage.marker(cfg) == resolve(cfg).export_report and stage.marker(cfg).is_file()
+    assert Path(result["path"]) == tmp_path / "run" / "export" / "tiny-llama.bf16.gguf"
+    assert "bf16 GGUF" in stage.describe(result)
