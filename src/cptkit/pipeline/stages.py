@@ -71,6 +71,12 @@ def _sft(cfg: Config) -> dict[str, Any]:
     return sft.run(cfg)
 
 
+def _export(cfg: Config) -> dict[str, Any]:
+    from cptkit.commands import export
+
+    return export.run(cfg)
+
+
 def sft_eval_config(cfg: Config) -> Config:
     """The eval section pointed at the SFT model: base, the CPT model it started from, and the SFT model.
     No interpolation sweep: `eval.interpolate` is between the base and the CPT model (`adapted`), which
@@ -238,6 +244,17 @@ STAGES: list[Stage] = [
         marker=lambda c: resolve(c).sft_eval_results,
         run=_sft_eval,
         describe=describe_eval,
+    ),
+    Stage(
+        name="export",
+        why_not=lambda c: None if c.export is not None else "no export section",
+        sections=lambda c: {"model": c.model, "export": c.export},
+        inputs=lambda c: _files(
+            resolve(c).merge_report, resolve(c).train_meta, resolve(c).sft_meta, resolve(c).grpo_meta
+        ),
+        marker=lambda c: resolve(c).export_report,
+        run=_export,
+        describe=lambda r: f"{r['type']} GGUF, {r['bytes'] / 1e6:.1f} MB, {r['seconds']:.1f} s: {r['path']}",
     ),
     Stage(
         name="report",
