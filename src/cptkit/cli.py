@@ -19,6 +19,7 @@ CONFIG_COMMANDS = {
     "grpo": "reinforcement learning with group-relative rewards (TRL's GRPO) after SFT",
     "run": "every configured stage in order: prepare -> train -> merge -> eval -> sft -> report",
     "config": "validate a config and print it as cptkit resolves it (defaults, presets, overrides, folders)",
+    "export": "the final model (an adapter merged first) as a GGUF file for llama.cpp, checked by loading it back",
     "plan": "before a run: tokens, steps, the memory plan on a GPU, predicted speed and time, warnings",
 }
 
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", help="YAML config file")
+        what = "YAML config file, or a model folder" if name == "export" else "YAML config file"
+        p.add_argument("config", help=what)
         p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. data.seq_length=1024")
         if name == "run":
             p.add_argument(
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "plan":
             add_plan_arguments(p)
+        if name == "export":
+            add_export_arguments(p)
     p = sub.add_parser("inspect", help="show a prepared dataset's manifest")
     p.add_argument("prepared_dir", help="folder written by cptkit prepare")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -77,6 +81,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "--sample-mb", type=float, default=4.0, help="MB read per source to estimate unprepared data"
     )
     p.add_argument("--json", help="also write the plan as JSON to this file")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", choices=["gguf"], help="the format (default: export.to, gguf)")
+    p.add_argument(
+        "--type", choices=["f16", "bf16", "q8_0"], help="weight matrix type (default: export.type, f16)"
+    )
+    p.add_argument("--output", help="the .gguf file to write (default: RUN_DIR/export/<name>.<type>.gguf)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,8 @@ def run(where: Paths | str | Path) -> dict[str, Any]:
     if "eval" in report:
         made["perplexity"] = plots.perplexity(report["eval"]["results"], out)
         made["tradeoff"] = plots.tradeoff(report["eval"].get("interpolation"), out)
+    if "grpo" in report:
+        made["grpo"] = plots.grpo(report["grpo"], out)
     report["plots"] = {k: v for k, v in made.items() if v}
     report["created"] = now()
     write_json(out / REPORT_JSON, report)

@@ -146,3 +146,28 @@ def tradeoff(interpolation: dict[str, Any] | None, folder: Path) -> str | None:
     ax.set_title("interpolation between base and adapted")
     ax.legend()
     return _save(fig, folder / "tradeoff.png")
+
+
+def grpo(grpo_block: dict[str, Any] | None, folder: Path) -> str | None:
+    """GRPO's mean reward over steps: the weighted total (thick) and each reward function's mean."""
+    curve = ((grpo_block or {}).get("train") or {}).get("curve") or {}
+    steps = curve.get("steps") or []
+    series = {k: v for k, v in curve.items() if k != "steps" and any(x is not None for x in v)}
+    if not steps or not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, values in series.items():
+        pts = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None and s is not None]
+        total = name == "reward"
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            linewidth=2.5 if total else 1.2,
+            label="total (weighted)" if total else name,
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("GRPO: mean reward of the sampled completions")
+    ax.legend()
+    return _save(fig, folder / "grpo.png")

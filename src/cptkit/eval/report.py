@@ -1,6 +1,7 @@
 """What a run folder says about itself: data (manifest), training (metrics.jsonl, run_meta.json),
-evaluation (results.json), and the SFT stage's training and evaluation when it ran, gathered into one
-dict (report.json) and a one-page report.md.
+evaluation (results.json), the SFT stage's training and evaluation, GRPO's training and held-out rewards
+and the exported file's checks when they ran (`cptkit.eval.report_grpo`), gathered into one dict
+(report.json) and a one-page report.md.
 
 Every part is optional: a report of a run that has not been trained yet still shows its data, and
 says which parts are missing and which command makes them.
@@ -51,6 +52,12 @@ def gather(paths: Paths) -> dict[str, Any]:
     sft = sft_summary(paths)
     if sft:
         report["sft"] = sft
+    from cptkit.eval.report_grpo import export_summary, grpo_summary
+
+    if grpo := grpo_summary(paths, report["missing"]):
+        report["grpo"] = grpo
+    if export := export_summary(paths, report["missing"]):
+        report["export"] = export
     if paths.merge_report is not None and paths.merge_report.is_file():
         m = _read_json(paths.merge_report)
         report["merge"] = {
@@ -329,8 +336,13 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     sft_deltas = [d for d in _sft_eval(report).get("deltas", []) if d.get("model") == "sft"]
     deltas = [*((report.get("eval") or {}).get("deltas") or []), *sft_deltas]
     deltas = [d for d in deltas if not is_point(d["model"])]  # the interpolation section has those
-    if deltas:
-        out += ["## In one line per set", ""] + [_verdict(d) for d in deltas] + [""]
+    from cptkit.eval import report_grpo
+
+    lines = [_verdict(d) for d in deltas]
+    if (grpo_line := report_grpo.grpo_headline(report.get("grpo") or {})) is not None:
+        lines.append(grpo_line)
+    if lines:
+        out += ["## In one line per set", "", *lines, ""]
     if report.get("missing"):
         out += ["## Missing", ""] + [f"- {m}" for m in report["missing"]] + [""]
     if "data" in report:
@@ -374,6 +386,10 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         out += _tasks_section(report["eval"])
     if "sft" in report:
         out += _sft_markdown(report["sft"])
+    if "grpo" in report:
+        out += report_grpo.grpo_markdown(report["grpo"], plots)
+    if "export" in report:
+        out += report_grpo.export_markdown(report["export"])
     out += _generation_markdown(report)
     if "merge" in report:
         m = report["merge"]

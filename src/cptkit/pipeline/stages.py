@@ -71,6 +71,12 @@ def _sft(cfg: Config) -> dict[str, Any]:
     return sft.run(cfg)
 
 
+def _export(cfg: Config) -> dict[str, Any]:
+    from cptkit.commands import export
+
+    return export.run(cfg)
+
+
 def sft_eval_config(cfg: Config) -> Config:
     """The eval section pointed at the SFT model: base, the CPT model it started from, and the SFT model.
     No interpolation sweep: `eval.interpolate` is between the base and the CPT model (`adapted`), which
@@ -174,7 +180,17 @@ def _report_why_not(cfg: Config) -> str | None:
 
 def _report_inputs(cfg: Config) -> list[Path]:
     p = resolve(cfg)
-    return _files(p.manifest, p.train_meta, p.merge_report, p.eval_results, p.sft_meta, p.sft_eval_results)
+    return _files(
+        p.manifest,
+        p.train_meta,
+        p.merge_report,
+        p.eval_results,
+        p.sft_meta,
+        p.sft_eval_results,
+        p.grpo_meta,
+        p.grpo_scores,
+        p.export_report,
+    )
 
 
 def _describe_merge(r: dict[str, Any]) -> str:
@@ -260,6 +276,17 @@ STAGES: list[Stage] = [
         run=_grpo,
         describe=describe_grpo,
         resumes_from=lambda c: resolve(c).grpo,
+    ),
+    Stage(
+        name="export",
+        why_not=lambda c: None if c.export is not None else "no export section",
+        sections=lambda c: {"model": c.model, "export": c.export},
+        inputs=lambda c: _files(
+            resolve(c).merge_report, resolve(c).train_meta, resolve(c).sft_meta, resolve(c).grpo_meta
+        ),
+        marker=lambda c: resolve(c).export_report,
+        run=_export,
+        describe=lambda r: f"{r['type']} GGUF, {r['bytes'] / 1e6:.1f} MB, {r['seconds']:.1f} s: {r['path']}",
     ),
     Stage(
         name="report",
