@@ -4,6 +4,7 @@ present; an adapter exported equals its merged model exported; refusals before a
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -21,6 +22,9 @@ CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</
 
 def _save(folder: Path, model, tokenizer) -> Path:
     model.save_pretrained(folder)
+    tokenizer = copy.deepcopy(
+        tokenizer
+    )  # the session's shared tokenizer has no chat template, and keeps none
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
