@@ -16,9 +16,8 @@ from test_export_gguf import _tiny  # noqa: E402
 
 from cptkit.commands.export import export  # noqa: E402
 from cptkit.config.export import ExportConfig  # noqa: E402
+from cptkit.export.llama_cpp import TOP1_BAR  # noqa: E402
 from cptkit.export.verify import RELATIVE_TOLERANCE  # noqa: E402
-
-TOP1_BAR = {"f16": 0.99, "bf16": 0.97, "q8_0": 0.9}
 
 
 @pytest.mark.slow
@@ -33,3 +32,13 @@ def test_llama_cpp_agrees_with_hf(tmp_path, tiny_tokenizer, kind, type_name):
     assert c["top1_agreement"] >= TOP1_BAR[type_name], c
     assert c["relative_max_diff"] <= RELATIVE_TOLERANCE[type_name], c
     assert c["tokenizer_ids_equal"], c  # llama.cpp's tokenizer (gpt-2 pre-tokenizer) gives the HF ids
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_a_byte_level_vocabulary_flagged_byte_fallback(tmp_path, tiny_tokenizer):
+    from test_export_gguf import _flag_byte_fallback  # noqa: E402
+
+    folder = _flag_byte_fallback(_tiny("llama", tmp_path / "tiny-flagged", tiny_tokenizer))
+    report = export(str(folder), ExportConfig(verify_tokens=256), tmp_path / "m.gguf", None, "test")
+    assert report["tokenizer"]["model"] == "gpt2"
+    assert report["llama_cpp"]["passed"] and report["llama_cpp"]["tokenizer_ids_equal"], report["llama_cpp"]

@@ -213,6 +213,47 @@ def test_sentencepiece_style_vocabulary_round_trips(tmp_path):
     assert len(scores) == len(tok) and min(scores) < 0
 
 
+def _flag_byte_fallback(folder: Path) -> Path:
+    """The folder's byte-level tokenizer.json with `byte_fallback: true`, as some GGUF-to-HF conversions
+    write it (transformers 5.17's): a vocabulary without a single <0xXX> token."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_byte_level_vocabulary_flagged_byte_fallback_stays_gpt2(models, tmp_path):
+    import shutil
+
+    folder = _flag_byte_fallback(Path(shutil.copytree(models["llama"], tmp_path / "tiny-flagged")))
+    report = export(str(folder), ExportConfig(verify_tokens=256), tmp_path / "m.gguf", None, "test")
+    assert report["tokenizer"]["model"] == "gpt2" and report["verify"]["passed"], report["tokenizer"]
+
+
+def test_llama_cpp_abort_is_a_failed_check_not_a_dead_process(models, tmp_path, monkeypatch):
+    import subprocess
+
+    from cptkit.export import llama_cpp
+
+    died = subprocess.CompletedProcess(
+        [],
+        -6,
+        "",
+        "terminate called after throwing an instance of 'std::out_of_range'\n  what():  "
+        "unordered_map::at\n/usr/lib/libllama.so(+0x1)[0x7f]\n",
+    )
+    monkeypatch.setattr(llama_cpp, "llama_cpp_available", lambda: True)
+    monkeypatch.setattr(llama_cpp.subprocess, "run", lambda *a, **k: died)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(
+        CptkitError, match=r"llama.cpp does not agree: llama.cpp stopped \(signal 6\).*unordered_map::at"
+    ):
+        export(str(models["llama"]), ExportConfig(verify_tokens=64), out, None, "test")
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    assert report["llama_cpp"]["passed"] is False and "/usr/lib" not in report["llama_cpp"]["error"]
+    assert out.is_file()  # kept for inspection
+
+
 def test_refuses_unsupported_architecture(tmp_path, tiny_tokenizer):
     import transformers
 

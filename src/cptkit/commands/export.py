@@ -79,7 +79,7 @@ def export(
             report["verify"], text, ids, reference = verify_gguf(
                 folder, output, ec.type, dataset, ec.verify_tokens
             )
-            report["llama_cpp"] = llama_cpp_check(output, text, ids, reference)
+            report["llama_cpp"] = llama_cpp_check(output, text, ids, reference, ec.type)
             _log_check(report)
     report = {"created": now(), **report, "versions": versions()}
     write_json(output.parent / EXPORT_REPORT, report)
@@ -87,6 +87,16 @@ def export(
         raise CptkitError(
             f"{output}: the GGUF round trip is off: {json.dumps(report['verify'])}; the file is kept for "
             f"inspection, see {output.parent / EXPORT_REPORT}"
+        )
+    if report["llama_cpp"] is not None and not report["llama_cpp"]["passed"]:
+        c = report["llama_cpp"]
+        said = c.get("error") or (
+            f"top-1 agreement {c['top1_agreement']:.1%} (at least {c['top1_bar']:.0%} expected), "
+            f"tokenizer ids {'equal' if c['tokenizer_ids_equal'] else 'different'}"
+        )
+        raise CptkitError(
+            f"{output}: transformers reads the file back, but llama.cpp does not agree: {said}; the file is "
+            f"kept for inspection, see {output.parent / EXPORT_REPORT}"
         )
     return report
 
@@ -103,8 +113,10 @@ def _log_check(report: dict[str, Any]) -> None:
         100 * v["top1_agreement"],
         "equal" if v["tokenizer_ids_equal"] else "DIFFERENT",
     )
-    if report["llama_cpp"]:
-        c = report["llama_cpp"]
+    c = report["llama_cpp"]
+    if c and "error" in c:
+        log.error("llama.cpp: %s", c["error"])
+    elif c:
         log.info(
             "llama.cpp: max |dlogit| %.3g, top-1 %.1f%%", c["max_abs_logit_diff"], 100 * c["top1_agreement"]
         )

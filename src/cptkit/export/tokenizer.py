@@ -80,7 +80,7 @@ def tokenizer_meta(folder: Path, vocab_size: int) -> TokenizerMeta:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise CptkitError(f"{path}: tokenizer model {model.get('type')!r} is not exported (BPE only)")
-    byte_fallback = bool(model.get("byte_fallback"))
+    byte_fallback = sentencepiece_style(spec)
     tokens, types = _tokens_and_types(spec, model, vocab_size, byte_fallback)
     merges_as_scores = not byte_fallback  # SentencePiece-style files carry scores, not merges
     special = gguf.SpecialVocab(folder, load_merges=merges_as_scores, n_vocab=len(tokens))
@@ -88,6 +88,27 @@ def tokenizer_meta(folder: Path, vocab_size: int) -> TokenizerMeta:
         return TokenizerMeta("llama", None, tokens, types, _merge_scores(model, tokens), special)
     pre, notes = _pre_name(spec.get("pre_tokenizer"))
     return TokenizerMeta("gpt2", pre, tokens, types, None, special, notes)
+
+
+def sentencepiece_style(spec: dict) -> bool:
+    """A BPE that falls back to `<0xXX>` byte tokens (Llama 2, Mistral): llama.cpp's `llama` model. A
+    byte-level BPE (a ByteLevel pre-tokenizer or decoder: GPT-2, Llama 3, Qwen2, SmolLM) is `gpt2` even
+    when its tokenizer.json says byte_fallback (some converters write that flag on byte-level vocabularies
+    that hold no byte tokens, and llama.cpp aborts on such a file written as `llama`)."""
+    model = spec.get("model") or {}
+    if not model.get("byte_fallback"):
+        return False
+    if _has_byte_level(spec.get("pre_tokenizer")) or _has_byte_level(spec.get("decoder")):
+        return False
+    vocab = model.get("vocab") or {}
+    return all(f"<0x{b:02X}>" in vocab for b in range(256))
+
+
+def _has_byte_level(component: dict | None) -> bool:
+    if not component:
+        return False
+    parts = component.get("pretokenizers") or component.get("decoders") or [component]
+    return any(p.get("type") == "ByteLevel" for p in parts)
 
 
 def _tokens_and_types(spec, model, vocab_size: int, byte_fallback: bool) -> tuple[list[str], list[int]]:
