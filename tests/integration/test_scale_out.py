@@ -236,7 +236,7 @@ def _train_steps(folder: Path) -> list[int]:
     return [r["step"] for r in lines if r["type"] == "train"]
 
 
-@pytest.mark.parametrize("engine", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_a_killed_run_resumes_at_its_checkpoint_like_the_uninterrupted_run(
     tmp_path, tiny_model_dir, dataset, launched, engine
 ):
