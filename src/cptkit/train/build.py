@@ -29,6 +29,7 @@ from cptkit.train.heldout import HeldoutSet
 from cptkit.train.losses import LossContext, LossTerm, LossTerms, build_loss_terms
 from cptkit.train.memory_report import MemoryReportCallback
 from cptkit.train.schedules import make_scheduler
+from cptkit.train.stall import StallWatchdog, stall_seconds
 from cptkit.train.task_callback import ReadyTask, add_task_callback
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,8 @@ def build_trainer(
     `tasks` (checked downstream tasks) run at each held-out evaluation.
 
     Returns the trainer and its cptkit callbacks by name ("throughput", "guard", "heldout",
-    "checkpoints", "memory" (the plan's predicted against the measured peak), and "tasks" with tasks) so the command can read what they measured.
+    "checkpoints", "memory" (the plan's predicted against the measured peak), "tasks" with tasks, and
+    "stall" with `CPTKIT_STALL_DUMP_S` set: `cptkit.train.stall`) so the command can read what they measured.
     """
     args = training_arguments(train_cfg, output_dir, loaded.dtype, seed)
     settings = optimization_settings(args, train_cfg)
@@ -293,6 +295,9 @@ def build_trainer(
         ),
         "memory": MemoryReportCallback(loaded.memory_plan),
     }
+    stall = stall_seconds()
+    if stall is not None:  # last: its step-end beat comes after the held-out evaluation there
+        callbacks["stall"] = StallWatchdog(stall)
     trainer = CptTrainer(
         model=loaded.model,
         args=args,

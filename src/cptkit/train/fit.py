@@ -62,8 +62,12 @@ def fit(
     if resume_from:
         log.info("resuming from %s", resume_from)
         callbacks["throughput"].restore(resume_from)
-    with failing_on_full_disk(trainer, output_dir):
-        result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with failing_on_full_disk(trainer, output_dir):
+            result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if "stall" in callbacks:  # a failed run's watch ends too (on_train_end ends a finished one's)
+            callbacks["stall"].stop()
     verdict = callbacks["guard"].verdict
     if verdict is not None:
         message, record = report_divergence(output_dir, verdict, write=main_process)
