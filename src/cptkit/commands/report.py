@@ -46,9 +46,11 @@ def run(where: Paths | str | Path) -> dict[str, Any]:
     if paths.run_dir is None or not paths.run_dir.is_dir():
         raise CptkitError(f"{paths.run_dir}: no such run folder (the report goes into RUN_DIR/report)")
     report = gather(paths)
-    if not any(k in report for k in ("data", "train", "eval")):
+    # a stage run alone (`cptkit sft`, `cptkit grpo`, `cptkit export` with a model section) is reportable
+    if not any(k in report for k in ("data", "train", "eval", "sft", "grpo", "export")):
         raise CptkitError(
-            f"{paths.run_dir}: nothing to report: no {paths.manifest}, {paths.train_metrics} or {paths.eval_results}"
+            f"{paths.run_dir}: nothing to report: no {paths.manifest}, {paths.train_metrics}, "
+            f"{paths.eval_results}, nor an sft, grpo or export folder"
         )
     out = paths.report
     out.mkdir(parents=True, exist_ok=True)
