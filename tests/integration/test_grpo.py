@@ -95,10 +95,11 @@ def test_grpo_stage_runs_in_cptkit_run_then_is_skipped(tmp_path, tiny_model_dir)
     config = grpo_config(tmp_path, tiny_model_dir, steps=2)
     cfg = load_config(Config, config)
     first = run_command.run(cfg)
-    assert {r["stage"]: r["status"] for r in first["stages"]} == {"grpo": "done"}
+    assert {r["stage"]: r["status"] for r in first["stages"]} == {"grpo": "done", "report": "done"}
     assert (tmp_path / "run" / "grpo" / "grpo_scores.json").is_file()
+    assert "## GRPO" in (tmp_path / "run" / "report" / "report.md").read_text()
     again = run_command.run(load_config(Config, config))
-    assert {r["stage"]: r["status"] for r in again["stages"]} == {"grpo": "skipped"}
+    assert {r["stage"]: r["status"] for r in again["stages"]} == {"grpo": "skipped", "report": "skipped"}
 
 
 def test_grpo_stage_is_left_out_without_a_grpo_section(tmp_path, tiny_model_dir):

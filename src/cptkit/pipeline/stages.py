@@ -173,9 +173,9 @@ def _prepare_inputs(cfg: Config) -> list[str]:
 
 
 def _report_why_not(cfg: Config) -> str | None:
-    if cfg.run_dir and (cfg.data or cfg.train or cfg.eval):
+    if cfg.run_dir and (cfg.data or cfg.train or cfg.eval or cfg.sft or cfg.grpo or cfg.export):
         return None
-    return "needs run_dir and a data, train or eval section"
+    return "needs run_dir and a data, train, eval, sft, grpo or export section"
 
 
 def _report_inputs(cfg: Config) -> list[Path]:
