@@ -56,7 +56,9 @@ def _tiny(kind: str, folder: Path, tokenizer, **config) -> Path:
     elif kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=None))
     else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, tie_word_embeddings=kind == "qwen2-tied"))
+        model = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(**shape, tie_word_embeddings=kind == "qwen2-tied")
+        )
         with torch.no_grad():  # qwen2's q/k/v biases start at zero: make them count
             for name, p in model.named_parameters():
                 if name.endswith("bias"):

@@ -90,7 +90,9 @@ def test_rope_scaled_llama_round_trips(tmp_path, tiny_tokenizer, name, old_spell
     out = tmp_path / "out" / "m.f16.gguf"
     report = export(str(folder), ExportConfig(verify_tokens=256), out, None, "test")
     v = report["verify"]
-    assert v["passed"] and v["relative_max_diff"] <= RELATIVE_TOLERANCE["f16"] and v["top1_agreement"] >= 0.99, v
+    assert (
+        v["passed"] and v["relative_max_diff"] <= RELATIVE_TOLERANCE["f16"] and v["top1_agreement"] >= 0.99
+    ), v
     kind = ROPE[name]["rope_type"]
     assert v["rope_scaling"].startswith(f"{kind} scaling taken from the source config"), v
     assert report["hparams"]["rope_type"] == kind
@@ -109,7 +111,8 @@ def test_rope_scaled_llama_round_trips(tmp_path, tiny_tokenizer, name, old_spell
         plain = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
         np.testing.assert_allclose(tensors["rope_freqs.weight"], (plain / scaled).numpy(), rtol=1e-5)
         assert tensors["rope_freqs.weight"].max() == pytest.approx(ROPE[name]["factor"])
-        assert "llama.rope.scaling.type" not in reader.fields  # llama.cpp takes llama3 scaling from the tensor
+        # llama.cpp takes llama3 scaling from the tensor, not from metadata
+        assert "llama.rope.scaling.type" not in reader.fields
     else:
         assert "rope_freqs.weight" not in tensors
         assert reader.fields["llama.rope.scaling.type"].contents() == "linear"

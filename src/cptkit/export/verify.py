@@ -76,7 +76,9 @@ def gguf_config(folder: Path, gguf_path: Path):
 
     config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     source = AutoConfig.from_pretrained(folder)
-    source_rope = dict(getattr(source, "rope_parameters", None) or getattr(source, "rope_scaling", None) or {})
+    source_rope = dict(
+        getattr(source, "rope_parameters", None) or getattr(source, "rope_scaling", None) or {}
+    )
     kind = source_rope.get("rope_type") or source_rope.get("type") or "default"
     if kind == "default":
         return config, None
