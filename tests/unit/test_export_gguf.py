@@ -30,7 +30,9 @@ def _save(folder: Path, model, tokenizer) -> Path:
     return folder
 
 
-def _tiny(kind: str, folder: Path, tokenizer) -> Path:
+def _tiny(kind: str, folder: Path, tokenizer, **config) -> Path:
+    """A random tiny model of `kind` (llama, llama-tied, mistral, qwen2, qwen2-tied) saved with `tokenizer`;
+    `config` adds to (or overrides) its config, e.g. rope_parameters."""
     import transformers
 
     torch.manual_seed(0)
@@ -46,6 +48,7 @@ def _tiny(kind: str, folder: Path, tokenizer) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **config,
     )
     if kind.startswith("llama"):
         cfg = transformers.LlamaConfig(**shape, tie_word_embeddings=kind == "llama-tied")
@@ -53,7 +56,9 @@ def _tiny(kind: str, folder: Path, tokenizer) -> Path:
     elif kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=None))
     else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, tie_word_embeddings=False))
+        model = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(**shape, tie_word_embeddings=kind == "qwen2-tied")
+        )
         with torch.no_grad():  # qwen2's q/k/v biases start at zero: make them count
             for name, p in model.named_parameters():
                 if name.endswith("bias"):

@@ -42,7 +42,16 @@ def architecture_of(config: dict[str, Any], where: str) -> Architecture:
             f"{where}: the model is still quantised ({quant.get('quant_method', '?')}, e.g. a QLoRA base); "
             "export a full-precision model: run `cptkit merge` first and export the merged folder"
         )
+    rope_type = rope_settings(config)["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        raise CptkitError(
+            f"{where}: rope type {rope_type!r} (rope_parameters / rope_scaling) cannot be exported to GGUF; "
+            f"supported: {', '.join(ROPE_TYPES)}"
+        )
     return ARCHITECTURES[model_type]
+
+
+ROPE_TYPES = ("default", "linear", "llama3")  # the rope scalings llama.cpp reads back as HF computes them
 
 
 def head_dim(config: dict[str, Any]) -> int:
@@ -78,10 +87,6 @@ def hparams(config: dict[str, Any], vocab_size: int) -> dict[str, Any]:
         "vocab_size": vocab_size,
         "rope_type": rope["rope_type"],
     }
-    if rope["rope_type"] not in ("default", "llama3", "linear"):
-        raise CptkitError(
-            f"rope type {rope['rope_type']!r} is not supported by the GGUF export (default, linear, llama3)"
-        )
     if rope["rope_type"] == "linear":
         out["rope_scaling_factor"] = float(rope["factor"])
     return out

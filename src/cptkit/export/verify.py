@@ -65,6 +65,35 @@ def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
+def gguf_config(folder: Path, gguf_path: Path):
+    """The config transformers' GGUF loader reads from the file, and what the check says of rope scaling.
+
+    That loader reads no rope scaling for llama, mistral or qwen2 (neither `rope.scaling.*` nor the
+    `rope_freqs` tensor of llama3 scaling), so a scaled model would load with plain rope and differ at every
+    position past the scaled wavelengths. The source's scaling is put back (the theta stays the file's):
+    the round trip then checks the tensors, and llama.cpp's check is the one that reads the file's scaling."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    source = AutoConfig.from_pretrained(folder)
+    source_rope = dict(
+        getattr(source, "rope_parameters", None) or getattr(source, "rope_scaling", None) or {}
+    )
+    kind = source_rope.get("rope_type") or source_rope.get("type") or "default"
+    if kind == "default":
+        return config, None
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    source_rope["rope_theta"] = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = source_rope
+    else:  # transformers before rope_parameters
+        config.rope_scaling = source_rope
+    return config, (
+        f"{kind} scaling taken from the source config (transformers' GGUF loader reads none); "
+        "the llama.cpp check reads the file's"
+    )
+
+
 def verify_gguf(
     folder: Path, gguf_path: Path, type_name: str, dataset: str | Path | None, max_tokens: int
 ) -> tuple[dict[str, Any], str, list[int], torch.Tensor]:
@@ -81,8 +110,9 @@ def verify_gguf(
     same_ids = gguf_ids == ids
     first_diff = next((i for i, (a, b) in enumerate(zip(ids, gguf_ids, strict=False)) if a != b), None)
     reference = hf_logits(folder, ids)
+    config, rope_note = gguf_config(folder, gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, config=config, dtype=torch.float32
     ).eval()
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
@@ -97,6 +127,7 @@ def verify_gguf(
         "tolerance_kind": "max abs logit diff / max abs HF logit",
         "tokenizer_ids_equal": same_ids,
         "tokenizer_first_difference": first_diff,
+        "rope_scaling": rope_note,
         "passed": same_ids and stats["relative_max_diff"] <= tolerance,
     }
     return entry, text, ids, reference
