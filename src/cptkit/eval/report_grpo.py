@@ -202,16 +202,20 @@ def _samples(samples: list[dict[str, Any]]) -> list[str]:
     for s in samples[:SAMPLES_SHOWN]:
         answer = f" (answer `{_one_line(s['answer'])}`)" if s.get("answer") is not None else ""
         out += [
-            f"- prompt `{_one_line(s.get('prompt'))}`{answer}",
+            f"- prompt `{_one_line(s.get('prompt'), keep_end=True)}`{answer}",
             f"  - before ({_num(s.get('reward_before'), '.2f')}): `{_one_line(s.get('before'))}`",
             f"  - after ({_num(s.get('reward_after'), '.2f')}): `{_one_line(s.get('after'))}`",
         ]
     return out + [""]
 
 
-def _one_line(text: Any, width: int = 120) -> str:
+def _one_line(text: Any, width: int = 120, keep_end: bool = False) -> str:
+    """`text` on one line of at most `width` characters; `keep_end` keeps its end (a rendered prompt
+    starts with the same system turn every time and ends with the question)."""
     flat = " ".join(str(text).split()).replace("`", "'")
-    return flat if len(flat) <= width else flat[: width - 3] + "..."
+    if len(flat) <= width:
+        return flat
+    return "..." + flat[-(width - 3) :] if keep_end else flat[: width - 3] + "..."
 
 
 def export_markdown(export: dict[str, Any]) -> list[str]:
