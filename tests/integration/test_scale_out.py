@@ -277,7 +277,7 @@ def _stall_dumps(text: str) -> dict[int, str]:
 
 def test_a_stalled_rank_shows_every_ranks_stack(tmp_path, tiny_model_dir, dataset):
     """Rank 1 sleeps after step 2 while rank 0 goes on and waits for it: with CPTKIT_STALL_DUMP_S each
-    rank writes its own stack, rank 1's in the sleep, rank 0's in the Trainer; SIGABRT (the helper's
+    rank writes its own stack, rank 1's in the sleep, rank 0's in the Trainer; SIGABRT (`_launch`'s
     way with a launch past its timeout) then makes every process write its stack too."""
     config = _config(tmp_path, tiny_model_dir, dataset, tmp_path / "stalled", batch=2)
     process, err = _start(
