@@ -44,15 +44,13 @@ def run(cfg: Config) -> dict[str, Any]:
     from cptkit.grpo.prompts import build_prompt_sets, read_prompts
     from cptkit.grpo.start import start_model
     from cptkit.grpo.trainer import build_grpo_trainer, grpo_settings, policy_run, require_trl
-    from cptkit.model.kernels import check_kernels
     from cptkit.model.load import load_model_and_tokenizer, resolve_dtype
     from cptkit.outputs import write_config, write_json
     from cptkit.train.checkpointing import check_plan_fits
-    from cptkit.train.checks import check_mode, check_output_dir, resume_checkpoint, run_identity
+    from cptkit.train.checks import check_training_run
     from cptkit.train.fit import fit
     from cptkit.train.memory import RunShape
     from cptkit.train.meta import write_run_meta
-    from cptkit.train.optional import check_optional_dependencies
 
     started = time.perf_counter()
     require_trl()
@@ -66,13 +64,9 @@ def run(cfg: Config) -> dict[str, Any]:
     start = grpo_start_model(cfg)
     model_cfg = _model_config(cfg, start)
     policy = policy_run(grpo_cfg)
-    check_optional_dependencies(policy, model_cfg, section="grpo")
-    check_mode(policy, section="grpo")
-    check_kernels(policy, model_cfg, section="grpo")
-    identity = run_identity(policy, model_cfg, _data_hash(grpo_cfg))
-    fresh = check_output_dir(output_dir, identity, policy, section="grpo")
-    resume_from = None if fresh else resume_checkpoint(policy, output_dir)
-    done = None if fresh else _finished(output_dir, identity, grpo_cfg)
+    run_start = check_training_run(policy, model_cfg, _data_hash(grpo_cfg), output_dir, section="grpo")
+    identity, resume_from = run_start.identity, run_start.resume_from
+    done = None if run_start.fresh else _finished(output_dir, identity, grpo_cfg)
     if done is not None:
         return done
     settings = grpo_settings(grpo_cfg, on_gpu=False, dtype=resolve_dtype(model_cfg))

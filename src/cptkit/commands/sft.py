@@ -36,28 +36,22 @@ def run(cfg: Config) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import set_seed
 
-    from cptkit.model.kernels import check_kernels
     from cptkit.model.load import load_model_and_tokenizer
     from cptkit.outputs import write_config, write_json
     from cptkit.sft.data import build_sft_data
     from cptkit.sft.formats import read_conversations
     from cptkit.train.build import build_trainer
     from cptkit.train.checkpointing import check_plan_fits
-    from cptkit.train.checks import check_mode, check_output_dir, resume_checkpoint, run_identity
+    from cptkit.train.checks import check_training_run
     from cptkit.train.fit import fit
     from cptkit.train.heldout import HeldoutSet
     from cptkit.train.memory import RunShape
-    from cptkit.train.optional import check_optional_dependencies
 
     sft_cfg, output_dir = cfg.sft, resolve(cfg).folder("sft")
     records = read_conversations(sft_cfg.data, sft_cfg.format, sft_cfg.system_prompt)  # data errors first
     model_cfg = _model_config(cfg)
-    check_optional_dependencies(sft_cfg, model_cfg, section="sft")
-    check_mode(sft_cfg, section="sft")
-    check_kernels(sft_cfg, model_cfg, section="sft")
-    identity = run_identity(sft_cfg, model_cfg, _data_hash(sft_cfg))
-    fresh = check_output_dir(output_dir, identity, sft_cfg, section="sft")
-    resume_from = None if fresh else resume_checkpoint(sft_cfg, output_dir)
+    start = check_training_run(sft_cfg, model_cfg, _data_hash(sft_cfg), output_dir, section="sft")
+    identity, resume_from = start.identity, start.resume_from
     shape = RunShape.of(sft_cfg, sft_cfg.seq_length)
     check_plan_fits(model_cfg, sft_cfg, shape)
     set_seed(cfg.seed)

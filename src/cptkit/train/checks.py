@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,29 @@ def _looks_written_by_a_run(entry: Path) -> bool:
 def _listing(folder: Path, limit: int = 5) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where a training run starts: its identity, whether its folder is fresh, the checkpoint to resume."""
+
+    identity: str
+    fresh: bool
+    resume_from: str | None
+
+
+def check_training_run(
+    run_cfg: TrainingRun, model_cfg: ModelConfig, data_hash: str, output_dir: Path, section: str
+) -> RunStart:
+    """The checks every training command (`sft`, `grpo`) makes before a model loads, in `section`'s
+    words: optional dependencies, the mode, the kernels, and the output folder against this run's
+    identity (`train`'s own `preflight` interleaves the same checks with those of its prepared data)."""
+    check_optional_dependencies(run_cfg, model_cfg, section=section)
+    check_mode(run_cfg, section=section)
+    check_kernels(run_cfg, model_cfg, section=section)
+    identity = run_identity(run_cfg, model_cfg, data_hash)
+    fresh = check_output_dir(output_dir, identity, run_cfg, section=section)
+    return RunStart(identity, fresh, None if fresh else resume_checkpoint(run_cfg, output_dir))
 
 
 def preflight(
