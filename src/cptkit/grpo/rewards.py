@@ -171,6 +171,16 @@ def _references(cfg: RewardConfig, path: str, columns: dict, count: int) -> list
     return refs
 
 
+def _against_references(cfg: RewardConfig, path: str, completions, columns: dict, judge) -> Rewards:
+    """`judge(completion text, reference) -> float | None` for each completion; None where the record
+    has no reference."""
+    refs = _references(cfg, path, columns, len(completions))
+    return [
+        None if ref is None else judge(completion_text(completion), ref)
+        for completion, ref in zip(completions, refs, strict=True)
+    ]
+
+
 _TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")
 
 
@@ -181,16 +191,12 @@ def _build_exact(cfg: RewardConfig, path: str):
         text = text.strip()
         return text if cfg.case_sensitive else text.casefold()
 
+    def judge(text: str, ref) -> float:
+        answer = _extracted(extract, text)
+        return float(answer is not None and norm(answer) == norm(str(ref)))
+
     def score(prompts, completions, completion_ids, columns) -> Rewards:
-        refs = _references(cfg, path, columns, len(completions))
-        rewards: Rewards = []
-        for completion, ref in zip(completions, refs, strict=True):
-            if ref is None:
-                rewards.append(None)
-                continue
-            answer = _extracted(extract, completion_text(completion))
-            rewards.append(float(answer is not None and norm(answer) == norm(str(ref))))
-        return rewards
+        return _against_references(cfg, path, completions, columns, judge)
 
     return score, "exact"
 
@@ -219,18 +225,14 @@ def _build_regex(cfg: RewardConfig, path: str):
     # Checked with a stand-in reference now; the real one is escaped, so it cannot break the pattern.
     fixed = _compile(cfg.pattern.replace(ANSWER, "x"), flags, f"{path}.pattern")
 
+    def judge(text: str, ref) -> float:
+        pattern = re.compile(cfg.pattern.replace(ANSWER, re.escape(str(ref).strip())), flags)
+        return float(pattern.search(text) is not None)
+
     def score(prompts, completions, completion_ids, columns) -> Rewards:
         if not uses_answer:
             return [float(fixed.search(completion_text(c)) is not None) for c in completions]
-        refs = _references(cfg, path, columns, len(completions))
-        rewards: Rewards = []
-        for completion, ref in zip(completions, refs, strict=True):
-            if ref is None:
-                rewards.append(None)
-                continue
-            pattern = re.compile(cfg.pattern.replace(ANSWER, re.escape(str(ref).strip())), flags)
-            rewards.append(float(pattern.search(completion_text(completion)) is not None))
-        return rewards
+        return _against_references(cfg, path, completions, columns, judge)
 
     return score, "regex"
 
@@ -238,19 +240,17 @@ def _build_regex(cfg: RewardConfig, path: str):
 def _build_numeric(cfg: RewardConfig, path: str):
     extract = _compile(cfg.extract, re.DOTALL, f"{path}.extract") if cfg.extract else None
 
+    def judge(text: str, ref) -> float | None:
+        target = parse_number(ref)
+        if target is None:  # a reference that is not a number: not applicable
+            return None
+        found = _extracted(extract, text)
+        value = parse_number(found) if found is not None else None
+        allowed = max(cfg.tolerance, cfg.relative_tolerance * abs(target))
+        return float(value is not None and abs(value - target) <= allowed)
+
     def score(prompts, completions, completion_ids, columns) -> Rewards:
-        refs = _references(cfg, path, columns, len(completions))
-        rewards: Rewards = []
-        for completion, ref in zip(completions, refs, strict=True):
-            target = parse_number(ref)
-            if target is None:
-                rewards.append(None)
-                continue
-            found = _extracted(extract, completion_text(completion))
-            value = parse_number(found) if found is not None else None
-            allowed = max(cfg.tolerance, cfg.relative_tolerance * abs(target))
-            rewards.append(float(value is not None and abs(value - target) <= allowed))
-        return rewards
+        return _against_references(cfg, path, completions, columns, judge)
 
     return score, "numeric"
 
