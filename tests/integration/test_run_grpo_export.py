@@ -15,29 +15,15 @@ from test_run import pipeline_config, write_instructions
 from cptkit.cli import main as cli
 from cptkit.commands import run as run_command
 from cptkit.config import Config, load_config
-from cptkit.testing.grpo import write_task
+from cptkit.testing.grpo import grpo_section as toy_grpo_section
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
 
 def grpo_section(root: Path, steps: int = 2, model: str | None = None) -> dict:
-    """A LoRA GRPO run of `steps` steps on the toy task (groups of 4, 8 new tokens, no KL)."""
-    reward, prompts, heldout = write_task(root / "task")
-    section = {
-        "mode": "lora",
-        "lora": LORA,
-        "prompts": str(prompts),
-        "heldout_prompts": str(heldout),
-        "heldout_max": 4,
-        "rewards": [{"type": "function", "function": f"{reward}:vowel_share", "name": "vowels"}],
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "beta": 0.0,
-        "schedule": {"type": "constant", "warmup": 0},
-        "report_to": ["none"],
-        "hf": {"max_steps": steps, "learning_rate": 5e-3, "save_steps": 1000},
-    }
-    return section | ({"model": model} if model else {})
+    """A LoRA GRPO run of `steps` steps on the toy task (groups of 4, 4 held-out prompts)."""
+    more = {"model": model} if model else {}
+    return toy_grpo_section(root / "task", "lora", steps, 5e-3, group=4, lora=LORA, heldout_max=4, **more)
 
 
 def sft_section(root: Path) -> dict:

@@ -27,25 +27,40 @@ def write_task(root: Path) -> tuple[Path, Path, Path]:
     return reward, prompts, heldout
 
 
-def grpo_config(root: Path, model_dir: Path, mode: str = "full", steps: int = 40, lr: float = 1e-2) -> Path:
-    """A config of `cptkit grpo` alone on the toy task (group of 8, 8 new tokens, no KL, constant lr)."""
+def grpo_section(
+    root: Path,
+    mode: str = "full",
+    steps: int = 40,
+    lr: float = 1e-2,
+    group: int = 8,
+    lora: dict | None = None,
+    **settings,
+) -> dict:
+    """The `grpo:` section of a run on the toy task written under `root` (8 new tokens, no KL, constant
+    lr); `settings` are further grpo keys (heldout_max, model, ...)."""
     reward, prompts, heldout = write_task(root)
+    return {
+        "mode": mode,
+        "lora": lora or {"r": 8, "alpha": 16, "dropout": 0.0},
+        "prompts": str(prompts),
+        "heldout_prompts": str(heldout),
+        "rewards": [{"type": "function", "function": f"{reward}:vowel_share", "name": "vowels"}],
+        "num_generations": group,
+        "max_completion_length": 8,
+        "beta": 0.0,
+        "schedule": {"type": "constant", "warmup": 0},
+        "report_to": ["none"],
+        "hf": {"max_steps": steps, "learning_rate": lr, "save_steps": 1000},
+        **settings,
+    }
+
+
+def grpo_config(root: Path, model_dir: Path, mode: str = "full", steps: int = 40, lr: float = 1e-2) -> Path:
+    """A config of `cptkit grpo` alone on the toy task (group of 8)."""
     cfg = {
         "run_dir": str(root / "run"),
         "model": {"name_or_path": str(model_dir)},
-        "grpo": {
-            "mode": mode,
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "prompts": str(prompts),
-            "heldout_prompts": str(heldout),
-            "rewards": [{"type": "function", "function": f"{reward}:vowel_share", "name": "vowels"}],
-            "num_generations": 8,
-            "max_completion_length": 8,
-            "beta": 0.0,
-            "schedule": {"type": "constant", "warmup": 0},
-            "report_to": ["none"],
-            "hf": {"max_steps": steps, "learning_rate": lr, "save_steps": 1000},
-        },
+        "grpo": grpo_section(root, mode=mode, steps=steps, lr=lr),
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
